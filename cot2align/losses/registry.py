@@ -1,0 +1,106 @@
+"""`loss.name` -> loss module. Each KD term lives in its own module, imported on demand."""
+
+from __future__ import annotations
+
+import importlib
+
+from torch import Tensor, nn
+
+from cot2align.configbase import ConfigError
+from cot2align.losses.base import DistillLoss, LossContext, LossInputs, LossOutput, masked_token_ce
+from cot2align.losses.config import LossConfig
+
+#: KD term name -> "module:Class"; each class is built as Cls(cfg: LossConfig, ctx: LossContext)
+#: and called as term(inputs: LossInputs) -> (scalar, {part: scalar}).
+KD_TERMS: dict[str, str] = {
+    "kd": "cot2align.losses.kd:LogitKD",
+    "uld": "cot2align.losses.uld:ULD",
+    "mined": "cot2align.losses.mined:MinED",
+    "dskd": "cot2align.losses.dskd:DSKD",
+}
+
+
+def build_kd_term(name: str, cfg: LossConfig, ctx: LossContext) -> nn.Module:
+    """Instantiate the KD term `name` (one of KD_TERMS)."""
+    if name not in KD_TERMS:
+        raise ConfigError(f"loss.base: unknown KD term {name!r}; expected one of {', '.join(KD_TERMS)}")
+    module_name, cls_name = KD_TERMS[name].split(":")
+    cls = getattr(importlib.import_module(module_name), cls_name)
+    return cls(cfg, ctx)
+
+
+class Distiller(DistillLoss):
+    """L = (1 - lambda) CE + lambda (KD + w * L_OT); CE alone for `sft`.
+
+    kd: the base KD term (None for sft / cot2align with base none).
+    ot: the Cross-CoT OT term (None except for cot2align).
+    """
+
+    def __init__(self, cfg: LossConfig, kd: nn.Module | None, ot: nn.Module | None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.kd = kd
+        self.ot = ot
+
+    def required_layers(self) -> tuple[list[int], list[int]]:
+        s, t = [-1], [-1]
+        if self.ot is not None:
+            s += list(self.cfg.ot.student_layers)
+            t += list(self.cfg.ot.teacher_layers)
+        if self.kd is not None and hasattr(self.kd, "required_layers"):
+            ks, kt = self.kd.required_layers()
+            s += ks
+            t += kt
+        return sorted(set(s)), sorted(set(t))
+
+    def forward(self, inputs: LossInputs) -> LossOutput:
+        main = inputs.student["main"]
+        ce = masked_token_ce(inputs.student_logits, main.targets, main.mask, inputs.num_tokens)
+        parts: dict[str, Tensor] = {"ce": ce.detach()}
+        if self.kd is None and self.ot is None:
+            return LossOutput(ce, parts)
+        distill = ce.new_zeros(())
+        if self.kd is not None:
+            kd, kd_parts = self.kd(inputs)
+            distill = distill + kd
+            parts["kd"] = kd.detach()
+            parts.update({f"kd/{k}": v.detach() for k, v in kd_parts.items()})
+        if self.ot is not None:
+            ot, ot_parts = self.ot(inputs)
+            distill = distill + self.cfg.ot.weight * ot
+            parts["ot"] = ot.detach()
+            parts.update({f"ot/{k}": v.detach() for k, v in ot_parts.items()})
+        lam = self.cfg.kd_rate
+        total = (1.0 - lam) * ce + lam * distill
+        return LossOutput(total, parts)
+
+
+def build_loss(cfg: LossConfig, ctx: LossContext) -> DistillLoss:
+    """Build the loss module named by `cfg.name`; its parameters train with cfg.projector_lr."""
+    if cfg.name in ("kd",) or cfg.base == "kd":
+        if not ctx.same_tokenizer:
+            raise ConfigError(
+                "loss.name/loss.base: 'kd' needs teacher and student to share one vocabulary, but their "
+                f"tokenizers differ (student vocab {ctx.vocab_student}, teacher vocab {ctx.vocab_teacher}); "
+                "use uld, mined or dskd for different tokenizers"
+            )
+    if cfg.name == "sft":
+        return Distiller(cfg, None, None)
+    if cfg.name == "multilevel_ot":
+        from cot2align.losses.multilevel_ot import MultiLevelOT
+
+        return MultiLevelOT(cfg, ctx)
+    if cfg.name == "cot2align":
+        from cot2align.losses.ot import CrossCoTOT
+
+        kd = None if cfg.base == "none" else build_kd_term(cfg.base, cfg, ctx)
+        return Distiller(cfg, kd, CrossCoTOT(cfg.ot, ctx))
+    return Distiller(cfg, build_kd_term(cfg.name, cfg, ctx), None)
+
+
+def loss_names() -> list[str]:
+    """All names accepted by `loss.name`."""
+    return ["sft", *KD_TERMS, "multilevel_ot", "cot2align"]
+
+
+__all__ = ["Distiller", "LossInputs", "LossOutput", "build_loss", "loss_names"]
