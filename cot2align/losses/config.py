@@ -88,7 +88,31 @@ class MinEDConfig(ConfigBase):
     """MinED: edit-distance token alignment across tokenizers."""
 
     id_map_cache: str = ""
-    """Where the teacher->student id map is cached ('' = <run cache>/mined_id_map.json)."""
+    """JSON file caching the teacher->student id map ('' = <ctx.cache_dir>/mined_id_map_<hash>.json;
+    no cache when both are unset). The file records a hash of both vocabularies and is rebuilt on mismatch."""
+    dtw_window: int = 32
+    """DTW band half-width in characters around the character-offset diagonal (0 = full n x m DP)."""
+
+    def check(self, prefix: str) -> None:
+        require(self.dtw_window >= 0, f"{prefix}.dtw_window", f"must be >= 0, got {self.dtw_window}")
+
+
+@dataclass
+class DSKDConfig(ConfigBase):
+    """DSKD with cross-model attention (method.md section 4)."""
+
+    std_scope: Literal["sequence", "batch"] = "sequence"
+    """Scope of the std that normalises teacher embeddings / hidden states: each sequence's response
+    positions, or all response positions of the micro-batch (the DSKD code's whole-tensor std)."""
+    teacher_temperature: float = 1.0
+    """Extra temperature on the t2s (teacher) side of KL(p_t2s || p_S): p_t2s = softmax(z / (tau * this))."""
+
+    def check(self, prefix: str) -> None:
+        require(
+            self.teacher_temperature > 0,
+            f"{prefix}.teacher_temperature",
+            f"must be > 0, got {self.teacher_temperature}",
+        )
 
 
 @dataclass
@@ -96,12 +120,35 @@ class MultiLevelOTConfig(ConfigBase):
     """MultiLevelOT settings (method.md section 4)."""
 
     top_k: int = 50
+    """Probability columns kept on each side after re-ordering."""
     token_weight: float = 1.5
+    """Weight of [token terms + sequence_weight * sequence term] added to CE."""
     sequence_weight: float = 0.1
+    """Weight of the sequence-level Sinkhorn term inside the bracket."""
     sinkhorn_iterations: int = 10
+    """Row/column normalisation rounds of the sequence-level Sinkhorn."""
     sinkhorn_epsilon: float = 0.1
+    """Kernel K = exp(-W / epsilon)."""
     sequence_scale: float = 1e-4
+    """Scale of the sequence term (the reference's 1e-3 * 0.1)."""
     temperature: float = 2.0
+    """Temperature T of the re-softmax of the top-k vectors before the sequence-level cost."""
+    token_ce_weight: float = 0.1
+    """Weight of the token-level cross-entropy term -sum softmax(s) log_softmax(t)."""
+    order: Literal["position", "mass"] = "position"
+    """position: each position's distribution sorted descending (the MultiLevelOT code; the column
+    re-order by total mass is then the identity); mass: vocabulary columns kept in vocabulary
+    identity and re-ordered by their total mass over the sequence."""
+
+    def check(self, prefix: str) -> None:
+        require(self.top_k >= 1, f"{prefix}.top_k", f"must be >= 1, got {self.top_k}")
+        require(
+            self.sinkhorn_iterations >= 1,
+            f"{prefix}.sinkhorn_iterations",
+            f"must be >= 1, got {self.sinkhorn_iterations}",
+        )
+        require(self.sinkhorn_epsilon > 0, f"{prefix}.sinkhorn_epsilon", f"must be > 0, got {self.sinkhorn_epsilon}")
+        require(self.temperature > 0, f"{prefix}.temperature", f"must be > 0, got {self.temperature}")
 
 
 @dataclass
@@ -119,9 +166,13 @@ class LossConfig(ConfigBase):
     """Learning rate of the loss's own parameters (OT / DSKD projectors)."""
     token_chunk: int = 1024
     """Tokens per chunk for losses that materialise [tokens, vocab] tensors."""
+    chunk_checkpoint: bool = True
+    """Recompute each token chunk in backward (activation checkpointing), so autograd keeps no
+    [chunk, vocab] activations between chunks; off trades memory for ~1 extra loss forward."""
     ot: OTConfig = field(default_factory=OTConfig)
     kd: KDConfig = field(default_factory=KDConfig)
     mined: MinEDConfig = field(default_factory=MinEDConfig)
+    dskd: DSKDConfig = field(default_factory=DSKDConfig)
     multilevel_ot: MultiLevelOTConfig = field(default_factory=MultiLevelOTConfig)
 
     def check(self, prefix: str) -> None:

@@ -1,0 +1,143 @@
+"""The root config: one dataclass per component, composed; YAML + dotted overrides.
+
+    cfg = load_config("configs/embedded.yaml", ["loss.ot.epsilon=0.1"])
+
+Merge order: defaults <- YAML (possibly `base:`-chained) <- overrides; then `validate()`
+runs before anything heavy starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from cot2align.configbase import ConfigBase, ConfigError, load_yaml, require
+from cot2align.data.dataset import DataConfig
+from cot2align.data.embedded import EmbeddedTaskConfig
+from cot2align.evaluate import EvalConfig
+from cot2align.logging import LoggingConfig
+from cot2align.losses.config import LossConfig
+from cot2align.models import DTYPES, TinyModelConfig
+from cot2align.train import TrainConfig
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = REPO_ROOT / "configs" / "embedded.yaml"
+
+
+@dataclass
+class RunConfig(ConfigBase):
+    """Names and places (`run.*`)."""
+
+    name: str = "embedded"
+    output_dir: str = "runs"
+    """Run directories are created under here: <output_dir>/<name>."""
+    work_dir: str = ".cache/embedded"
+    """Shared artefacts reused across runs: generated data, tokenizers, the trained embedded teacher."""
+    seed: int = 10
+    resume: bool = True
+    """Resume from the run directory's latest checkpoint when one exists."""
+
+
+@dataclass
+class TokenizerSpec(ConfigBase):
+    """A tokenizer trained on the embedded corpus."""
+
+    kind: Literal["bpe", "unigram", "wordpiece"] = "bpe"
+    vocab_size: int = 400
+
+    def check(self, prefix: str) -> None:
+        require(self.vocab_size >= 64, f"{prefix}.vocab_size", f"must be >= 64, got {self.vocab_size}")
+
+
+@dataclass
+class EmbeddedConfig(ConfigBase):
+    """The embedded default: generated task, trained tokenizers, tiny models (`embedded.*`)."""
+
+    task: EmbeddedTaskConfig = field(default_factory=EmbeddedTaskConfig)
+    teacher_tokenizer: TokenizerSpec = field(default_factory=lambda: TokenizerSpec("bpe", 400))
+    student_tokenizer: TokenizerSpec = field(default_factory=lambda: TokenizerSpec("unigram", 300))
+    teacher_model: TinyModelConfig = field(default_factory=TinyModelConfig)
+    student_model: TinyModelConfig = field(
+        default_factory=lambda: TinyModelConfig(arch="gpt2", layers=2, hidden=64, heads=4, kv_heads=4,
+                                                intermediate=256))
+
+
+@dataclass
+class ModelConfig(ConfigBase):
+    """A teacher or student model (`teacher.*`, `student.*`)."""
+
+    path: str = ""
+    """HF checkpoint folder ('' = the embedded model: the trained tiny teacher, a fresh tiny student)."""
+    tokenizer: str = ""
+    """Tokenizer folder ('' = the checkpoint folder, or the embedded tokenizer)."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+
+    def check(self, prefix: str) -> None:
+        require(self.dtype in DTYPES, f"{prefix}.dtype", f"expected one of {list(DTYPES)}")
+
+
+@dataclass
+class Config(ConfigBase):
+    """Everything a run needs."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    embedded: EmbeddedConfig = field(default_factory=EmbeddedConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: ModelConfig = field(default_factory=ModelConfig)
+    student: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    teacher_train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=2e-3, epochs=4))
+    """Teacher SFT (train-teacher) settings."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def check(self, prefix: str) -> None:
+        ot = self.loss.ot
+        for key, layers in (("student_layers", ot.student_layers), ("teacher_layers", ot.teacher_layers)):
+            for layer in layers:
+                require(layer >= -1, f"loss.ot.{key}", f"layer {layer}: use 0..L or -1 for the final layer")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.output_dir) / self.run.name
+
+    def digest(self, *sections: str) -> str:
+        """Short hash of the given top-level sections (cache keys for reusable artefacts)."""
+        blob = json.dumps({s: getattr(self, s).to_dict() for s in sections}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def _read_chain(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a YAML file; a top-level `base: other.yaml` is read first and deep-merged under it."""
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: `base` chain loops ({' -> '.join(str(p) for p in seen)})")
+    data = load_yaml(path)
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    parent = _read_chain((path.parent / base), (*seen, path.resolve()))
+    return _deep_merge(parent, data)
+
+
+def _deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """defaults <- YAML (default: configs/embedded.yaml) <- overrides, validated."""
+    path = Path(path) if path else DEFAULT_CONFIG
+    data = _read_chain(path)
+    try:
+        cfg = Config().merged(data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    cfg = cfg.with_overrides(list(overrides or []))
+    cfg.validate()
+    return cfg

@@ -1,0 +1,401 @@
+"""Entropic optimal transport with uniform marginals over padded, masked batches.
+
+Problem p has n_p valid rows and m_p valid columns inside a padded [n, m] cost; its
+marginals are a = 1/n_p on valid rows and b = 1/m_p on valid columns. Sinkhorn runs,
+from u = 1, the scaling updates v = b / (K^T u), u = a / (K v) (POT's order), and the
+plan is P = diag(u) K diag(v), with K = exp(-C / eps) on valid entries and 0 on padding.
+
+Two numerical paths give the same iterates:
+* plain: K is formed once, each half-iteration is one batched row-vector x matrix
+  product and one division (K and K^T are both kept so that no product needs a
+  column vector, which batched CPU GEMM handles ~10x slower). Columns of C are shifted
+  by their minimum first; that leaves every iterate unchanged and each column of K
+  then holds a 1, so K^T u never underflows.
+* log-domain: the same updates on log u, log v with logsumexp. Several times slower;
+  used only when exp(-C / eps) could underflow (`log_domain="auto"`), or when forced.
+
+Gradients with respect to C:
+* "unroll": the exact derivative of the reported value <P, C> through all iterations
+  that ran. On the plain path a hand-written reverse pass over the stored scaling
+  vectors replaces autograd: two matrix-vector products per iteration and one batched
+  GEMM for the accumulated K gradient, instead of one full-matrix rank-1 update per
+  product. On the log-domain path autograd does it.
+* "envelope": the iterations run without a graph and dC = P* (Danskin's theorem). That
+  is the exact gradient of the entropic objective <P, C> - eps H(P) at convergence, and
+  only an approximation of the gradient of the reported <P*, C> (they differ by eps
+  times the derivative of the plan entropy; small when eps is small relative to C).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from cot2align.losses.config import SinkhornConfig
+
+GradientMode = Literal["unroll", "envelope"]
+LogDomainMode = Literal["auto", "always", "never"]
+#: (X [P, n, d], Y [P, m, d], x_mask [P, n], y_mask [P, m]) -> cost [P, n, m]
+CostFn = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
+
+#: Largest max_ij (C_ij - min_i C_ij) / eps for which auto mode keeps the plain path:
+#: exp(-limit) and the scaling factors (up to ~exp(+-limit)) stay far from under/overflow.
+PLAIN_LIMIT: dict[torch.dtype, float] = {torch.float32: 30.0, torch.float64: 230.0}
+#: Stand-in for log(0) on padding in the log-domain path (finite, so no inf - inf).
+_LOG_ZERO = -1e30
+
+
+@dataclass
+class SinkhornResult:
+    """plan: [P, n, m] (0 on padding); value: [P] = <plan, C>; iterations actually run."""
+
+    plan: Tensor
+    value: Tensor
+    iterations: int
+    log_domain: bool
+
+
+@dataclass
+class BatchedOTResult:
+    """values: [P] in the order of the problems (0 for empty ones); one entry per bucket in the lists."""
+
+    values: Tensor
+    iterations: list[int] = field(default_factory=list)
+    log_domain: list[bool] = field(default_factory=list)
+    bucket_shapes: list[tuple[int, int, int]] = field(default_factory=list)
+
+
+def sinkhorn(
+    cost: Tensor,
+    row_mask: Tensor | None = None,
+    col_mask: Tensor | None = None,
+    *,
+    epsilon: float = 10.0,
+    max_iter: int = 100,
+    tol: float = 0.0,
+    check_every: int = 10,
+    gradient: GradientMode = "unroll",
+    log_domain: LogDomainMode = "auto",
+) -> SinkhornResult:
+    """Solve P entropic OT problems with uniform marginals on their valid entries.
+
+    cost [P, n, m] (float32/float64; lower precisions are computed in float32),
+    row_mask [P, n] bool, col_mask [P, m] bool (None = all valid). A problem without
+    valid rows or columns gets a zero plan and value. The iterations stop early when
+    the L1 error of the column marginals, checked every `check_every` iterations, is
+    below `tol` for every problem (tol = 0: exactly `max_iter` iterations).
+    Returns plan [P, n, m], value [P] = <plan, C>, the iterations run and the path used.
+    """
+    if cost.dim() != 3:
+        raise ValueError(f"cost must be [P, n, m], got shape {tuple(cost.shape)}")
+    if max_iter < 1 or check_every < 1:
+        raise ValueError(f"max_iter and check_every must be >= 1, got {max_iter} and {check_every}")
+    if cost.dtype not in (torch.float32, torch.float64):
+        cost = cost.float()
+    num, n, m = cost.shape
+    if row_mask is None:
+        row_mask = torch.ones(num, n, dtype=torch.bool, device=cost.device)
+    if col_mask is None:
+        col_mask = torch.ones(num, m, dtype=torch.bool, device=cost.device)
+    row_mask, col_mask = row_mask.bool(), col_mask.bool()
+    nonempty = row_mask.any(1) & col_mask.any(1)  # [P]
+    row_mask = row_mask & nonempty[:, None]
+    col_mask = col_mask & nonempty[:, None]
+    valid = row_mask[:, :, None] & col_mask[:, None, :]  # [P, n, m]
+    cost = torch.where(valid, cost, 0.0)
+    with torch.no_grad():
+        colmin = torch.where(valid, cost, float("inf")).amin(dim=1, keepdim=True)  # [P, 1, m]
+        colmin = torch.where(col_mask[:, None, :], colmin, 0.0)
+        z = (cost - colmin).div_(epsilon).masked_fill_(~valid, 0.0)  # [P, n, m], >= 0
+        use_log = log_domain == "always"
+        if log_domain == "auto" and z.numel() > 0:
+            use_log = z.amax().item() > PLAIN_LIMIT[cost.dtype]
+    if not use_log:
+        plan, value, iters = _plain(cost, z, row_mask, col_mask, epsilon, max_iter, tol, check_every, gradient)
+        if log_domain == "never" or bool(torch.isfinite(value.detach()).all()):
+            return SinkhornResult(plan, value, iters, False)
+    plan, value, iters = _log(cost, row_mask, col_mask, epsilon, max_iter, tol, check_every, gradient)
+    return SinkhornResult(plan, value, iters, True)
+
+
+def _marginals(row_mask: Tensor, col_mask: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """a [P, n], b [P, m]: 1/n_p on valid rows, 1/m_p on valid columns, 0 elsewhere."""
+    a = row_mask.to(dtype)
+    b = col_mask.to(dtype)
+    return a / a.sum(1, keepdim=True).clamp_min(1.0), b / b.sum(1, keepdim=True).clamp_min(1.0)
+
+
+def _plain_loop(
+    k: Tensor,
+    kt: Tensor,
+    a: Tensor,
+    b: Tensor,
+    pad_row: Tensor,
+    pad_col: Tensor,
+    max_iter: int,
+    tol: float,
+    check_every: int,
+    store: bool,
+) -> tuple[Tensor, Tensor, int, tuple[Tensor, Tensor, Tensor, Tensor] | None]:
+    """Scaling iterations on K [P, n, m], K^T [P, m, n]; a, pad_row [P, 1, n]; b, pad_col [P, 1, m].
+
+    pad_row / pad_col are 1 on padding so that padded scalings come out as 0 / 1 = 0.
+    Returns u [P, 1, n], v [P, 1, m], iterations run, and if `store` the histories
+    U [T+1, P, 1, n] (u_0..u_T), V [T, P, 1, m], R = K v [T, P, 1, n], S = K^T u [T, P, 1, m].
+    """
+    num, n, m = k.shape
+    if store:
+        hu = k.new_empty(max_iter + 1, num, 1, n)
+        hv = k.new_empty(max_iter, num, 1, m)
+        hr = k.new_empty(max_iter, num, 1, n)
+        hs = k.new_empty(max_iter, num, 1, m)
+    else:
+        hu = k.new_empty(2, num, 1, n)
+        hv = k.new_empty(1, num, 1, m)
+        hr = k.new_empty(1, num, 1, n)
+        hs = k.new_empty(1, num, 1, m)
+    u = hu[0].copy_(a != 0)
+    v = hv[0].zero_()
+    done = max_iter
+    for t in range(max_iter):
+        s = torch.baddbmm(pad_col, u, k, out=hs[t] if store else hs[0])
+        if tol > 0 and t > 0 and t % check_every == 0:
+            err = (v * s).sub_(b).abs_().sum(-1).amax()
+            if err.item() < tol:
+                done = t
+                break
+        v = torch.div(b, s, out=hv[t] if store else hv[0])
+        r = torch.baddbmm(pad_row, v, kt, out=hr[t] if store else hr[0])
+        u = torch.div(a, r, out=hu[t + 1] if store else hu[(t + 1) % 2])
+    history = (hu[: done + 1], hv[:done], hr[:done], hs[:done]) if store else None
+    return u, v, done, history
+
+
+class _PlainUnrolled(torch.autograd.Function):
+    """value [P] and plan [P, n, m] of `max_iter` plain iterations, with the exact unrolled backward."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        cost: Tensor,
+        z: Tensor,
+        row_mask: Tensor,
+        col_mask: Tensor,
+        epsilon: float,
+        max_iter: int,
+        tol: float,
+        check_every: int,
+        info: list[int],
+    ) -> tuple[Tensor, Tensor]:
+        k, kt, a, b, pad_row, pad_col = _kernel(z, row_mask, col_mask)
+        u, v, done, hist = _plain_loop(k, kt, a, b, pad_row, pad_col, max_iter, tol, check_every, store=True)
+        assert hist is not None
+        plan = u.transpose(1, 2) * k * v  # [P, n, m]
+        value = (plan * cost).sum((1, 2))
+        info.append(done)
+        ctx.epsilon = epsilon
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(cost, k, kt, plan, *hist)
+        return value, plan
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, g_value: Tensor | None, g_plan: Tensor | None) -> tuple[Tensor | None, ...]:
+        cost, k, kt, plan, hu, hv, hr, hs = ctx.saved_tensors
+        eps: float = ctx.epsilon
+        num = cost.shape[0]
+        steps = hv.shape[0]
+        # G = dL/dP with the value's own dependence on the plan folded in.
+        g = torch.zeros_like(cost) if g_plan is None else g_plan.clone()
+        if g_value is not None:
+            g.addcmul_(g_value.view(num, 1, 1), cost)
+        w = g * k  # [P, n, m]
+        u_bar = (w * hv[-1]).sum(-1).unsqueeze(1)  # [P, 1, n]
+        v_bar = torch.bmm(hu[-1], w)  # [P, 1, m]
+        grad = (g * plan).neg_()  # the plan's direct dependence on K, times dK/dC * eps
+        if g_value is not None:
+            grad.addcmul_(g_value.view(num, 1, 1), plan, value=eps)
+        q_u = hu[1:].div(hr).neg_()  # d u_t / d r_t  [T, P, 1, n]
+        q_v = hv.div(hs).neg_()  # d v_t / d s_t  [T, P, 1, m]
+        r_bar = torch.empty_like(hr)
+        s_bar = torch.empty_like(hs)
+        for t in range(steps - 1, -1, -1):
+            torch.mul(u_bar, q_u[t], out=r_bar[t])
+            vb = torch.baddbmm(v_bar, r_bar[t], k) if t == steps - 1 else torch.bmm(r_bar[t], k)
+            torch.mul(vb, q_v[t], out=s_bar[t])
+            if t > 0:
+                u_bar = torch.bmm(s_bar[t], kt)
+        # K_bar = sum_t r_bar_t v_t^T + u_{t-1} s_bar_t^T as one batched GEMM over 2T.
+        left = torch.cat([r_bar, hu[:-1]]).squeeze(2).permute(1, 2, 0)  # [P, n, 2T]
+        right = torch.cat([hv, s_bar]).squeeze(2).transpose(0, 1)  # [P, 2T, m]
+        grad.addcmul_(k, torch.bmm(left, right), value=-1.0)
+        grad.div_(eps)
+        return grad, None, None, None, None, None, None, None, None
+
+
+def _kernel(z: Tensor, row_mask: Tensor, col_mask: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """K [P, n, m] = exp(-z) on valid entries (0 on padding), K^T [P, m, n], a, pad_row [P, 1, n], b, pad_col [P, 1, m]."""
+    valid = row_mask[:, :, None] & col_mask[:, None, :]
+    k = torch.exp(-z).masked_fill_(~valid, 0.0)
+    kt = k.transpose(1, 2).contiguous()
+    a, b = _marginals(row_mask, col_mask, z.dtype)
+    pad_row = (~row_mask).to(z.dtype).unsqueeze(1)
+    pad_col = (~col_mask).to(z.dtype).unsqueeze(1)
+    return k, kt, a.unsqueeze(1), b.unsqueeze(1), pad_row, pad_col
+
+
+def _plain(
+    cost: Tensor,
+    z: Tensor,
+    row_mask: Tensor,
+    col_mask: Tensor,
+    epsilon: float,
+    max_iter: int,
+    tol: float,
+    check_every: int,
+    gradient: GradientMode,
+) -> tuple[Tensor, Tensor, int]:
+    """Plain-path plan [P, n, m], value [P], iterations; z = (C - column min) / eps [P, n, m]."""
+    if gradient == "unroll" and cost.requires_grad and torch.is_grad_enabled():
+        info: list[int] = []
+        value, plan = _PlainUnrolled.apply(cost, z, row_mask, col_mask, epsilon, max_iter, tol, check_every, info)
+        return plan, value, info[0]
+    with torch.no_grad():
+        k, kt, a, b, pad_row, pad_col = _kernel(z, row_mask, col_mask)
+        u, v, done, _ = _plain_loop(k, kt, a, b, pad_row, pad_col, max_iter, tol, check_every, store=False)
+        plan = u.transpose(1, 2) * k * v
+    return plan, (plan * cost).sum((1, 2)), done
+
+
+def _log(
+    cost: Tensor,
+    row_mask: Tensor,
+    col_mask: Tensor,
+    epsilon: float,
+    max_iter: int,
+    tol: float,
+    check_every: int,
+    gradient: GradientMode,
+) -> tuple[Tensor, Tensor, int]:
+    """Log-domain plan [P, n, m], value [P], iterations; autograd unrolls it when gradient="unroll"."""
+    track = gradient == "unroll" and cost.requires_grad and torch.is_grad_enabled()
+    with torch.set_grad_enabled(track):
+        valid = row_mask[:, :, None] & col_mask[:, None, :]
+        log_k = torch.where(valid, cost / -epsilon, _LOG_ZERO)  # [P, n, m]
+        a, b = _marginals(row_mask, col_mask, cost.dtype)
+        log_a = torch.where(row_mask, a.log(), _LOG_ZERO)  # [P, n]
+        log_b = torch.where(col_mask, b.log(), _LOG_ZERO)  # [P, m]
+        f = torch.zeros_like(log_a)
+        g = torch.zeros_like(log_b)
+        done = max_iter
+        for t in range(max_iter):
+            lse_rows = torch.logsumexp(log_k + f.unsqueeze(2), dim=1)  # [P, m]
+            if tol > 0 and t > 0 and t % check_every == 0:
+                with torch.no_grad():
+                    err = (g + lse_rows).exp_().sub_(b).abs_().sum(-1).amax()
+                if err.item() < tol:
+                    done = t
+                    break
+            g = log_b - lse_rows
+            f = log_a - torch.logsumexp(log_k + g.unsqueeze(1), dim=2)
+        plan = torch.exp(log_k + f.unsqueeze(2) + g.unsqueeze(1))
+    return plan, (plan * cost).sum((1, 2)), done
+
+
+def batched_ot(
+    problems: Sequence[Tensor] | Sequence[tuple[Tensor, Tensor]],
+    cfg: SinkhornConfig,
+    cost: str | CostFn | None = None,
+) -> BatchedOTResult:
+    """OT values of many problems of different sizes, solved in size-sorted padded buckets.
+
+    problems: either cost matrices C_i [n_i, m_i], or pairs (X_i [n_i, d], Y_i [m_i, d])
+    together with `cost` (a name from `cot2align.losses.ot.COSTS` or a CostFn), in which
+    case each bucket's cost is computed on the padded [B, n, d] / [B, m, d] states.
+    Problems are sorted by n_i * m_i and cut into buckets of `cfg.bucket_size`, so the
+    padding and the working set of each bucket stay small. Empty problems (n_i or m_i
+    = 0) are not solved and get 0. Returns values [P] in the input order, with gradients
+    flowing to C_i (or X_i, Y_i) per `cfg.gradient`, plus per-bucket statistics.
+    """
+    pairs = len(problems) > 0 and isinstance(problems[0], tuple | list)
+    cost_fn: CostFn | None = None
+    if pairs:
+        if cost is None:
+            raise ValueError("batched_ot: pairs (X, Y) need a cost")
+        if isinstance(cost, str):
+            from cot2align.losses.ot import COSTS
+
+            cost_fn = COSTS[cost]
+        else:
+            cost_fn = cost
+    sizes: list[tuple[int, int]] = []
+    for prob in problems:
+        if isinstance(prob, tuple | list):
+            sizes.append((prob[0].shape[0], prob[1].shape[0]))
+        else:
+            sizes.append((prob.shape[0], prob.shape[1]))
+    order = sorted((i for i, (n, m) in enumerate(sizes) if n > 0 and m > 0), key=lambda i: (sizes[i][0] * sizes[i][1], i))
+    result = BatchedOTResult(values=torch.zeros(0))
+    chunks: list[Tensor] = []
+    for start in range(0, len(order), cfg.bucket_size):
+        idx = order[start : start + cfg.bucket_size]
+        n_max = max(sizes[i][0] for i in idx)
+        m_max = max(sizes[i][1] for i in idx)
+        first = problems[idx[0]]
+        ref = first[0] if isinstance(first, tuple | list) else first
+        n_len = torch.tensor([sizes[i][0] for i in idx], device=ref.device)
+        m_len = torch.tensor([sizes[i][1] for i in idx], device=ref.device)
+        row_mask = torch.arange(n_max, device=ref.device) < n_len[:, None]  # [B, n]
+        col_mask = torch.arange(m_max, device=ref.device) < m_len[:, None]  # [B, m]
+        if cost_fn is not None:
+            xs = torch.nn.utils.rnn.pad_sequence([problems[i][0] for i in idx], batch_first=True)  # type: ignore[index]
+            ys = torch.nn.utils.rnn.pad_sequence([problems[i][1] for i in idx], batch_first=True)  # type: ignore[index]
+            c = cost_fn(xs, ys, row_mask, col_mask)
+        else:
+            c = torch.stack(
+                [
+                    torch.nn.functional.pad(problems[i], (0, m_max - sizes[i][1], 0, n_max - sizes[i][0]))  # type: ignore[arg-type]
+                    for i in idx
+                ]
+            )
+        res = sinkhorn(
+            c,
+            row_mask,
+            col_mask,
+            epsilon=cfg.epsilon,
+            max_iter=cfg.iterations,
+            tol=cfg.tolerance,
+            check_every=cfg.check_every,
+            gradient=cfg.gradient,
+            log_domain=cfg.log_domain,
+        )
+        chunks.append(res.value)
+        result.iterations.append(res.iterations)
+        result.log_domain.append(res.log_domain)
+        result.bucket_shapes.append((len(idx), n_max, m_max))
+    dtype, device = _dtype_device(problems)
+    empty = len(problems) - len(order)
+    if empty:
+        chunks.append(torch.zeros(empty, dtype=dtype, device=device))
+    if not chunks:
+        result.values = torch.zeros(0, dtype=dtype, device=device)
+        return result
+    placed = order + [i for i, (n, m) in enumerate(sizes) if n == 0 or m == 0]
+    inverse = torch.empty(len(placed), dtype=torch.long)
+    inverse[torch.tensor(placed, dtype=torch.long)] = torch.arange(len(placed))
+    result.values = torch.cat(chunks).index_select(0, inverse.to(device))
+    return result
+
+
+def _dtype_device(problems: Sequence[Tensor] | Sequence[tuple[Tensor, Tensor]]) -> tuple[torch.dtype, torch.device]:
+    """Result dtype (at least float32) and device of a problem list."""
+    if len(problems) == 0:
+        return torch.float32, torch.device("cpu")
+    first = problems[0]
+    ref = first[0] if isinstance(first, tuple | list) else first
+    dtype = ref.dtype if ref.dtype in (torch.float32, torch.float64) else torch.float32
+    return dtype, ref.device

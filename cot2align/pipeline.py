@@ -1,0 +1,240 @@
+"""The pipeline stages behind the CLI: prepare-data, train-teacher, distill, evaluate.
+
+Each stage resolves what it needs from the config, reusing the artefacts earlier stages
+cached under `run.work_dir` (data, tokenizers, the trained embedded teacher).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from cot2align.config import Config
+from cot2align.data.dataset import DataConfig, Sample, build_samples
+from cot2align.data.jsonl import Example, read_jsonl
+from cot2align.evaluate import evaluate_examples
+from cot2align.logging import MetricsLogger, log
+from cot2align.losses import LossContext, build_loss
+from cot2align.models import build_tiny_model, hidden_size, load_model, load_tokenizer
+from cot2align.train import ColocatedTeacher, TrainResult, train
+
+
+@dataclass
+class Paths:
+    """Where each artefact of a config lives."""
+
+    train: Path
+    dev: Path
+    test: Path
+    teacher_tokenizer: Path
+    student_tokenizer: Path
+    teacher_model: Path
+
+
+def paths(cfg: Config) -> Paths:
+    """Resolve data, tokenizer and teacher locations (embedded defaults under run.work_dir)."""
+    work = Path(cfg.run.work_dir)
+    data_dir = work / f"data-{cfg.digest('embedded')[:8]}"
+    emb_tok = work / f"tokenizers-{cfg.digest('embedded')[:8]}"
+    teacher_dir = work / f"teacher-{_teacher_digest(cfg)}"
+    return Paths(
+        train=Path(cfg.data.train_file) if cfg.data.train_file else data_dir / "train.jsonl",
+        dev=Path(cfg.data.dev_file) if cfg.data.dev_file else data_dir / "dev.jsonl",
+        test=Path(cfg.data.test_file) if cfg.data.test_file else data_dir / "test.jsonl",
+        teacher_tokenizer=Path(cfg.teacher.tokenizer or cfg.teacher.path or emb_tok / "teacher"),
+        student_tokenizer=Path(cfg.student.tokenizer or cfg.student.path or emb_tok / "student"),
+        teacher_model=Path(cfg.teacher.path) if cfg.teacher.path else teacher_dir,
+    )
+
+
+def _teacher_digest(cfg: Config) -> str:
+    import hashlib
+
+    blob = json.dumps({"embedded": cfg.embedded.to_dict(), "teacher_train": cfg.teacher_train.to_dict(),
+                       "data": cfg.data.to_dict(), "seed": cfg.run.seed}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def prepare_data(cfg: Config) -> Paths:
+    """Write the embedded task's splits and train both tokenizers (skipped when cached)."""
+    from cot2align.data.embedded import write_embedded_task
+    from cot2align.data.tokenizer_training import tokenizer_corpus, train_tokenizer
+
+    p = paths(cfg)
+    if not cfg.data.train_file:
+        write_embedded_task(cfg.embedded.task, p.train.parent)
+    specs = {"teacher": (p.teacher_tokenizer, cfg.embedded.teacher_tokenizer, not cfg.teacher.path),
+             "student": (p.student_tokenizer, cfg.embedded.student_tokenizer, not cfg.student.path)}
+    for role, (out, spec, embedded) in specs.items():
+        if embedded and not (out / "tokenizer.json").is_file():
+            rows, _ = read_jsonl(p.train, cfg.data.on_bad_row)
+            corpus = tokenizer_corpus([{"instruction": e.instruction, "input": e.input, "output": e.output,
+                                        "rationale": e.rationale} for e in rows])
+            train_tokenizer(corpus, spec.kind, spec.vocab_size, out)
+            log.info("trained the %s tokenizer (%s, %d) -> %s", role, spec.kind, spec.vocab_size, out)
+    return p
+
+
+def load_split(path: Path, cfg: DataConfig) -> list[Example]:
+    examples, report = read_jsonl(path, cfg.on_bad_row)
+    if report.total_skipped:
+        log.warning("%s: skipped %d malformed rows: %s", path, report.total_skipped, dict(report.skipped))
+    return examples
+
+
+def _write_run_files(cfg: Config, run_dir: Path, stage: str) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    log.info("%s: run directory %s", stage, run_dir)
+
+
+def _samples(cfg: Config, data_cfg: DataConfig, s_tok: PreTrainedTokenizerBase,
+             t_tok: PreTrainedTokenizerBase, p: Paths) -> list[Sample]:
+    samples, report = build_samples(load_split(p.train, data_cfg), s_tok, t_tok, data_cfg)
+    log.info("tokenized %s", report.summary())
+    return samples
+
+
+def train_teacher(cfg: Config, force: bool = False) -> Path:
+    """SFT of the embedded teacher on std + CoT members (as separate samples); cached by config."""
+    p = prepare_data(cfg)
+    out = p.teacher_model
+    if cfg.teacher.path:
+        log.info("teacher.path is set (%s): nothing to train", out)
+        return out
+    if (out / "config.json").is_file() and not force:
+        log.info("reusing the trained teacher %s", out)
+        return out
+    tok = load_tokenizer(p.teacher_tokenizer)
+    model = build_tiny_model(cfg.embedded.teacher_model, tok, seed=cfg.run.seed)
+    data_cfg = cfg.data.merged({"pairing": "separate"})
+    samples = _samples(cfg, data_cfg, tok, tok, p)
+    sft = build_loss(cfg.loss.merged({"name": "sft"}),
+                     LossContext(hidden_size(model), hidden_size(model), len(tok), len(tok), True))
+    run_dir = out.parent / (out.name + ".run")
+    _write_run_files(cfg, run_dir, "train-teacher")
+    logger = MetricsLogger(run_dir, cfg.logging, cfg.to_dict(), name=f"{cfg.run.name}-teacher",
+                           job_type="train-teacher")
+    try:
+        res = train(run_dir=run_dir, student=model, student_tok=tok, loss_fn=sft, teacher=None, samples=samples,
+                    pad_ids={"student": tok.pad_token_id, "teacher": tok.pad_token_id}, cfg=cfg.teacher_train,
+                    projector_lr=cfg.loss.projector_lr, needs_aux=False, seed=cfg.run.seed, logger=logger,
+                    log_cfg=cfg.logging, dev=load_split(p.dev, cfg.data), eval_cfg=cfg.eval, resume=cfg.run.resume)
+    finally:
+        logger.close()
+    best = load_model(res.export_dir)
+    best.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    log.info("teacher trained: best dev %.2f -> %s", res.best_dev or float("nan"), out)
+    return out
+
+
+def _student_model(cfg: Config, tok: PreTrainedTokenizerBase) -> PreTrainedModel:
+    if cfg.student.path:
+        return load_model(cfg.student.path, cfg.student.dtype)
+    return build_tiny_model(cfg.embedded.student_model, tok, seed=cfg.run.seed)
+
+
+def distill(cfg: Config, run_dir: Path | None = None) -> TrainResult:
+    """Distil the teacher into the student with `cfg.loss` (colocated: teacher in this process)."""
+    p = prepare_data(cfg)
+    run_dir = run_dir or cfg.run_dir
+    if not (p.teacher_model / "config.json").is_file():
+        if cfg.teacher.path:
+            raise FileNotFoundError(f"teacher.path: {p.teacher_model} is not an HF checkpoint")
+        train_teacher(cfg)
+    s_tok, t_tok = load_tokenizer(p.student_tokenizer), load_tokenizer(p.teacher_tokenizer)
+    student = _student_model(cfg, s_tok)
+    teacher_model = load_model(p.teacher_model, cfg.teacher.dtype)
+    same = s_tok.get_vocab() == t_tok.get_vocab()
+    ctx = LossContext(hidden_size(student), hidden_size(teacher_model), len(s_tok), len(t_tok), same,
+                      s_tok, t_tok, cache_dir=str(Path(cfg.run.work_dir) / "cache"))
+    loss_fn = build_loss(cfg.loss, ctx)
+    samples = _samples(cfg, cfg.data, s_tok, t_tok, p)
+    needs_teacher = cfg.loss.name != "sft"
+    needs_aux = cfg.loss.name == "cot2align" and cfg.loss.ot.cross_pairs
+    _write_run_files(cfg, run_dir, "distill")
+    logger = MetricsLogger(run_dir, cfg.logging, cfg.to_dict(), name=cfg.run.name)
+    t0 = time.perf_counter()
+    try:
+        res = train(run_dir=run_dir, student=student, student_tok=s_tok, loss_fn=loss_fn,
+                    teacher=ColocatedTeacher(teacher_model) if needs_teacher else None, samples=samples,
+                    pad_ids={"student": s_tok.pad_token_id, "teacher": t_tok.pad_token_id}, cfg=cfg.train,
+                    projector_lr=cfg.loss.projector_lr, needs_aux=needs_aux, seed=cfg.run.seed, logger=logger,
+                    log_cfg=cfg.logging, dev=load_split(p.dev, cfg.data), eval_cfg=cfg.eval, resume=cfg.run.resume)
+        logger.log(res.steps, {"wall_s": time.perf_counter() - t0}, prefix="distill/")
+    finally:
+        logger.close()
+    return res
+
+
+def evaluate_model(cfg: Config, model_dir: Path, split: str = "test") -> dict[str, Any]:
+    """Evaluate an HF checkpoint folder on a split; also by the `steps` field when the rows carry one."""
+    p = prepare_data(cfg)
+    examples = load_split({"dev": p.dev, "test": p.test}[split], cfg.data)
+    model = load_model(model_dir)
+    tok = load_tokenizer(model_dir)
+    res = evaluate_examples(model, tok, examples, cfg.eval)
+    by_steps: dict[str, Any] = {}
+    steps = sorted({ex.meta["steps"] for ex in examples if "steps" in ex.meta})
+    if len(steps) > 1:
+        correct = _exact_by_example(res["samples"], examples, cfg)
+        for s in steps:
+            idx = [i for i, ex in enumerate(examples) if ex.meta.get("steps") == s]
+            by_steps[str(s)] = 100.0 * sum(correct[i] for i in idx) / len(idx)
+    res["exact_match_by_steps"] = by_steps
+    return res
+
+
+def _exact_by_example(samples: list[list[str]], examples: list[Example], cfg: Config) -> list[float]:
+    from cot2align.data.embedded import extract_answer
+
+    out = []
+    for (_, gen, _), ex in zip(samples, examples, strict=True):
+        gold = extract_answer(ex.answer if ex.answer is not None else ex.output, cfg.eval.answer_mode)
+        out.append(float(gold is not None and extract_answer(gen, cfg.eval.answer_mode) == gold))
+    return out
+
+
+def run_embedded(cfg: Config) -> dict[str, Any]:
+    """The embedded pipeline: data -> teacher -> distill (cfg.loss) and an SFT baseline -> evaluate all three."""
+    t0 = time.perf_counter()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    teacher_dir = train_teacher(cfg)
+    t_teacher = time.perf_counter() - t0
+    runs = {cfg.loss.name: cfg}
+    if cfg.loss.name != "sft":
+        runs["sft"] = cfg.merged({"loss": {"name": "sft"}, "run": {"name": cfg.run.name + "-sft"}})
+    results: dict[str, Any] = {"teacher": evaluate_model(cfg, teacher_dir)}
+    for name, c in runs.items():
+        res = distill(c)
+        results[f"student ({name})"] = evaluate_model(c, res.export_dir)
+    summary = {k: {m: v.get(m) for m in ("exact_match", "rouge_l", "exact_match_by_steps")}
+               for k, v in results.items()}
+    out = cfg.run_dir / "results.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"summary": summary, "wall_s": time.perf_counter() - t0,
+                               "teacher_s": t_teacher}, indent=2))
+    print(results_table(summary))
+    print(f"wall time {time.perf_counter() - t0:.0f} s (teacher stage {t_teacher:.0f} s); results in {out}")
+    return summary
+
+
+def results_table(summary: dict[str, dict[str, Any]]) -> str:
+    """Markdown table: model, test exact match, ROUGE-L, exact match per number of steps."""
+    steps = sorted({s for v in summary.values() for s in (v.get("exact_match_by_steps") or {})})
+    head = "| model | exact match | ROUGE-L | " + " | ".join(f"EM {s} steps" for s in steps) + " |"
+    lines = [head, "|" + "---|" * (3 + len(steps))]
+    for name, v in summary.items():
+        em = v.get("exact_match")
+        cells = [name, f"{em:.1f}" if em is not None else "-", f"{v.get('rouge_l') or 0:.1f}"]
+        cells += [f"{(v.get('exact_match_by_steps') or {}).get(s, float('nan')):.1f}" for s in steps]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,307 @@
+"""The training loop: one readable function for distillation and for teacher SFT.
+
+`train()` runs on one process with the teacher in the same process (the `colocated`
+mode). The teacher is reached only through a `TeacherSource`, so the served runtime
+swaps in a source that receives hidden states from teacher ranks.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from cot2align.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from cot2align.configbase import ConfigBase, require
+from cot2align.data.dataset import Batch, Sample, collate
+from cot2align.data.jsonl import Example
+from cot2align.data.sampler import GlobalBatchSampler
+from cot2align.evaluate import EvalConfig, evaluate_examples
+from cot2align.logging import LoggingConfig, MetricsLogger, log
+from cot2align.losses.base import DistillLoss, LossInputs, LossOutput, ResponseView
+from cot2align.models import frozen, input_embed, output_head, resolve_layers, response_view
+
+
+@dataclass
+class TrainConfig(ConfigBase):
+    """Optimisation settings (`train.*` for distillation, `teacher_train.*` for teacher SFT)."""
+
+    lr: float = 5e-4
+    min_lr: float = 1e-7
+    """Cosine schedule floor."""
+    weight_decay: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.999
+    epochs: int = 1
+    max_steps: int = 0
+    """Optimizer steps; > 0 overrides epochs."""
+    micro_batch_size: int = 8
+    grad_accum: int = 1
+    clip_grad: float = 1.0
+    """Max global grad norm (0 = no clipping)."""
+    warmup_steps: int = 0
+    schedule: Literal["cosine", "constant"] = "cosine"
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Compute precision (bf16 autocast where supported)."""
+    save_every: int = 0
+    """Checkpoint every N steps (0 = only at the end)."""
+    eval_every: int = 0
+    """Dev evaluation every N steps (0 = only at the end); the best student is exported."""
+    threads: int = 0
+    """torch.set_num_threads (0 = leave torch's default)."""
+
+    def check(self, prefix: str) -> None:
+        require(self.lr > 0, f"{prefix}.lr", f"must be > 0, got {self.lr}")
+        require(0 <= self.min_lr <= self.lr, f"{prefix}.min_lr", f"must be in [0, lr={self.lr}], got {self.min_lr}")
+        require(self.micro_batch_size >= 1, f"{prefix}.micro_batch_size", f"must be >= 1, got {self.micro_batch_size}")
+        require(self.grad_accum >= 1, f"{prefix}.grad_accum", f"must be >= 1, got {self.grad_accum}")
+        require(self.epochs >= 1 or self.max_steps > 0, f"{prefix}.epochs", "set epochs >= 1 or max_steps > 0")
+        require(self.clip_grad >= 0, f"{prefix}.clip_grad", f"must be >= 0, got {self.clip_grad}")
+
+
+class TeacherSource(Protocol):
+    """Gives the teacher's response views of a micro-batch (no gradient)."""
+
+    final_layer: int
+    head: nn.Module
+    embed: nn.Module
+
+    def views(self, batch: Batch, fmts: list[str], layers: list[int]) -> dict[str, ResponseView]: ...
+
+
+class ColocatedTeacher:
+    """The teacher model in this process: runs its forward pass on the teacher tokenization."""
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        from cot2align.models import num_layers
+
+        self.model = frozen(model)
+        self.final_layer = num_layers(model)
+        self.head = output_head(model)
+        self.embed = input_embed(model)
+
+    @torch.no_grad()
+    def views(self, batch: Batch, fmts: list[str], layers: list[int]) -> dict[str, ResponseView]:
+        return {f: response_view(self.model, batch.seqs["teacher"][f], layers) for f in fmts}
+
+
+@dataclass
+class StepPlan:
+    """What one step needs: layers per side, which formats, whether a teacher is used."""
+
+    student_layers: list[int]
+    teacher_layers: list[int]
+    fmts: list[str]
+    needs_teacher: bool
+
+
+def plan_step(loss_fn: DistillLoss, student_final: int, teacher_final: int, needs_teacher: bool,
+              needs_aux: bool) -> StepPlan:
+    s, t = loss_fn.required_layers()
+    return StepPlan(resolve_layers(s, student_final), resolve_layers(t, teacher_final),
+                    ["main", "aux"] if needs_aux else ["main"], needs_teacher)
+
+
+def micro_batch_loss(student: PreTrainedModel, student_final: int, loss_fn: DistillLoss, batch: Batch,
+                     teacher: TeacherSource | None, plan: StepPlan, num_tokens: float,
+                     num_examples: float) -> LossOutput:
+    """Forward passes of one micro-batch (student on each format; teacher through its source) and the loss."""
+    fmts = [f for f in plan.fmts if f in batch.seqs["student"]]
+    s_views = {f: response_view(student, batch.seqs["student"][f], plan.student_layers) for f in fmts}
+    head = output_head(student)
+    logits = head(s_views["main"].hidden[student_final]).float()  # (B, N_s, V_s)
+    if teacher is not None and plan.needs_teacher:
+        t_views = teacher.views(batch, fmts, plan.teacher_layers)
+        t_head, t_embed, t_final = teacher.head, teacher.embed, teacher.final_layer
+    else:
+        t_views, t_head, t_embed, t_final = {}, nn.Identity(), nn.Identity(), 0
+    inputs = LossInputs(
+        student=s_views, teacher=t_views, student_logits=logits, student_final=student_final,
+        teacher_final=t_final, student_head=head, teacher_head=t_head, student_embed=input_embed(student),
+        teacher_embed=t_embed, num_tokens=num_tokens, num_examples=num_examples,
+        extras={"student_head_weight": head.weight},
+    )
+    return loss_fn(inputs)
+
+
+def lr_lambda(cfg: TrainConfig, total_steps: int) -> Callable[[int], float]:
+    """Multiplier of each group's base lr: linear warm-up, then cosine to min_lr / lr (or constant)."""
+    floor = cfg.min_lr / cfg.lr
+
+    def f(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+def build_optimizer(student: nn.Module, loss_fn: nn.Module, cfg: TrainConfig,
+                    projector_lr: float) -> torch.optim.Optimizer:
+    """AdamW; the loss module's parameters (projectors) get their own lr."""
+    groups: list[dict[str, Any]] = [{"params": [p for p in student.parameters() if p.requires_grad],
+                                     "lr": cfg.lr}]
+    extra = [p for p in loss_fn.parameters() if p.requires_grad]
+    if extra:
+        groups.append({"params": extra, "lr": projector_lr})
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+
+
+def response_tokens(samples: list[Sample], idx: list[int]) -> int:
+    """Student main-format response tokens of the given samples."""
+    return sum(len(samples[i].seqs["student"]["main"].ids) - samples[i].seqs["student"]["main"].prompt_len
+               for i in idx)
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    best_dev: float | None
+    export_dir: Path
+    history: list[dict[str, float]]
+
+
+def train(
+    *,
+    run_dir: Path,
+    student: PreTrainedModel,
+    student_tok: PreTrainedTokenizerBase,
+    loss_fn: DistillLoss,
+    teacher: TeacherSource | None,
+    samples: list[Sample],
+    pad_ids: dict[str, int],
+    cfg: TrainConfig,
+    projector_lr: float,
+    needs_aux: bool,
+    seed: int,
+    logger: MetricsLogger,
+    log_cfg: LoggingConfig,
+    dev: list[Example] | None = None,
+    eval_cfg: EvalConfig | None = None,
+    resume: bool = True,
+    stop_after: int | None = None,
+) -> TrainResult:
+    """Train `student` (and the loss's projectors) on `samples`; export the best/final model.
+
+    history: one row per optimizer step with the step's loss parts (for tests and reports).
+    stop_after: return after this many steps without the final export (tests of resume).
+    """
+    from cot2align.models import num_layers
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(seed)
+    sampler = GlobalBatchSampler(len(samples), cfg.micro_batch_size, cfg.grad_accum, 1, seed)
+    total_steps = cfg.max_steps or cfg.epochs * sampler.steps_per_epoch
+    student_final = num_layers(student)
+    plan = plan_step(loss_fn, student_final, teacher.final_layer if teacher else 0, teacher is not None,
+                     needs_aux)
+    optimizer = build_optimizer(student, loss_fn, cfg, projector_lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
+    step, best = 0, None
+    history: list[dict[str, float]] = []
+    ckpt = latest_checkpoint(run_dir) if resume else None
+    if ckpt is not None:
+        state = load_checkpoint(ckpt)
+        student.load_state_dict(state["student"])
+        loss_fn.load_state_dict(state["loss"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        step, best, history = state["step"], state["best"], state["history"]
+        log.info("resumed from %s at step %d", ckpt, step)
+
+    def save(at: int) -> None:
+        save_checkpoint(run_dir, at, {
+            "student": student.state_dict(), "loss": loss_fn.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "rng": rng_state(), "step": at, "best": best,
+            "history": history, "sampler": {"step": at},
+        })
+
+    def export(name: str) -> Path:
+        out = run_dir / name
+        student.save_pretrained(out, safe_serialization=True)
+        student_tok.save_pretrained(out)
+        torch.save(loss_fn.state_dict(), out / "loss_modules.pt")
+        return out
+
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
+    student.train()
+    loss_fn.train()
+    running: dict[str, list[float]] = defaultdict(list)
+    t_last, tokens_since = time.perf_counter(), 0
+    progress = _progress(total_steps, step, log_cfg.progress)
+    while step < total_steps:
+        micro = sampler.micro_batches(step, dp_rank=0)
+        num_tokens = float(sum(response_tokens(samples, m) for m in micro))
+        num_examples = float(sum(len(m) for m in micro))
+        optimizer.zero_grad(set_to_none=True)
+        parts_sum: dict[str, float] = defaultdict(float)
+        for idx in micro:
+            batch = collate([samples[i] for i in idx], pad_ids)
+            with autocast:
+                out = micro_batch_loss(student, student_final, loss_fn, batch, teacher, plan, num_tokens,
+                                       num_examples)
+            out.total.backward()
+            parts_sum["loss"] += float(out.total.detach())
+            for k, v in out.parts.items():
+                parts_sum[k] += float(v)
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad if cfg.clip_grad > 0 else float("inf"))
+        if not torch.isfinite(grad_norm):
+            raise FloatingPointError(f"non-finite gradient norm at step {step} (loss parts {dict(parts_sum)})")
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        tokens_since += int(num_tokens)
+        row = {**parts_sum, "grad_norm": float(grad_norm), "lr": optimizer.param_groups[0]["lr"]}
+        history.append({"step": step, **row})
+        for k, v in row.items():
+            running[k].append(v)
+        progress.update(1)
+        if step % log_cfg.log_every == 0 or step == total_steps:
+            now = time.perf_counter()
+            metrics = {k: sum(v) / len(v) for k, v in running.items()}
+            metrics["tokens_per_s"] = tokens_since / max(now - t_last, 1e-9)
+            metrics["epoch"] = sampler.epoch_of(step - 1)
+            logger.log(step, metrics, prefix="train/")
+            progress.set_postfix(loss=f"{metrics['loss']:.3f}")
+            running.clear()
+            t_last, tokens_since = now, 0
+        is_eval = dev is not None and eval_cfg is not None and (
+            step == total_steps or (cfg.eval_every and step % cfg.eval_every == 0))
+        if is_eval:
+            assert dev is not None and eval_cfg is not None
+            subset = dev[: eval_cfg.dev_limit] if eval_cfg.dev_limit else dev
+            res = evaluate_examples(student, student_tok, subset, eval_cfg)
+            score = res.get("exact_match", res["rouge_l"])
+            logger.log(step, {k: v for k, v in res.items() if isinstance(v, float)}, prefix="dev/")
+            if best is None or score > best:
+                best = score
+                export("best")
+            student.train()
+        if (cfg.save_every and step % cfg.save_every == 0) or step == total_steps:
+            save(step)
+        if stop_after is not None and step >= stop_after:
+            progress.close()
+            return TrainResult(step, best, run_dir, history)
+    progress.close()
+    final = export("final")
+    return TrainResult(step, best, run_dir / "best" if best is not None else final, history)
+
+
+def _progress(total: int, start: int, enabled: bool) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, disable=not enabled, desc="train", dynamic_ncols=True, leave=False)

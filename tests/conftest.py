@@ -1,0 +1,29 @@
+"""Shared fixtures: a small generated task and two DIFFERENT tokenizers trained on it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+
+@pytest.fixture(scope="session")
+def tiny_task(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """train/dev/test JSONL of a small embedded task + teacher (BPE) and student (WordPiece) tokenizers."""
+    from cot2align.data.embedded import EmbeddedTaskConfig, write_embedded_task
+    from cot2align.data.jsonl import read_jsonl
+    from cot2align.data.tokenizer_training import tokenizer_corpus, train_tokenizer
+
+    root = tmp_path_factory.mktemp("tiny_task")
+    cfg = EmbeddedTaskConfig(n_train=96, n_dev=16, n_test=16, n_test_long=8)
+    files = write_embedded_task(cfg, root / "data")
+    rows, _ = read_jsonl(files["train"])
+    corpus = [{"instruction": e.instruction, "input": e.input, "output": e.output, "rationale": e.rationale}
+              for e in rows]
+    train_tokenizer(tokenizer_corpus(corpus), "bpe", 400, root / "tok_teacher")
+    train_tokenizer(tokenizer_corpus(corpus), "wordpiece", 300, root / "tok_student")
+    return {**files, "tok_teacher": root / "tok_teacher", "tok_student": root / "tok_student", "root": root}
