@@ -804,19 +804,16 @@ def _check_fixed(t: ModelSpec, cluster: ClusterSpec, fixed: FixedSizes, keys: Ma
         require(v is None or v >= 1, keys[name], f"must be >= 1, got {v}")
     if fixed.tp is not None:
         tp = fixed.tp
-        require(
-            tp <= g and g % tp == 0,
-            keys["tp"],
-            f"tp={tp} must divide gpus_per_node={g}: tensor parallelism stays within a node",
-        )
-        require(
-            t.num_heads % tp == 0 and t.num_kv_heads % tp == 0,
-            keys["tp"],
-            f"tp={tp} must divide the teacher's attention heads ({t.num_heads}) and query groups ({t.num_kv_heads})",
-        )
-        require(
-            t.ffn_size % tp == 0, keys["tp"], f"tp={tp} must divide the teacher's FFN size ({t.ffn_size})"
-        )
+        problems = []
+        if g % tp:
+            problems.append(f"gpus_per_node={g} (tensor parallelism stays within a node)")
+        if t.num_heads % tp or t.num_kv_heads % tp:
+            problems.append(
+                f"the teacher's attention heads ({t.num_heads}) and query groups ({t.num_kv_heads})"
+            )
+        if t.ffn_size % tp:
+            problems.append(f"the teacher's FFN size ({t.ffn_size})")
+        require(not problems, keys["tp"], f"tp={tp} must divide " + " and ".join(problems))
     if fixed.pp is not None:
         require(
             t.num_layers % fixed.pp == 0,

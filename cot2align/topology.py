@@ -78,6 +78,20 @@ class TeacherCoord(NamedTuple):
     tp_rank: int
 
 
+class TeacherGroups(NamedTuple):
+    """Process groups of one teacher rank (its replica's groups that contain it)."""
+
+    tp: dist.ProcessGroup
+    pp: dist.ProcessGroup
+    mp: dist.ProcessGroup
+    embd: dist.ProcessGroup | None
+    """First + last pipeline stage of this rank's pipeline; None on middle stages."""
+    pos_embd: dist.ProcessGroup | None
+    """First pipeline stage; None on later stages."""
+    single: dist.ProcessGroup
+    """This rank alone (megatron's cp / dp / dp_cp: replicas never synchronise)."""
+
+
 class Topology:
     """The validated rank layout of the world; hands out process groups by purpose.
 
@@ -317,6 +331,14 @@ class Topology:
             raise ValueError(f"rank {self.rank} is not a teacher rank")
         return group
 
+    def teacher_groups(self) -> TeacherGroups:
+        """This teacher rank's groups by purpose (see `group_ranks`; call on a teacher rank)."""
+        if self.role() != "teacher":
+            raise ValueError(f"rank {self.rank} is a student; only teacher ranks have teacher groups")
+        tp, pp, mp, single = (self._group(k) for k in ("tp", "pp", "mp", "single"))
+        assert tp is not None and pp is not None and mp is not None and single is not None
+        return TeacherGroups(tp, pp, mp, self._group("embd"), self._group("pos_embd"), single)
+
     def teacher_pg_collection(self) -> ProcessGroupCollection:
         """megatron-core ProcessGroupCollection of this rank's teacher replica.
 
@@ -326,19 +348,15 @@ class Topology:
         """
         from megatron.core.process_groups_config import ProcessGroupCollection
 
-        if self.role() != "teacher":
-            raise ValueError(
-                f"rank {self.rank} is a student; only teacher ranks have a megatron group collection"
-            )
-        single = self._group("single")
+        g = self.teacher_groups()
         return ProcessGroupCollection(
-            tp=self._group("tp"),
-            pp=self._group("pp"),
-            mp=self._group("mp"),
-            embd=self._group("embd"),
-            pos_embd=self._group("pos_embd"),
-            cp=single,
-            tp_cp=self._group("tp"),
-            dp=single,
-            dp_cp=single,
+            tp=g.tp,
+            pp=g.pp,
+            mp=g.mp,
+            embd=g.embd,
+            pos_embd=g.pos_embd,
+            cp=g.single,
+            tp_cp=g.tp,
+            dp=g.single,
+            dp_cp=g.single,
         )

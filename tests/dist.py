@@ -27,9 +27,6 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-GRACE_S = 10.0
-"""Seconds the other ranks get to finish after one rank failed, before they are killed."""
-
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago."""
@@ -57,7 +54,9 @@ def _worker(
         WORLD_SIZE=str(world_size),
     )
     try:
-        dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s))
+        dist.init_process_group(
+            backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s)
+        )
         result = fn(rank, world_size, *args)
         torch.save(result, Path(out_dir) / f"rank{rank}.pt")
         status.put((rank, None))
@@ -74,11 +73,13 @@ def run_distributed(
     *args: Any,
     backend: str = "gloo",
     timeout_s: float = 300.0,
+    grace_s: float = 10.0,
 ) -> list[Any]:
     """Run fn(rank, world_size, *args) on `world_size` spawned ranks; return results by rank.
 
     Raises RuntimeError naming the first failing rank (with its traceback), or the ranks
-    that did not finish within `timeout_s`.
+    that did not finish within `timeout_s`. After a failure the other ranks get `grace_s`
+    seconds to finish before they are killed.
     """
     ctx = mp.get_context("spawn")
     status = ctx.Queue()
@@ -108,12 +109,12 @@ def run_distributed(
                     dead = [r for r, p in enumerate(procs) if r not in done and p.exitcode not in (None, 0)]
                     if dead and failure is None:  # killed without reporting (e.g. segfault, OOM)
                         failure = (dead[0], f"process exited with code {procs[dead[0]].exitcode}")
-                        deadline = min(deadline, time.monotonic() + GRACE_S)
+                        deadline = min(deadline, time.monotonic() + grace_s)
                     continue
                 done[rank] = error
                 if error is not None and failure is None:
                     failure = (rank, error)
-                    deadline = min(deadline, time.monotonic() + GRACE_S)
+                    deadline = min(deadline, time.monotonic() + grace_s)
         finally:
             for p in procs:
                 if p.is_alive():
@@ -125,5 +126,7 @@ def run_distributed(
             raise RuntimeError(f"rank {rank} of {world_size} failed:\n{error}")
         missing = [r for r in range(world_size) if r not in done]
         if missing:
-            raise RuntimeError(f"ranks {missing} of {world_size} did not finish within {timeout_s:.0f} s (killed)")
+            raise RuntimeError(
+                f"ranks {missing} of {world_size} did not finish within {timeout_s:.0f} s (killed)"
+            )
         return [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=False) for r in range(world_size)]

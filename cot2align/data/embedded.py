@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import re
 from collections.abc import Callable
@@ -34,6 +33,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from cot2align.configbase import ConfigBase, require
+from cot2align.data.jsonl import write_jsonl
 
 GENERATOR_VERSION = 1
 """Bumped whenever generation changes, so cached task directories are rebuilt."""
@@ -293,12 +293,6 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def _manifest_matches(manifest_path: Path, out_dir: Path, fingerprint: str) -> bool:
     """True if `manifest.json` names this config and every listed file is intact."""
     try:
@@ -331,13 +325,10 @@ def write_embedded_task(cfg: EmbeddedTaskConfig, out_dir: str | Path) -> dict[st
     if _manifest_matches(manifest_path, out_dir, fingerprint):
         return paths
     splits = generate_embedded_task(cfg)
-    out_dir.mkdir(parents=True, exist_ok=True)
     digests: dict[str, str] = {}
     for split, path in paths.items():
-        text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in splits[split])
-        data = text.encode("utf-8")
-        _write_atomic(path, data)
-        digests[split] = hashlib.sha256(data).hexdigest()
+        write_jsonl(splits[split], path)
+        digests[split] = _sha256(path)
     manifest = {
         "task": "embedded-arithmetic",
         "generator_version": GENERATOR_VERSION,
@@ -346,7 +337,9 @@ def write_embedded_task(cfg: EmbeddedTaskConfig, out_dir: str | Path) -> dict[st
         "counts": {split: len(rows) for split, rows in splits.items()},
         "files": digests,
     }
-    _write_atomic(manifest_path, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+    tmp = manifest_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    tmp.replace(manifest_path)
     return paths
 
 

@@ -92,6 +92,8 @@ class MinEDConfig(ConfigBase):
     no cache when both are unset). The file records a hash of both vocabularies and is rebuilt on mismatch."""
     dtw_window: int = 32
     """DTW band half-width in characters around the character-offset diagonal (0 = full n x m DP)."""
+    require_overlap: bool = True
+    """Use the teacher distribution only for one-to-one DTW pairs whose character spans overlap."""
 
     def check(self, prefix: str) -> None:
         require(self.dtw_window >= 0, f"{prefix}.dtw_window", f"must be >= 0, got {self.dtw_window}")

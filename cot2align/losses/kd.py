@@ -49,6 +49,11 @@ def main_views(inputs: LossInputs, who: str) -> tuple[ResponseView, ResponseView
     return inputs.student["main"], inputs.teacher["main"]
 
 
+def up(x: Tensor) -> Tensor:
+    """x in fp32 when it is a half type (bf16 / fp16); fp32 and fp64 pass unchanged."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
 def token_denominator(num_tokens: float) -> float:
     """The global token count used as denominator (at least 1, like masked_token_ce)."""
     return max(float(num_tokens), 1.0)
@@ -62,13 +67,13 @@ def chunked_sum(
     device: torch.device,
     use_checkpoint: bool,
 ) -> Tensor:
-    """sum over chunks [a, b) of range(total) of fn(a, b) -> [n_parts] fp32.
+    """sum over chunks [a, b) of range(total) of fn(a, b) -> [n_parts] (fn's dtype).
 
     With `use_checkpoint` (and autograd on) each chunk runs under activation checkpointing,
     so only one chunk's [chunk, vocab] intermediates exist at a time, in forward and backward.
-    Returns zeros([n_parts]) when total == 0.
+    Returns fp32 zeros([n_parts]) when total == 0.
     """
-    out = torch.zeros(n_parts, device=device, dtype=torch.float32)
+    out: Tensor | None = None
     for start in range(0, total, chunk):
         end = min(start + chunk, total)
         if use_checkpoint and torch.is_grad_enabled():
@@ -76,8 +81,8 @@ def chunked_sum(
         else:
             part = fn(start, end)
         assert isinstance(part, Tensor)
-        out = out + part
-    return out
+        out = part if out is None else out + part
+    return torch.zeros(n_parts, device=device, dtype=torch.float32) if out is None else out
 
 
 def kl_log(lp: Tensor, lq: Tensor) -> Tensor:
@@ -194,13 +199,13 @@ class LogitKD(torch.nn.Module):
 
         def chunk(a: int, b: int) -> Tensor:
             ii = idx[a:b]
-            ls = F.log_softmax(flat_s[ii].float() / tau, dim=-1)  # [c, V_S]
+            ls = F.log_softmax(up(flat_s[ii]) / tau, dim=-1)  # [c, V_S]
             with torch.no_grad():
-                zt = inputs.teacher_head(flat_t[ii]).float()  # [c, V_T]
+                zt = up(inputs.teacher_head(flat_t[ii]))  # [c, V_T]
                 width = min(zt.shape[-1], ls.shape[-1])
                 lt = F.log_softmax(zt[:, :width] / tau, dim=-1)
             if width != ls.shape[-1]:
-                ls = F.log_softmax(flat_s[ii, :width].float() / tau, dim=-1)
+                ls = F.log_softmax(up(flat_s[ii, :width]) / tau, dim=-1)
             return divergence(kcfg.divergence, ls, lt, kcfg.skew, kcfg.adaptive_mu).sum().reshape(1)
 
         total = chunked_sum(

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from cot2align.losses.base import LossContext, LossInputs
 from cot2align.losses.config import LossConfig
-from cot2align.losses.kd import chunked_sum, final_hidden, main_views, token_denominator
+from cot2align.losses.kd import chunked_sum, final_hidden, main_views, token_denominator, up
 
 ID_MAP_VERSION = 1
 _BYTE_FALLBACK = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
@@ -180,9 +180,9 @@ def build_id_map(
         if key is not None:
             out[tid] = by_key.get(key, -1)
     for role, tid in (teacher_specials or {}).items():
-        sid = (student_specials or {}).get(role)
-        if sid is not None and 0 <= tid < len(out) and 0 <= sid < len(student.surface):
-            out[tid] = sid
+        role_sid = (student_specials or {}).get(role)
+        if role_sid is not None and 0 <= tid < len(out) and 0 <= role_sid < len(student.surface):
+            out[tid] = role_sid
     return out
 
 
@@ -246,13 +246,8 @@ def levenshtein(a: bytes, b: bytes) -> int:
     return prev[-1]
 
 
-def _band(a: list[bytes], b: list[bytes], window: int) -> list[tuple[int, int]]:
-    """Per row i of `a`, the inclusive column range [lo_i, hi_i] of `b` inside the band.
-
-    Token i of `a` covers characters [s_i, s_i + len_i) of its concatenation; token j of `b`
-    covers [r t_j, r (t_j + len_j)] with r = len(a-text) / len(b-text). (i, j) is in the band
-    when the two closed intervals meet once i's is widened by `window` on both sides.
-    """
+def _offsets(a: list[bytes], b: list[bytes]) -> tuple[list[int], list[float], list[float], int]:
+    """(start of each a token, start and end of each b token scaled to a's length, len of a's text)."""
     s_start, pos = [], 0
     for tok in a:
         s_start.append(pos)
@@ -264,8 +259,17 @@ def _band(a: list[bytes], b: list[bytes], window: int) -> list[tuple[int, int]]:
         pos += len(tok)
         t_end.append(pos)
     r = total_a / pos if pos > 0 else 1.0
-    t_start_r = [x * r for x in t_start]
-    t_end_r = [x * r for x in t_end]
+    return s_start, [x * r for x in t_start], [x * r for x in t_end], total_a
+
+
+def _band(a: list[bytes], b: list[bytes], window: int) -> list[tuple[int, int]]:
+    """Per row i of `a`, the inclusive column range [lo_i, hi_i] of `b` inside the band.
+
+    Token i of `a` covers characters [s_i, s_i + len_i) of its concatenation; token j of `b`
+    covers [r t_j, r (t_j + len_j)] with r = len(a-text) / len(b-text). (i, j) is in the band
+    when the two closed intervals meet once i's is widened by `window` on both sides.
+    """
+    s_start, t_start_r, t_end_r, _ = _offsets(a, b)
     out = []
     m = len(b)
     for i, tok in enumerate(a):
@@ -280,16 +284,24 @@ def _band(a: list[bytes], b: list[bytes], window: int) -> list[tuple[int, int]]:
 def dtw_align(a: list[bytes], b: list[bytes], window: int = 0) -> list[tuple[int, int]]:
     """DTW alignment path between token strings `a` (n) and `b` (m), local cost Levenshtein.
 
-    D(i, j) = lev(a_i, b_j) + min(D(i-1, j-1), D(i-1, j), D(i, j-1)), D(0, 0) = lev(a_0, b_0);
-    the path is traced back from (n-1, m-1) to (0, 0), preferring on ties the diagonal, then
-    (i-1, j), then (i, j-1). Returns [(i, j), ...] in increasing order; [] if either is empty.
-    window > 0 restricts the DP to a band around the character-offset diagonal (see _band);
-    the full DP is used when the band holds no complete path.
+    D(i, j) = c(i, j) + min(D(i-1, j-1), D(i-1, j), D(i, j-1)), D(-1, -1) = 0, with
+    c(i, j) = lev(a_i, b_j) + |s_i - r t_j| / ((L + 1) (n + m)), where s_i / r t_j are the
+    character offsets of the tokens in their (marker-free) texts, r = L / len(b-text) and
+    L = len(a-text). The second term sums to < 1 over any path, so it never changes which
+    paths have the least total edit distance (an integer); it only breaks ties between them in
+    favour of the path that keeps character offsets together (plain edit-distance DTW lets a
+    token absorb its neighbours' digits on ties). The path is traced back from (n-1, m-1) to
+    (0, 0), preferring on exact ties the diagonal, then (i-1, j), then (i, j-1).
+    Returns [(i, j), ...] in increasing order; [] if either is empty. window > 0 restricts
+    the DP to a band around the character-offset diagonal (see _band); the full DP is used
+    when the band holds no complete path.
     """
     n, m = len(a), len(b)
     if n == 0 or m == 0:
         return []
     inf = float("inf")
+    s_start, t_start_r, _, total_a = _offsets(a, b)
+    tie = 1.0 / ((total_a + 1) * (n + m))
     ranges = _band(a, b, window) if window > 0 else [(0, m - 1)] * n
     rows: list[list[float]] = []
     for i in range(n):
@@ -297,7 +309,7 @@ def dtw_align(a: list[bytes], b: list[bytes], window: int = 0) -> list[tuple[int
         row: list[float] = []
         prev = rows[i - 1] if i > 0 else None
         plo, phi = ranges[i - 1] if i > 0 else (0, -1)
-        ai = a[i]
+        ai, si = a[i], s_start[i]
         for j in range(lo, hi + 1):
             if i == 0 and j == 0:
                 best = 0.0
@@ -310,7 +322,7 @@ def dtw_align(a: list[bytes], b: list[bytes], window: int = 0) -> list[tuple[int
                         best = prev[j - plo]
                 if j > lo and row[-1] < best:
                     best = row[-1]
-            row.append(best + levenshtein(ai, b[j]))
+            row.append(best + levenshtein(ai, b[j]) + abs(si - t_start_r[j]) * tie)
         rows.append(row)
     if ranges[-1][1] != m - 1 or rows[-1][-1] == inf:
         if window > 0:
@@ -347,6 +359,19 @@ def one_to_one(path: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return [(i, j) for i, j in path if count_i[i] == 1 and count_j[j] == 1]
 
 
+def overlapping(a: list[bytes], b: list[bytes], pairs: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The pairs whose character spans overlap (b's offsets scaled to a's text length, as in _band).
+
+    Empty tokens cover no characters and so never overlap.
+    """
+    s_start, t_start_r, t_end_r, _ = _offsets(a, b)
+    out = []
+    for i, j in pairs:
+        if max(s_start[i], t_start_r[j]) < min(s_start[i] + len(a[i]), t_end_r[j]):
+            out.append((i, j))
+    return out
+
+
 def _role_ids(tokenizer: object) -> dict[str, int]:
     """{"eos": id, "bos": id, "unk": id} for the roles the tokenizer defines."""
     out: dict[str, int] = {}
@@ -367,7 +392,11 @@ class MinED(torch.nn.Module):
        (surface bytes without the "Ġ" / "▁" / word-start space markers) and aligned by
        `dtw_align` (Levenshtein local cost, band cfg.mined.dtw_window characters);
     2. student position i is ALIGNED to teacher position j when the path pairs them one to
-       one and the teacher token y'_j has a student id in the id map;
+       one, the teacher token y'_j has a student id in the id map, and (cfg.mined.
+       require_overlap, default on: our refinement) the two tokens' character spans in the
+       marker-free texts overlap, so a DTW pairing of two different pieces of text (which
+       edit-distance DTW produces around tokens of very different lengths) never passes the
+       teacher's distribution to the wrong position;
     3. target distribution at an aligned i: with p = softmax(z_T[j] / tau) over the teacher
        vocabulary and M the id map, q_v = max_{u : M(u) = v} p_u for v in the image of M,
        0 elsewhere, renormalised to sum 1 (computed in log space: never NaN);
@@ -412,6 +441,8 @@ class MinED(torch.nn.Module):
             _role_ids(ctx.student_tokenizer),
         )
         self.id_map: list[int] = id_map
+        self.map_teacher: Tensor
+        self.map_student: Tensor
         mapped = [(t, s) for t, s in enumerate(id_map) if s >= 0]
         self.register_buffer(
             "map_teacher", torch.tensor([t for t, _ in mapped], dtype=torch.long), persistent=False
@@ -429,11 +460,13 @@ class MinED(torch.nn.Module):
         sa = [self.student_table.align[t] if 0 <= t < len(self.student_table.align) else b"" for t in s_targets]
         ta = [self.teacher_table.align[t] if 0 <= t < len(self.teacher_table.align) else b"" for t in t_targets]
         pairs = one_to_one(dtw_align(sa, ta, self.cfg.mined.dtw_window))
+        if self.cfg.mined.require_overlap:
+            pairs = overlapping(sa, ta, pairs)
         return [(i, j) for i, j in pairs if 0 <= t_targets[j] < len(self.id_map) and self.id_map[t_targets[j]] >= 0]
 
     def mapped_log_target(self, teacher_logits: Tensor, student_vocab: int) -> Tensor:
         """log q [c, V_S] from teacher logits [c, V_T] (step 3); -inf outside the map's image."""
-        lt = F.log_softmax(teacher_logits.float() / self.cfg.temperature, dim=-1)  # [c, V_T]
+        lt = F.log_softmax(up(teacher_logits) / self.cfg.temperature, dim=-1)  # [c, V_T]
         keep = (self.map_teacher < lt.shape[-1]) & (self.map_student < student_vocab)
         src = lt[:, self.map_teacher[keep]]  # [c, M]
         dst = self.map_student[keep][None, :].expand_as(src)
@@ -472,7 +505,7 @@ class MinED(torch.nn.Module):
         tau = self.cfg.temperature
 
         def kd_chunk(a: int, b: int) -> Tensor:
-            ls = F.log_softmax(flat_s[s_idx[a:b]].float() / tau, dim=-1)  # [c, V_S]
+            ls = F.log_softmax(up(flat_s[s_idx[a:b]]) / tau, dim=-1)  # [c, V_S]
             with torch.no_grad():
                 lq = self.mapped_log_target(inputs.teacher_head(flat_t[t_idx[a:b]]), v_s)  # [c, V_S]
             p = lq.exp()
@@ -485,7 +518,7 @@ class MinED(torch.nn.Module):
 
         def hot_chunk(a: int, b: int) -> Tensor:
             ii = hot_idx[a:b]
-            return F.cross_entropy(flat_s[ii].float() / tau, y[ii], reduction="sum").reshape(1)
+            return F.cross_entropy(up(flat_s[ii]) / tau, y[ii], reduction="sum").reshape(1)
 
         hot_sum = chunked_sum(hot_chunk, hot_idx.numel(), self.cfg.token_chunk, 1, dev, self.cfg.chunk_checkpoint)[0]
         denom = token_denominator(inputs.num_tokens)

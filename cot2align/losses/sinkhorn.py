@@ -321,47 +321,52 @@ def batched_ot(
     = 0) are not solved and get 0. Returns values [P] in the input order, with gradients
     flowing to C_i (or X_i, Y_i) per `cfg.gradient`, plus per-bucket statistics.
     """
-    pairs = len(problems) > 0 and isinstance(problems[0], tuple | list)
+    mats: list[Tensor] = []
+    xs: list[Tensor] = []
+    ys: list[Tensor] = []
+    for prob in problems:
+        if isinstance(prob, tuple | list):
+            xs.append(prob[0])
+            ys.append(prob[1])
+        else:
+            mats.append(prob)
+    if mats and xs:
+        raise ValueError("batched_ot: problems must be all cost matrices or all (X, Y) pairs")
     cost_fn: CostFn | None = None
-    if pairs:
+    if xs:
         if cost is None:
-            raise ValueError("batched_ot: pairs (X, Y) need a cost")
+            raise ValueError("batched_ot: (X, Y) pairs need a cost")
         if isinstance(cost, str):
             from cot2align.losses.ot import COSTS
 
             cost_fn = COSTS[cost]
         else:
             cost_fn = cost
-    sizes: list[tuple[int, int]] = []
-    for prob in problems:
-        if isinstance(prob, tuple | list):
-            sizes.append((prob[0].shape[0], prob[1].shape[0]))
-        else:
-            sizes.append((prob.shape[0], prob.shape[1]))
-    order = sorted((i for i, (n, m) in enumerate(sizes) if n > 0 and m > 0), key=lambda i: (sizes[i][0] * sizes[i][1], i))
-    result = BatchedOTResult(values=torch.zeros(0))
+        sizes = [(x.shape[0], y.shape[0]) for x, y in zip(xs, ys)]
+        ref = xs
+    else:
+        sizes = [(c.shape[0], c.shape[1]) for c in mats]
+        ref = mats
+    device = ref[0].device if ref else torch.device("cpu")
+    dtype = ref[0].dtype if ref and ref[0].dtype in (torch.float32, torch.float64) else torch.float32
+    solved = sorted((i for i, (n, m) in enumerate(sizes) if n > 0 and m > 0), key=lambda i: (sizes[i][0] * sizes[i][1], i))
+    result = BatchedOTResult(values=torch.zeros(0, dtype=dtype, device=device))
     chunks: list[Tensor] = []
-    for start in range(0, len(order), cfg.bucket_size):
-        idx = order[start : start + cfg.bucket_size]
+    for start in range(0, len(solved), cfg.bucket_size):
+        idx = solved[start : start + cfg.bucket_size]
         n_max = max(sizes[i][0] for i in idx)
         m_max = max(sizes[i][1] for i in idx)
-        first = problems[idx[0]]
-        ref = first[0] if isinstance(first, tuple | list) else first
-        n_len = torch.tensor([sizes[i][0] for i in idx], device=ref.device)
-        m_len = torch.tensor([sizes[i][1] for i in idx], device=ref.device)
-        row_mask = torch.arange(n_max, device=ref.device) < n_len[:, None]  # [B, n]
-        col_mask = torch.arange(m_max, device=ref.device) < m_len[:, None]  # [B, m]
+        n_len = torch.tensor([sizes[i][0] for i in idx], device=device)
+        m_len = torch.tensor([sizes[i][1] for i in idx], device=device)
+        row_mask = torch.arange(n_max, device=device) < n_len[:, None]  # [B, n]
+        col_mask = torch.arange(m_max, device=device) < m_len[:, None]  # [B, m]
         if cost_fn is not None:
-            xs = torch.nn.utils.rnn.pad_sequence([problems[i][0] for i in idx], batch_first=True)  # type: ignore[index]
-            ys = torch.nn.utils.rnn.pad_sequence([problems[i][1] for i in idx], batch_first=True)  # type: ignore[index]
-            c = cost_fn(xs, ys, row_mask, col_mask)
+            x = torch.nn.utils.rnn.pad_sequence([xs[i] for i in idx], batch_first=True)  # [B, n, d]
+            y = torch.nn.utils.rnn.pad_sequence([ys[i] for i in idx], batch_first=True)  # [B, m, d]
+            c = cost_fn(x, y, row_mask, col_mask)
         else:
-            c = torch.stack(
-                [
-                    torch.nn.functional.pad(problems[i], (0, m_max - sizes[i][1], 0, n_max - sizes[i][0]))  # type: ignore[arg-type]
-                    for i in idx
-                ]
-            )
+            pad = torch.nn.functional.pad
+            c = torch.stack([pad(mats[i], (0, m_max - sizes[i][1], 0, n_max - sizes[i][0])) for i in idx])
         res = sinkhorn(
             c,
             row_mask,
@@ -377,25 +382,12 @@ def batched_ot(
         result.iterations.append(res.iterations)
         result.log_domain.append(res.log_domain)
         result.bucket_shapes.append((len(idx), n_max, m_max))
-    dtype, device = _dtype_device(problems)
-    empty = len(problems) - len(order)
-    if empty:
-        chunks.append(torch.zeros(empty, dtype=dtype, device=device))
-    if not chunks:
-        result.values = torch.zeros(0, dtype=dtype, device=device)
-        return result
-    placed = order + [i for i, (n, m) in enumerate(sizes) if n == 0 or m == 0]
-    inverse = torch.empty(len(placed), dtype=torch.long)
-    inverse[torch.tensor(placed, dtype=torch.long)] = torch.arange(len(placed))
-    result.values = torch.cat(chunks).index_select(0, inverse.to(device))
+    skipped = [i for i, (n, m) in enumerate(sizes) if n == 0 or m == 0]
+    if skipped:
+        chunks.append(torch.zeros(len(skipped), dtype=chunks[0].dtype if chunks else dtype, device=device))
+    if chunks:
+        placed = torch.tensor(solved + skipped, dtype=torch.long)
+        inverse = torch.empty_like(placed)
+        inverse[placed] = torch.arange(len(placed))
+        result.values = torch.cat(chunks).index_select(0, inverse.to(device))
     return result
-
-
-def _dtype_device(problems: Sequence[Tensor] | Sequence[tuple[Tensor, Tensor]]) -> tuple[torch.dtype, torch.device]:
-    """Result dtype (at least float32) and device of a problem list."""
-    if len(problems) == 0:
-        return torch.float32, torch.device("cpu")
-    first = problems[0]
-    ref = first[0] if isinstance(first, tuple | list) else first
-    dtype = ref.dtype if ref.dtype in (torch.float32, torch.float64) else torch.float32
-    return dtype, ref.device

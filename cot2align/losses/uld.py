@@ -8,7 +8,7 @@ from torch import Tensor
 
 from cot2align.losses.base import LossContext, LossInputs
 from cot2align.losses.config import LossConfig
-from cot2align.losses.kd import chunked_sum, final_hidden, main_views, token_denominator
+from cot2align.losses.kd import chunked_sum, final_hidden, main_views, token_denominator, up
 
 
 def aligned_prefix_indices(s_mask: Tensor, t_mask: Tensor) -> tuple[Tensor, Tensor]:
@@ -83,9 +83,9 @@ class ULD(torch.nn.Module):
         tau = self.cfg.temperature
 
         def chunk(a: int, b: int) -> Tensor:
-            p_s = F.softmax(flat_s[s_idx[a:b]].float() / tau, dim=-1)  # [c, V_S]
+            p_s = F.softmax(up(flat_s[s_idx[a:b]]) / tau, dim=-1)  # [c, V_S]
             with torch.no_grad():
-                p_t = F.softmax(inputs.teacher_head(flat_t[t_idx[a:b]]).float() / tau, dim=-1)  # [c, V_T]
+                p_t = F.softmax(up(inputs.teacher_head(flat_t[t_idx[a:b]])) / tau, dim=-1)  # [c, V_T]
             return sorted_l1(p_s, p_t).sum().reshape(1)
 
         total = chunked_sum(
