@@ -9,7 +9,7 @@ from pathlib import Path
 
 from cot2align.configbase import ConfigError
 
-STAGES = ("prepare-data", "train-teacher", "distill", "evaluate", "pipeline", "show-config")
+STAGES = ("prepare-data", "train-teacher", "distill", "evaluate", "pipeline", "show-config", "plan")
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -24,6 +24,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["plan"]:
+        from cot2align.plan import main as plan_main
+
+        return plan_main(argv[1:])
     args = parse(argv)
     from cot2align.config import load_config
     from cot2align.logging import setup_console_logging

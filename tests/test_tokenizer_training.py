@@ -13,13 +13,15 @@ from cot2align.data.embedded import EmbeddedTaskConfig, generate_embedded_task
 from cot2align.data.prompts import template_texts
 from cot2align.data.tokenizer_training import (
     SPECIAL_TOKENS,
+    TokenizerKind,
     _metaspace_pre_tokenizer,
     _word_counts,
     tokenizer_corpus,
     train_tokenizer,
 )
 
-KINDS_AND_SIZES = {"bpe": 320, "wordpiece": 200, "unigram": 120}
+KINDS_AND_SIZES: dict[TokenizerKind, int] = {"bpe": 320, "wordpiece": 200, "unigram": 120}
+KINDS: tuple[TokenizerKind, ...] = tuple(KINDS_AND_SIZES)
 PROMPT = (
     "Below is an instruction that describes a task. Write a response with reasoning step by step "
     "that appropriately completes the request.\n\n### Instruction:\nTom has 15 apples. He buys 7 more "
@@ -44,7 +46,7 @@ def tokenizers(
     corpus: list[str], tmp_path_factory: pytest.TempPathFactory
 ) -> dict[str, PreTrainedTokenizerBase]:
     root = tmp_path_factory.mktemp("tokenizers")
-    return {kind: train_tokenizer(corpus, kind, size, root / kind) for kind, size in KINDS_AND_SIZES.items()}  # type: ignore[arg-type]
+    return {kind: train_tokenizer(corpus, kind, size, root / kind) for kind, size in KINDS_AND_SIZES.items()}
 
 
 def test_corpus_covers_templates_and_both_formats(rows: list[dict[str, Any]], corpus: list[str]) -> None:
@@ -55,8 +57,10 @@ def test_corpus_covers_templates_and_both_formats(rows: list[dict[str, Any]], co
     assert any("### Input:\n" in t for t in corpus)
 
 
-@pytest.mark.parametrize("kind", list(KINDS_AND_SIZES))
-def test_round_trip(kind: str, tokenizers: dict[str, PreTrainedTokenizerBase], corpus: list[str]) -> None:
+@pytest.mark.parametrize("kind", KINDS)
+def test_round_trip(
+    kind: TokenizerKind, tokenizers: dict[str, PreTrainedTokenizerBase], corpus: list[str]
+) -> None:
     tok = tokenizers[kind]
     texts = [PROMPT, "a  b\n\n c", "12 + 305 = 317.\n", "Tom\nhas\n\n\n9", *corpus[::37]]
     for text in texts:
@@ -71,8 +75,10 @@ def test_bpe_round_trips_any_text(tokenizers: dict[str, PreTrainedTokenizerBase]
     assert tok.decode(tok.encode(text, add_special_tokens=False)) == text
 
 
-@pytest.mark.parametrize("kind", list(KINDS_AND_SIZES))
-def test_digits_are_single_tokens(kind: str, tokenizers: dict[str, PreTrainedTokenizerBase]) -> None:
+@pytest.mark.parametrize("kind", KINDS)
+def test_digits_are_single_tokens(
+    kind: TokenizerKind, tokenizers: dict[str, PreTrainedTokenizerBase]
+) -> None:
     tok = tokenizers[kind]
     for token in tok.get_vocab():
         if any(c.isdigit() for c in token):
@@ -94,8 +100,10 @@ def test_kinds_tokenize_differently(tokenizers: dict[str, PreTrainedTokenizerBas
     assert any(p.startswith("##") for p in tokenizers["wordpiece"].get_vocab())
 
 
-@pytest.mark.parametrize("kind", list(KINDS_AND_SIZES))
-def test_vocab_size_and_special_tokens(kind: str, tokenizers: dict[str, PreTrainedTokenizerBase]) -> None:
+@pytest.mark.parametrize("kind", KINDS)
+def test_vocab_size_and_special_tokens(
+    kind: TokenizerKind, tokenizers: dict[str, PreTrainedTokenizerBase]
+) -> None:
     tok = tokenizers[kind]
     assert len(tok) == KINDS_AND_SIZES[kind]
     assert tok.convert_tokens_to_ids(list(SPECIAL_TOKENS)) == [0, 1, 2, 3]
@@ -107,8 +115,8 @@ def test_vocab_size_and_special_tokens(kind: str, tokenizers: dict[str, PreTrain
 
 
 def test_vocab_capped_when_corpus_is_small(corpus: list[str], tmp_path: Path) -> None:
-    for kind in ("bpe", "wordpiece", "unigram"):
-        tok = train_tokenizer(corpus[:200], kind, 5000, tmp_path / kind)  # type: ignore[arg-type]
+    for kind in KINDS:
+        tok = train_tokenizer(corpus[:200], kind, 5000, tmp_path / kind)
         assert len(SPECIAL_TOKENS) < len(tok) <= 5000
 
 
@@ -117,11 +125,11 @@ def test_no_bos_option(corpus: list[str], tmp_path: Path) -> None:
     assert tok.encode("Tom has 3") == tok.encode("Tom has 3", add_special_tokens=False)
 
 
-@pytest.mark.parametrize("kind", list(KINDS_AND_SIZES))
+@pytest.mark.parametrize("kind", KINDS)
 def test_saved_folder_reloads_identically(
-    kind: str, tokenizers: dict[str, PreTrainedTokenizerBase], corpus: list[str], tmp_path: Path
+    kind: TokenizerKind, tokenizers: dict[str, PreTrainedTokenizerBase], corpus: list[str], tmp_path: Path
 ) -> None:
-    again = train_tokenizer(corpus, kind, KINDS_AND_SIZES[kind], tmp_path / "again")  # type: ignore[arg-type]
+    again = train_tokenizer(corpus, kind, KINDS_AND_SIZES[kind], tmp_path / "again")
     first = tokenizers[kind]
     assert again.backend_tokenizer.to_str() == first.backend_tokenizer.to_str()  # deterministic training
     loaded = AutoTokenizer.from_pretrained(tmp_path / "again")
@@ -130,9 +138,9 @@ def test_saved_folder_reloads_identically(
 
 
 def test_saved_files_are_byte_identical(corpus: list[str], tmp_path: Path) -> None:
-    for kind in ("wordpiece", "unigram"):
-        train_tokenizer(corpus, kind, 150, tmp_path / "a" / kind)  # type: ignore[arg-type]
-        train_tokenizer(corpus, kind, 150, tmp_path / "b" / kind)  # type: ignore[arg-type]
+    for kind in KINDS[1:]:
+        train_tokenizer(corpus, kind, 150, tmp_path / "a" / kind)
+        train_tokenizer(corpus, kind, 150, tmp_path / "b" / kind)
         for name in ("tokenizer.json", "tokenizer_config.json"):
             assert (tmp_path / "a" / kind / name).read_bytes() == (tmp_path / "b" / kind / name).read_bytes()
 

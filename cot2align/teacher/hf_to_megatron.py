@@ -338,7 +338,7 @@ def megatron_shard_state(
                     reader.read(f"{src}self_attn.{p}_proj.{kind}", r)
                     for p, r in (("q", q), ("k", kv), ("v", kv))
                 ]
-            out[f"{dst}self_attention.linear_qkv.{kind}"] = torch.cat(blocks[0::3] + blocks[1::3] + blocks[2::3])
+            out[f"{dst}self_attention.linear_qkv.{kind}"] = torch.cat(blocks)
         out[dst + "self_attention.linear_proj.weight"] = reader.read(
             src + "self_attn.o_proj.weight", None, head_cols
         )
