@@ -9,7 +9,7 @@ from pathlib import Path
 
 from cot2align.configbase import ConfigError
 
-STAGES = ("prepare-data", "train-teacher", "distill", "evaluate", "pipeline", "show-config", "plan")
+STAGES = ("prepare-data", "train-teacher", "generate-cot", "distill", "evaluate", "pipeline", "show-config", "plan")
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -49,6 +49,10 @@ def main(argv: list[str] | None = None) -> int:
         print(pipeline.prepare_data(cfg))
     elif args.stage == "train-teacher":
         print(pipeline.train_teacher(cfg, force=args.force))
+    elif args.stage == "generate-cot":
+        from cot2align.cot import generate_cot
+
+        print(generate_cot(cfg))
     elif args.stage == "distill":
         res = pipeline.distill(cfg)
         print(f"exported {res.export_dir} after {res.steps} steps (best dev {res.best_dev})")

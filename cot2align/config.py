@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from cot2align.configbase import ConfigBase, ConfigError, load_yaml, require
+from cot2align.cot.generate import CotGenConfig
 from cot2align.data.dataset import DataConfig
 from cot2align.data.embedded import EmbeddedTaskConfig
 from cot2align.evaluate import EvalConfig
@@ -93,6 +94,8 @@ class Config(ConfigBase):
     teacher_train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=2e-3, epochs=4))
     """Teacher SFT (train-teacher) settings."""
     eval: EvalConfig = field(default_factory=EvalConfig)
+    cot: CotGenConfig = field(default_factory=CotGenConfig)
+    """Teacher rationale generation (generate-cot)."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def check(self, prefix: str) -> None:

@@ -58,6 +58,7 @@ def _worker(
             backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s)
         )
         result = fn(rank, world_size, *args)
+        dist.barrier()  # nobody tears down the store (hosted by rank 0) while others still use it
         torch.save(result, Path(out_dir) / f"rank{rank}.pt")
         status.put((rank, None))
     except BaseException:

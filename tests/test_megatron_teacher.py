@@ -14,7 +14,6 @@ from typing import Any
 import pytest
 import torch
 from dist import run_distributed
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from cot2align.teacher.hf_to_megatron import (
     CheckpointReader,
@@ -36,11 +35,12 @@ DIMS: dict[str, Any] = dict(
     vocab_size=VOCAB,
     num_hidden_layers=LAYERS,
 )
-CHECKPOINTS: dict[str, tuple[type, type, dict[str, Any], str | None]] = {
-    "llama": (LlamaConfig, LlamaForCausalLM, {"tie_word_embeddings": False}, None),
-    "llama_tied_sharded": (LlamaConfig, LlamaForCausalLM, {"tie_word_embeddings": True}, "40KB"),
-    "llama_bias": (LlamaConfig, LlamaForCausalLM, {"attention_bias": True, "mlp_bias": True}, None),
-    "qwen2": (Qwen2Config, Qwen2ForCausalLM, {"tie_word_embeddings": False}, None),
+# name -> (HF architecture prefix, extra config, max_shard_size or None)
+CHECKPOINTS: dict[str, tuple[str, dict[str, Any], str | None]] = {
+    "llama": ("Llama", {"tie_word_embeddings": False}, None),
+    "llama_tied_sharded": ("Llama", {"tie_word_embeddings": True}, "40KB"),
+    "llama_bias": ("Llama", {"attention_bias": True, "mlp_bias": True}, None),
+    "qwen2": ("Qwen2", {"tie_word_embeddings": False}, None),
 }
 # (case id, checkpoint, tp, pp, dtype)
 CASES: list[tuple[str, str, int, int, torch.dtype]] = [
@@ -58,9 +58,12 @@ CASES: list[tuple[str, str, int, int, torch.dtype]] = [
 
 
 def _make_checkpoint(name: str, directory: Path) -> torch.nn.Module:
-    config_cls, model_cls, extra, shard = CHECKPOINTS[name]
+    import transformers  # imported here: spawned ranks need not load the HF modeling code
+
+    arch, extra, shard = CHECKPOINTS[name]
+    config = getattr(transformers, f"{arch}Config")(**DIMS, **extra)
     torch.manual_seed(0)
-    model = model_cls(config_cls(**DIMS, **extra)).eval()
+    model = getattr(transformers, f"{arch}ForCausalLM")(config).eval()
     with torch.no_grad():  # larger, non-trivial weights so that mapping errors show up clearly
         for pname, p in model.named_parameters():
             if "norm" in pname:
@@ -81,8 +84,12 @@ def _batch() -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
-def _teacher_world(rank: int, world: int, ckpts: dict[str, str], ids: torch.Tensor, mask: torch.Tensor) -> Any:
+def _teacher_world(
+    rank: int, world: int, ckpts: dict[str, str], ids: torch.Tensor, mask: torch.Tensor
+) -> Any:
     """Every case on every rank: build the topology (collective), run the teacher on its ranks."""
+    import torch.distributed as dist
+
     from cot2align.teacher.megatron_model import MegatronTeacher
     from cot2align.topology import StudentParallelConfig, TeacherParallelConfig, Topology
 
@@ -93,7 +100,8 @@ def _teacher_world(rank: int, world: int, ckpts: dict[str, str], ids: torch.Tens
         if topo.role() == "student":
             results[case] = None
             continue
-        teacher = MegatronTeacher(ckpts[ckpt], topo.teacher_pg_collection(), dtype=dtype)
+        pgc = topo.teacher_pg_collection()
+        teacher = MegatronTeacher(ckpts[ckpt], pgc, dtype=dtype)
         mbs = 2 if pp > 1 else None  # two micro-batches in flight through the pipeline
         hidden = teacher.forward_hidden(ids, mask, SERVED, micro_batch_size=mbs)
         logits = teacher.logits(ids, mask, micro_batch_size=mbs)
@@ -104,6 +112,10 @@ def _teacher_world(rank: int, world: int, ckpts: dict[str, str], ids: torch.Tens
             "logits": None if logits is None else logits.float(),
             "requires_grad": any(p.requires_grad for p in teacher.model.parameters()),
             "training": teacher.model.training,
+            "groups": {
+                k: None if getattr(pgc, k) is None else dist.get_process_group_ranks(getattr(pgc, k))
+                for k in ("tp", "pp", "mp", "embd", "pos_embd", "cp", "tp_cp", "dp", "dp_cp")
+            },
         }
     return results
 
@@ -148,16 +160,24 @@ def test_teacher_matches_hf(
             want = ref["hidden"][layer]
             assert h.shape == want.shape  # [B, T, d]: full hidden size on every TP rank
             err = (h - want)[valid].abs().max().item()
-            tol = 1e-4 if fp32 else 0.03 * want[valid].abs().max().item()
+            tol = 1e-4 if fp32 else 0.05 * want[valid].abs().max().item()
             assert err <= tol, f"{case} layer {layer} rank {r['coord']}: max abs diff {err}"
         if stage == pp - 1:
             assert r["logits"].shape == ref["logits"].shape  # sliced to the true vocabulary
             err = (r["logits"] - ref["logits"])[valid].abs().max().item()
-            tol = 1e-4 if fp32 else 0.03 * ref["logits"][valid].abs().max().item()
+            tol = 1e-4 if fp32 else 0.05 * ref["logits"][valid].abs().max().item()
             assert err <= tol, f"{case} logits rank {r['coord']}: max abs diff {err}"
         else:
             assert r["logits"] is None
     assert seen == {x % (LAYERS + 1) for x in SERVED}
+    if (tp, pp) == (2, 2):  # megatron's group collection of each rank of a TP2 x PP2 replica
+        assert [r["groups"]["tp"] for r in teachers] == [[0, 1], [0, 1], [2, 3], [2, 3]]
+        assert [r["groups"]["pp"] for r in teachers] == [[0, 2], [1, 3], [0, 2], [1, 3]]
+        assert [r["groups"]["embd"] for r in teachers] == [[0, 2], [1, 3], [0, 2], [1, 3]]
+        assert [r["groups"]["pos_embd"] for r in teachers] == [[0], [1], None, None]
+        assert all(r["groups"]["mp"] == [0, 1, 2, 3] for r in teachers)
+        assert all(r["groups"]["tp_cp"] == r["groups"]["tp"] for r in teachers)
+        assert all(r["groups"][k] == [i] for i, r in enumerate(teachers) for k in ("cp", "dp", "dp_cp"))
     # hidden states are replicated over TP (no sequence parallelism): bitwise equal
     for p in range(pp):
         stage = [r for r in teachers if r["coord"][1] == p]
@@ -194,6 +214,8 @@ def test_shard_state_reads_slices_of_sharded_checkpoint(tmp_path: Path) -> None:
 
 
 def test_config_reading_rejects_unsupported() -> None:
+    from transformers import LlamaConfig, Qwen2Config
+
     with pytest.raises(ValueError, match="model types llama, mistral, qwen2"):
         LlamaFamilyConfig.from_hf(type("C", (), {"model_type": "gemma3"})())
     yarn = LlamaConfig(**DIMS, rope_parameters={"rope_type": "yarn", "factor": 2.0, "rope_theta": 1e4})

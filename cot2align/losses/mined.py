@@ -124,6 +124,12 @@ class TokenTable:
         align = [b"" if s is None else (s if sp else s.replace(b" ", b"")) for s, sp in zip(surface, special)]
         return cls(surface, special, align)
 
+    def span(self, idx: int) -> int:
+        """Characters token `idx` covers in the text for offsets: 0 for special tokens and unknown ids."""
+        if 0 <= idx < len(self.align) and not self.special[idx]:
+            return len(self.align[idx])
+        return 0
+
     def keys(self) -> list[tuple[bool, bytes] | None]:
         """Id-map keys per id: (is_special, surface bytes), None where there is no token."""
         return [None if s is None else (sp, s) for s, sp in zip(self.surface, self.special)]
@@ -246,42 +252,57 @@ def levenshtein(a: bytes, b: bytes) -> int:
     return prev[-1]
 
 
-def _offsets(a: list[bytes], b: list[bytes]) -> tuple[list[int], list[float], list[float], int]:
-    """(start of each a token, start and end of each b token scaled to a's length, len of a's text)."""
+def _offsets(a: list[int], b: list[int]) -> tuple[list[int], list[float], list[float], int]:
+    """Character offsets from token span lengths a (n), b (m).
+
+    Returns (start of each a token, start and end of each b token scaled by r = sum(a) /
+    sum(b) to a's text length, sum(a)).
+    """
     s_start, pos = [], 0
-    for tok in a:
+    for length in a:
         s_start.append(pos)
-        pos += len(tok)
+        pos += length
     total_a = pos
     t_start, t_end, pos = [], [], 0
-    for tok in b:
+    for length in b:
         t_start.append(pos)
-        pos += len(tok)
+        pos += length
         t_end.append(pos)
     r = total_a / pos if pos > 0 else 1.0
     return s_start, [x * r for x in t_start], [x * r for x in t_end], total_a
 
 
-def _band(a: list[bytes], b: list[bytes], window: int) -> list[tuple[int, int]]:
+def _spans(tokens: list[bytes], spans: list[int] | None) -> list[int]:
+    """Span lengths for offsets: `spans` when given, else the strings' lengths."""
+    return [len(t) for t in tokens] if spans is None else spans
+
+
+def _band(a: list[int], b: list[int], window: int) -> list[tuple[int, int]]:
     """Per row i of `a`, the inclusive column range [lo_i, hi_i] of `b` inside the band.
 
-    Token i of `a` covers characters [s_i, s_i + len_i) of its concatenation; token j of `b`
-    covers [r t_j, r (t_j + len_j)] with r = len(a-text) / len(b-text). (i, j) is in the band
-    when the two closed intervals meet once i's is widened by `window` on both sides.
+    a / b are span lengths. Token i of `a` covers characters [s_i, s_i + a_i) of its text;
+    token j of `b` covers [r t_j, r (t_j + b_j)] with r = sum(a) / sum(b). (i, j) is in the
+    band when the two closed intervals meet once i's is widened by `window` on both sides.
     """
     s_start, t_start_r, t_end_r, _ = _offsets(a, b)
     out = []
     m = len(b)
-    for i, tok in enumerate(a):
+    for i, length in enumerate(a):
         lo = bisect.bisect_left(t_end_r, s_start[i] - window)
-        hi = bisect.bisect_right(t_start_r, s_start[i] + len(tok) + window) - 1
+        hi = bisect.bisect_right(t_start_r, s_start[i] + length + window) - 1
         out.append((min(lo, m - 1), max(hi, 0)))
     out[0] = (0, out[0][1])
     out[-1] = (out[-1][0], m - 1)
     return out
 
 
-def dtw_align(a: list[bytes], b: list[bytes], window: int = 0) -> list[tuple[int, int]]:
+def dtw_align(
+    a: list[bytes],
+    b: list[bytes],
+    window: int = 0,
+    a_spans: list[int] | None = None,
+    b_spans: list[int] | None = None,
+) -> list[tuple[int, int]]:
     """DTW alignment path between token strings `a` (n) and `b` (m), local cost Levenshtein.
 
     D(i, j) = c(i, j) + min(D(i-1, j-1), D(i-1, j), D(i, j-1)), D(-1, -1) = 0, with
@@ -294,15 +315,17 @@ def dtw_align(a: list[bytes], b: list[bytes], window: int = 0) -> list[tuple[int
     (0, 0), preferring on exact ties the diagonal, then (i-1, j), then (i, j-1).
     Returns [(i, j), ...] in increasing order; [] if either is empty. window > 0 restricts
     the DP to a band around the character-offset diagonal (see _band); the full DP is used
-    when the band holds no complete path.
+    when the band holds no complete path. a_spans / b_spans: lengths used for the character
+    offsets (default: the strings' lengths; MinED gives special tokens span 0).
     """
     n, m = len(a), len(b)
     if n == 0 or m == 0:
         return []
     inf = float("inf")
-    s_start, t_start_r, _, total_a = _offsets(a, b)
+    a_len, b_len = _spans(a, a_spans), _spans(b, b_spans)
+    s_start, t_start_r, _, total_a = _offsets(a_len, b_len)
     tie = 1.0 / ((total_a + 1) * (n + m))
-    ranges = _band(a, b, window) if window > 0 else [(0, m - 1)] * n
+    ranges = _band(a_len, b_len, window) if window > 0 else [(0, m - 1)] * n
     rows: list[list[float]] = []
     for i in range(n):
         lo, hi = ranges[i]
@@ -326,7 +349,7 @@ def dtw_align(a: list[bytes], b: list[bytes], window: int = 0) -> list[tuple[int
         rows.append(row)
     if ranges[-1][1] != m - 1 or rows[-1][-1] == inf:
         if window > 0:
-            return dtw_align(a, b, 0)
+            return dtw_align(a, b, 0, a_spans, b_spans)
         raise RuntimeError("dtw_align: no alignment path (internal error)")
 
     def cell(i: int, j: int) -> float:
@@ -359,15 +382,20 @@ def one_to_one(path: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return [(i, j) for i, j in path if count_i[i] == 1 and count_j[j] == 1]
 
 
-def overlapping(a: list[bytes], b: list[bytes], pairs: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """The pairs whose character spans overlap (b's offsets scaled to a's text length, as in _band).
+def overlapping(a: list[int], b: list[int], pairs: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The pairs whose character spans overlap; a / b are span lengths (offsets as in _band).
 
-    Empty tokens cover no characters and so never overlap.
+    A pair of two zero-length spans (special tokens, e.g. end of sequence on both sides)
+    counts as overlapping when they sit at the same offset; a zero-length span never
+    overlaps a non-empty one.
     """
     s_start, t_start_r, t_end_r, _ = _offsets(a, b)
     out = []
     for i, j in pairs:
-        if max(s_start[i], t_start_r[j]) < min(s_start[i] + len(a[i]), t_end_r[j]):
+        if a[i] == 0 and b[j] == 0:
+            if abs(s_start[i] - t_start_r[j]) < 0.5:
+                out.append((i, j))
+        elif max(s_start[i], t_start_r[j]) < min(s_start[i] + a[i], t_end_r[j]):
             out.append((i, j))
     return out
 
@@ -459,9 +487,11 @@ class MinED(torch.nn.Module):
         """Aligned (student position, teacher position) pairs of one row (steps 1-2 of the class doc)."""
         sa = [self.student_table.align[t] if 0 <= t < len(self.student_table.align) else b"" for t in s_targets]
         ta = [self.teacher_table.align[t] if 0 <= t < len(self.teacher_table.align) else b"" for t in t_targets]
-        pairs = one_to_one(dtw_align(sa, ta, self.cfg.mined.dtw_window))
+        s_spans = [self.student_table.span(t) for t in s_targets]
+        t_spans = [self.teacher_table.span(t) for t in t_targets]
+        pairs = one_to_one(dtw_align(sa, ta, self.cfg.mined.dtw_window, s_spans, t_spans))
         if self.cfg.mined.require_overlap:
-            pairs = overlapping(sa, ta, pairs)
+            pairs = overlapping(s_spans, t_spans, pairs)
         return [(i, j) for i, j in pairs if 0 <= t_targets[j] < len(self.id_map) and self.id_map[t_targets[j]] >= 0]
 
     def mapped_log_target(self, teacher_logits: Tensor, student_vocab: int) -> Tensor:

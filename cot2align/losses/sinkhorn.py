@@ -118,7 +118,7 @@ def sinkhorn(
         plan, value, iters = _plain(cost, z, row_mask, col_mask, epsilon, max_iter, tol, check_every, gradient)
         if log_domain == "never" or bool(torch.isfinite(value.detach()).all()):
             return SinkhornResult(plan, value, iters, False)
-    plan, value, iters = _log(cost, row_mask, col_mask, epsilon, max_iter, tol, check_every, gradient)
+    plan, value, iters = _log(cost, colmin, row_mask, col_mask, epsilon, max_iter, tol, check_every, gradient)
     return SinkhornResult(plan, value, iters, True)
 
 
@@ -273,6 +273,7 @@ def _plain(
 
 def _log(
     cost: Tensor,
+    colmin: Tensor,
     row_mask: Tensor,
     col_mask: Tensor,
     epsilon: float,
@@ -281,11 +282,14 @@ def _log(
     check_every: int,
     gradient: GradientMode,
 ) -> tuple[Tensor, Tensor, int]:
-    """Log-domain plan [P, n, m], value [P], iterations; autograd unrolls it when gradient="unroll"."""
+    """Log-domain plan [P, n, m], value [P], iterations; autograd unrolls it when gradient="unroll".
+
+    colmin [P, 1, m]: the (iterate-preserving) column shift, which keeps the potentials small.
+    """
     track = gradient == "unroll" and cost.requires_grad and torch.is_grad_enabled()
     with torch.set_grad_enabled(track):
         valid = row_mask[:, :, None] & col_mask[:, None, :]
-        log_k = torch.where(valid, cost / -epsilon, _LOG_ZERO)  # [P, n, m]
+        log_k = torch.where(valid, (colmin - cost) / epsilon, _LOG_ZERO)  # [P, n, m]
         a, b = _marginals(row_mask, col_mask, cost.dtype)
         log_a = torch.where(row_mask, a.log(), _LOG_ZERO)  # [P, n]
         log_b = torch.where(col_mask, b.log(), _LOG_ZERO)  # [P, m]

@@ -1,0 +1,142 @@
+"""Costs between student and projected teacher states, and the Cross-CoT, layer-wise OT term.
+
+For every example, pair of formats and pair of layers, one entropic OT problem between
+the student's response states X [n, d_s] and the projected teacher's Y = P(H_T) [m, d_s]
+(method.md section 3):
+  L_OT = normalizer / B * sum_{examples} sum_{pairs} sum_{layers} <P*, C(X, Y)>.
+All problems of a micro-batch are handed to `batched_ot` at once, which buckets them by
+size and solves each bucket as one padded batch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from cot2align.losses.base import LossContext, LossInputs
+from cot2align.losses.config import OTConfig
+from cot2align.losses.sinkhorn import CostFn, batched_ot
+
+#: (student format, teacher format) -> part name; main-main first, always present.
+PAIRS: dict[tuple[str, str], str] = {
+    ("main", "main"): "main_main",
+    ("aux", "main"): "aux_main",
+    ("main", "aux"): "main_aux",
+}
+
+
+def attention_cost(x: Tensor, y: Tensor, x_mask: Tensor | None = None, y_mask: Tensor | None = None) -> Tensor:
+    """C_ij = 1 - softmax_j(<x_i, y_j> / sqrt(d)) over the valid j only.
+
+    x [..., n, d], y [..., m, d], y_mask [..., m] bool (None = all valid; x_mask is
+    unused: rows are independent). Returns C [..., n, m]; entries at invalid j are 1.
+    """
+    logits = torch.matmul(x, y.transpose(-1, -2)) / math.sqrt(x.shape[-1])  # [..., n, m]
+    if y_mask is not None:
+        # the dtype's min instead of -inf keeps an all-invalid row finite (uniform)
+        logits = logits.masked_fill(~y_mask.unsqueeze(-2), torch.finfo(logits.dtype).min)
+    return 1.0 - torch.softmax(logits, dim=-1)
+
+
+def cosine_cost(x: Tensor, y: Tensor, x_mask: Tensor | None = None, y_mask: Tensor | None = None) -> Tensor:
+    """C_ij = 1 - cos(x_i, y_j); x [..., n, d], y [..., m, d] -> C [..., n, m] (masks unused)."""
+    eps = torch.finfo(x.dtype).eps
+    xn = x / x.norm(dim=-1, keepdim=True).clamp_min(eps)
+    yn = y / y.norm(dim=-1, keepdim=True).clamp_min(eps)
+    return 1.0 - torch.matmul(xn, yn.transpose(-1, -2))
+
+
+def euclidean_cost(x: Tensor, y: Tensor, x_mask: Tensor | None = None, y_mask: Tensor | None = None) -> Tensor:
+    """C_ij = ||x_i - y_j||_2; x [..., n, d], y [..., m, d] -> C [..., n, m] (masks unused).
+
+    The gradient at zero distance is 0 (a subgradient of the norm) instead of NaN.
+    """
+    sq = (
+        x.pow(2).sum(-1, keepdim=True)
+        + y.pow(2).sum(-1).unsqueeze(-2)
+        - 2.0 * torch.matmul(x, y.transpose(-1, -2))
+    ).clamp_min(0.0)  # [..., n, m]
+    tiny = torch.finfo(sq.dtype).tiny ** 0.5
+    return torch.where(sq > tiny, sq.clamp_min(tiny).sqrt(), 0.0)
+
+
+COSTS: dict[str, CostFn] = {
+    "attention": attention_cost,
+    "cosine": cosine_cost,
+    "euclidean": euclidean_cost,
+}
+
+
+class CrossCoTOT(nn.Module):
+    """Cross-CoT, layer-wise sequence-level OT term of CoT2Align.
+
+    Holds one projector Linear(d_teacher -> d_student) shared by all layers and pairs.
+    Pairs: (S main, T main); with `cfg.cross_pairs` and "aux" views also (S aux, T main)
+    and (S main, T aux). A problem whose student or teacher side is empty (e.g. the aux
+    side of an unpaired example) is skipped and contributes 0.
+    """
+
+    def __init__(self, cfg: OTConfig, ctx: LossContext) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.projector = nn.Linear(ctx.d_teacher, ctx.d_student)
+
+    def pairs(self, inputs: LossInputs) -> list[tuple[str, str]]:
+        """(student format, teacher format) pairs used for these inputs."""
+        out = [("main", "main")]
+        if self.cfg.cross_pairs and "aux" in inputs.student and "aux" in inputs.teacher:
+            out += [("aux", "main"), ("main", "aux")]
+        return out
+
+    def layers(self, inputs: LossInputs) -> list[tuple[int, int]]:
+        """(student layer, teacher layer) pairs with -1 resolved to the final layer."""
+        return [
+            (inputs.student_final if ls == -1 else ls, inputs.teacher_final if lt == -1 else lt)
+            for ls, lt in zip(self.cfg.student_layers, self.cfg.teacher_layers)
+        ]
+
+    def forward(self, inputs: LossInputs) -> tuple[Tensor, dict[str, Tensor]]:
+        """Returns (L_OT scalar, parts): parts per pair ("main_main", "aux_main", "main_aux")
+        and per layer ("layer{ls}_{lt}"), each normalised like L_OT."""
+        dtype = self.projector.weight.dtype
+        pairs = self.pairs(inputs)
+        layers = self.layers(inputs)
+        # student states and projected teacher states, split per example: (format, layer) -> [n_b, d_s] list
+        xs: dict[tuple[str, int], list[Tensor]] = {}
+        ys: dict[tuple[str, int], list[Tensor]] = {}
+        for s_fmt, t_fmt in pairs:
+            for ls, lt in layers:
+                if (s_fmt, ls) not in xs:
+                    view = inputs.student[s_fmt]
+                    xs[(s_fmt, ls)] = _split(view.hidden[ls].to(dtype), view.mask)
+                if (t_fmt, lt) not in ys:
+                    view = inputs.teacher[t_fmt]
+                    packed = view.hidden[lt][view.mask].to(dtype)  # [sum m_b, d_t]
+                    ys[(t_fmt, lt)] = list(self.projector(packed).split(view.lengths.tolist()))
+        problems: list[tuple[Tensor, Tensor]] = []
+        keys: list[tuple[str, str]] = []
+        for s_fmt, t_fmt in pairs:
+            for ls, lt in layers:
+                for x, y in zip(xs[(s_fmt, ls)], ys[(t_fmt, lt)]):
+                    if x.shape[0] > 0 and y.shape[0] > 0:
+                        problems.append((x, y))
+                        keys.append((PAIRS[(s_fmt, t_fmt)], f"layer{ls}_{lt}"))
+        scale = self.cfg.normalizer / max(float(inputs.num_examples), 1.0)
+        if not problems:
+            # keep the projector in the graph so data-parallel gradient reduction sees it
+            zero = torch.stack([p.sum() for p in self.projector.parameters()]).sum() * 0.0
+            return zero, {}
+        values = batched_ot(problems, self.cfg.sinkhorn, COSTS[self.cfg.cost]).values * scale  # [P]
+        parts: dict[str, Tensor] = {}
+        done = values.detach()
+        for name in [PAIRS[p] for p in pairs] + [f"layer{ls}_{lt}" for ls, lt in layers]:
+            sel = [i for i, key in enumerate(keys) if name in key]
+            parts[name] = done[sel].sum() if sel else done.new_zeros(())
+        return values.sum(), parts
+
+
+def _split(hidden: Tensor, mask: Tensor) -> list[Tensor]:
+    """Rows of hidden [B, N, d] at mask [B, N] -> list of B tensors [n_b, d]."""
+    return list(hidden[mask].split(mask.sum(1).tolist()))
