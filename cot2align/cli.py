@@ -54,8 +54,8 @@ def main(argv: list[str] | None = None) -> int:
 
         print(generate_cot(cfg))
     elif args.stage == "distill":
-        res = pipeline.distill(cfg)
-        print(f"exported {res.export_dir} after {res.steps} steps (best dev {res.best_dev})")
+        done = pipeline.distill(cfg)
+        print(f"exported {done.export_dir} after {done.steps} steps (best dev {done.best_dev})")
     elif args.stage == "evaluate":
         model = Path(args.model) if args.model else cfg.run_dir / "best"
         res = pipeline.evaluate_model(cfg, model, args.split)

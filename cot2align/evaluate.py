@@ -60,7 +60,7 @@ def generate(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompts: list
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     out: list[str] = [""] * len(prompts)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    max_pos = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", 10**9)
+    max_pos: int = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", 10**9)
     torch.manual_seed(seed)
     for start in range(0, len(order), cfg.batch_size):
         chunk = order[start : start + cfg.batch_size]
@@ -78,12 +78,12 @@ def generate(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompts: list
             kwargs.update(do_sample=False)
         if cfg.no_repeat_ngram_size:
             kwargs["no_repeat_ngram_size"] = cfg.no_repeat_ngram_size
-        gen = model.generate(input_ids=ids, attention_mask=att, **kwargs)[:, width:]
+        gen = model.generate(input_ids=ids, attention_mask=att, **kwargs)[:, width:]  # type: ignore[operator]
         for r, i in enumerate(chunk):
             toks = gen[r].tolist()
             if tok.eos_token_id in toks:
                 toks = toks[: toks.index(tok.eos_token_id)]
-            out[i] = tok.decode(toks, skip_special_tokens=True).strip()
+            out[i] = str(tok.decode(toks, skip_special_tokens=True)).strip()
     return out
 
 

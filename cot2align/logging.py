@@ -64,7 +64,7 @@ class MetricsLogger:
             id_file.write_text(run_id)
             self._wandb = wandb.init(
                 project=cfg.project, entity=cfg.entity or None, group=cfg.group or None, name=name,
-                job_type=job_type, config=config, dir=str(self.run_dir), mode=mode, id=run_id,
+                job_type=job_type, config=config, dir=str(self.run_dir), mode=mode, id=run_id,  # type: ignore[arg-type]
                 resume="allow", settings=wandb.Settings(silent=True, console="off"),
             )
 
@@ -83,7 +83,7 @@ class MetricsLogger:
         if self._wandb is not None:
             import wandb
 
-            self._wandb.log({key: wandb.Table(columns=columns, data=rows)})
+            self._wandb.log({key: wandb.Table(columns=list[Any](columns), data=rows)})
 
     @property
     def wandb_dir(self) -> str | None:

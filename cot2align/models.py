@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -131,7 +131,10 @@ def input_embed(model: PreTrainedModel) -> nn.Module:
     return model.get_input_embeddings()
 
 
-def frozen(model: nn.Module) -> nn.Module:
+M = TypeVar("M", bound=nn.Module)
+
+
+def frozen(model: M) -> M:
     """Eval mode and requires_grad False on every parameter."""
     model.eval()
     for p in model.parameters():

@@ -12,7 +12,6 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from cot2align.cot.generate import (
     CotGenConfig,
-    GenerateFn,
     generate_rationales,
     hf_generate_fn,
     judge_generation,
@@ -234,7 +233,7 @@ def test_shards_merge_in_input_order(tmp_path: Path) -> None:
 def test_generate_cot_stage_leaves_input_untouched(tiny_task: dict[str, Path], teacher: tuple,
                                                    tmp_path: Path) -> None:
     from cot2align.config import Config
-    from cot2align.cot.generate import generate_cot, output_path
+    from cot2align.cot.generate import generate_cot, output_path, read_source
 
     model, tok = teacher
     model.save_pretrained(tmp_path / "teacher")
@@ -255,3 +254,5 @@ def test_generate_cot_stage_leaves_input_untouched(tiny_task: dict[str, Path], t
     assert [r["id"] for r in rows] == list(gold)
     assert all(r.get("rationale") != gold[r["id"]] for r in rows)  # gold rationales are not carried over
     assert all(r["cot_gen"]["generations"] >= 1 for r in rows)
+    assert [ex.rationale for ex in read_source(cfg)] == [None] * len(rows)  # read without gold rationales
+    assert len(json.loads((tmp_path / "work" / (out.stem + ".stats.json")).read_text())) > 0

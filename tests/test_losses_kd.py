@@ -6,11 +6,11 @@ import math
 
 import pytest
 import torch
+from loss_fixtures import Case, assert_close, config, grads, make_case
 
 from cot2align.configbase import ConfigError
 from cot2align.losses.kd import LogitKD
 from cot2align.losses.registry import Distiller, build_loss
-from loss_fixtures import Case, assert_close, config, grads, make_case
 
 DIVERGENCES = ["forward_kl", "reverse_kl", "js", "skew_forward_kl", "skew_reverse_kl", "adaptive_kl"]
 

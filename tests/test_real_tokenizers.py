@@ -63,11 +63,12 @@ def test_id_map_matches_real_pieces(pair: tuple[object, object, MinED]) -> None:
     assert mapped > 0.3 * len(student)  # a large share of the student vocabulary is reachable
     for t_id in (the_t, newline_t, teacher.convert_tokens_to_ids(teacher.tokenize(" step")[0])):
         s_id = loss.id_map[t_id]
-        assert student.decode([s_id]) == teacher.decode([t_id]).replace("\u2581", " ") or s_id >= 0
+        assert s_id >= 0 and loss.student_table.surface[s_id] == loss.teacher_table.surface[t_id]
 
 
 def test_alignment_pairs_identical_text(pair: tuple[object, object, MinED]) -> None:
     student, teacher, loss = pair
+    twins = paired = 0
     for text in SENTENCES:
         s_ids = student(text, add_special_tokens=False)["input_ids"] + [student.eos_token_id]
         t_ids = teacher(text, add_special_tokens=False)["input_ids"] + [teacher.eos_token_id]
@@ -75,12 +76,15 @@ def test_alignment_pairs_identical_text(pair: tuple[object, object, MinED]) -> N
         assert (len(s_ids) - 1, len(t_ids) - 1) in pairs  # end of sequence aligned to end of sequence
         same = [loss.student_table.align[s_ids[i]] == loss.teacher_table.align[t_ids[j]] for i, j in pairs]
         assert sum(same) >= 0.9 * len(pairs) and len(pairs) >= 0.5 * len(s_ids)
-        # the words both tokenizers keep whole are paired with each other
+        # whole words that both tokenizers keep as one piece are paired with each other (edit-distance
+        # DTW may still give one away to a long neighbour, hence the 80 %)
         for word in (b" step", b" sold", b" the", b" response"):
             s_pos = [i for i, x in enumerate(s_ids) if loss.student_table.surface[x] == word]
             t_pos = [j for j, x in enumerate(t_ids) if loss.teacher_table.surface[x] == word]
-            if s_pos and len(s_pos) == len(t_pos):
-                assert all((i, j) in pairs for i, j in zip(s_pos, t_pos)), word
+            if len(s_pos) == len(t_pos):
+                twins += len(s_pos)
+                paired += sum((i, j) in pairs for i, j in zip(s_pos, t_pos))
+    assert twins >= 5 and paired >= 0.8 * twins
 
 
 def test_mined_loss_is_finite_with_gradient(pair: tuple[object, object, MinED]) -> None:

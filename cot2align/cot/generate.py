@@ -259,7 +259,7 @@ def load_done(path: Path, wanted: set[str]) -> dict[str, dict[str, Any]]:
     if good_end < len(data):
         log.warning("%s: dropping a partially written last line (%d bytes) before resuming",
                     path, len(data) - good_end)
-        with path.open("rb") as f:
+        with path.open("r+b") as f:
             f.truncate(good_end)
     return done
 

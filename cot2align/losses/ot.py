@@ -51,15 +51,15 @@ def cosine_cost(x: Tensor, y: Tensor, x_mask: Tensor | None = None, y_mask: Tens
 def euclidean_cost(x: Tensor, y: Tensor, x_mask: Tensor | None = None, y_mask: Tensor | None = None) -> Tensor:
     """C_ij = ||x_i - y_j||_2; x [..., n, d], y [..., m, d] -> C [..., n, m] (masks unused).
 
-    The gradient at zero distance is 0 (a subgradient of the norm) instead of NaN.
+    Computed as sqrt(|x|^2 + |y|^2 - 2 <x, y>); squared distances below the rounding
+    error of that sum count as 0, with gradient 0 there (a subgradient) instead of NaN.
     """
-    sq = (
-        x.pow(2).sum(-1, keepdim=True)
-        + y.pow(2).sum(-1).unsqueeze(-2)
-        - 2.0 * torch.matmul(x, y.transpose(-1, -2))
-    ).clamp_min(0.0)  # [..., n, m]
-    tiny = torch.finfo(sq.dtype).tiny ** 0.5
-    return torch.where(sq > tiny, sq.clamp_min(tiny).sqrt(), 0.0)
+    xx = x.pow(2).sum(-1, keepdim=True)  # [..., n, 1]
+    yy = y.pow(2).sum(-1).unsqueeze(-2)  # [..., 1, m]
+    sq = xx + yy - 2.0 * torch.matmul(x, y.transpose(-1, -2))  # [..., n, m]
+    info = torch.finfo(sq.dtype)
+    positive = sq > ((xx + yy) * (8 * info.eps)).detach() + info.tiny
+    return torch.where(positive, torch.where(positive, sq, 1.0).sqrt(), 0.0)
 
 
 COSTS: dict[str, CostFn] = {

@@ -48,7 +48,7 @@ class Distiller(DistillLoss):
             s += list(self.cfg.ot.student_layers)
             t += list(self.cfg.ot.teacher_layers)
         if self.kd is not None and hasattr(self.kd, "required_layers"):
-            ks, kt = self.kd.required_layers()
+            ks, kt = self.kd.required_layers()  # type: ignore[operator]
             s += ks
             t += kt
         return sorted(set(s)), sorted(set(t))
@@ -61,7 +61,7 @@ class Distiller(DistillLoss):
             return LossOutput(ce, parts)
         distill = ce.new_zeros(())
         if self.kd is not None:
-            kd, kd_parts = self.kd(inputs)
+            kd, kd_parts = self.kd(inputs)  # type: ignore[operator]
             distill = distill + kd
             parts["kd"] = kd.detach()
             parts.update({f"kd/{k}": v.detach() for k, v in kd_parts.items()})
