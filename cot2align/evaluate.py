@@ -60,7 +60,8 @@ def generate(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompts: list
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     out: list[str] = [""] * len(prompts)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    max_pos: int = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", 10**9)
+    conf = model.config
+    max_pos = int(getattr(conf, "max_position_embeddings", 0) or getattr(conf, "n_positions", 0) or 10**9)
     torch.manual_seed(seed)
     for start in range(0, len(order), cfg.batch_size):
         chunk = order[start : start + cfg.batch_size]

@@ -7,6 +7,7 @@ reference implementations in the tests can recompute everything independently (f
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -179,7 +180,7 @@ CORPUS = [
 ]
 
 
-def train_tokenizers() -> tuple[object, object]:
+def train_tokenizers() -> tuple[Any, Any]:
     """(student, teacher) PreTrainedTokenizerFast: byte-level BPE (300) vs Metaspace Unigram (~200)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast

@@ -6,6 +6,7 @@ import itertools
 import json
 import random
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -26,12 +27,12 @@ from cot2align.losses.registry import Distiller, build_loss
 
 
 @pytest.fixture(scope="module")
-def toks() -> tuple[object, object]:
+def toks() -> tuple[Any, Any]:
     return train_tokenizers()
 
 
 # ----------------------------------------------------------------------------- surfaces and id map
-def test_surfaces_of_each_tokenizer_family(toks: tuple[object, object]) -> None:
+def test_surfaces_of_each_tokenizer_family(toks: tuple[Any, Any]) -> None:
     student, teacher = toks
     s_tab = TokenTable.from_tokenizer(student)
     t_tab = TokenTable.from_tokenizer(teacher)
@@ -63,7 +64,7 @@ def test_wordpiece_tokenizer_table() -> None:
     assert tab.special[0] and tab.special[1]
 
 
-def test_id_map_and_its_cache(toks: tuple[object, object], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_id_map_and_its_cache(toks: tuple[Any, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     student, teacher = toks
     case = make_case(s_len=[2], v_s=len(student), v_t=len(teacher), student_tokenizer=student, teacher_tokenizer=teacher)
     case.ctx.cache_dir = str(tmp_path)
@@ -135,7 +136,7 @@ def test_levenshtein_and_dtw_are_optimal() -> None:
     assert dtw_align([], [b"x"]) == []
 
 
-def test_alignment_of_real_text(toks: tuple[object, object]) -> None:
+def test_alignment_of_real_text(toks: tuple[Any, Any]) -> None:
     student, teacher = toks
     s_tab, t_tab = TokenTable.from_tokenizer(student), TokenTable.from_tokenizer(teacher)
     for text in CORPUS:
@@ -158,7 +159,7 @@ def test_alignment_of_real_text(toks: tuple[object, object]) -> None:
 
 
 # ----------------------------------------------------------------------------- the loss
-def _case(toks: tuple[object, object], texts: list[str], **kw: object) -> Case:
+def _case(toks: tuple[Any, Any], texts: list[str], **kw: Any) -> Case:
     student, teacher = toks
     s_ids = [student(t)["input_ids"] + [student.eos_token_id] if t else [0] for t in texts]
     t_ids = [teacher(t)["input_ids"] + [teacher.eos_token_id] if t else [1] for t in texts]
@@ -196,7 +197,7 @@ def ref_mined(case: Case, loss: MinED, tau: float) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("tau", [0.1, 2.0, 10.0])
-def test_matches_reference_values_and_gradients(toks: tuple[object, object], tau: float) -> None:
+def test_matches_reference_values_and_gradients(toks: tuple[Any, Any], tau: float) -> None:
     case = _case(toks, [CORPUS[1], CORPUS[2], "", CORPUS[5], "7"], seed=41)
     case.inputs.teacher["main"].mask[2] = False  # row 2: teacher side empty
     case.t_len[2] = 0
@@ -212,7 +213,7 @@ def test_matches_reference_values_and_gradients(toks: tuple[object, object], tau
     assert g[2].abs().sum() == 0
 
 
-def test_chunking_and_edge_cases(toks: tuple[object, object]) -> None:
+def test_chunking_and_edge_cases(toks: tuple[Any, Any]) -> None:
     case = _case(toks, [CORPUS[0], CORPUS[3]], seed=42)
     out = []
     for chunk, ckpt in [(1, True), (3, False), (4096, False)]:
@@ -234,7 +235,7 @@ def test_requires_tokenizers() -> None:
         MinED(config(name="mined"), case.ctx)
 
 
-def test_registry_distiller_combines_ce_and_mined(toks: tuple[object, object]) -> None:
+def test_registry_distiller_combines_ce_and_mined(toks: tuple[Any, Any]) -> None:
     case = _case(toks, [CORPUS[4], CORPUS[6]], seed=43)
     loss = build_loss(config(name="mined", kd_rate=0.5, temperature=1.0), case.ctx)
     assert isinstance(loss, Distiller)
@@ -243,5 +244,6 @@ def test_registry_distiller_combines_ce_and_mined(toks: tuple[object, object]) -
     ce = torch.nn.functional.cross_entropy(
         case.s_logits[mask].float(), case.inputs.student["main"].targets[mask], reduction="sum"
     ) / case.inputs.num_tokens
+    assert isinstance(loss.kd, MinED)
     assert_close(out.total, 0.5 * ce + 0.5 * ref_mined(case, loss.kd, 1.0), rtol=1e-5, what="total")
     assert {"kd/mined_kd", "kd/aligned_frac"} <= set(out.parts)

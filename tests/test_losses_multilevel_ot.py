@@ -31,7 +31,7 @@ def ref_mlot(case: Case, k: int, T: float, eps: float, iters: int, scale: float,
         cs = ct = None
         if order == "mass":
             def top_cols(zz: list[torch.Tensor]) -> list[int]:
-                mass = sum(torch.softmax(z / (z.std() + 1e-4), 0).detach() for z in zz)
+                mass = torch.stack([torch.softmax(z / (z.std() + 1e-4), 0).detach() for z in zz]).sum(0)
                 return sorted(range(len(mass)), key=lambda v: -float(mass[v]))[:k]
             cs, ct = top_cols(zs), top_cols(zt)
         s = [_kvec(z, k, cs) for z in zs]

@@ -20,8 +20,9 @@ def ref_uld(case: Case, tau: float) -> torch.Tensor:
             order_s = sorted(range(len(p_s)), key=lambda v: -float(p_s[v].detach()))
             order_t = sorted(range(len(p_t)), key=lambda v: -float(p_t[v].detach()))
             for r in range(max(len(p_s), len(p_t))):
-                a = p_s[order_s[r]] if r < len(p_s) else 0.0
-                c = p_t[order_t[r]] if r < len(p_t) else 0.0
+                zero = torch.zeros((), dtype=torch.float64)
+                a = p_s[order_s[r]] if r < len(p_s) else zero
+                c = p_t[order_t[r]] if r < len(p_t) else zero
                 total = total + abs(a - c)
     return total / case.inputs.num_tokens
 

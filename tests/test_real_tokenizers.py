@@ -7,6 +7,7 @@ Needs the tokenizers prepared by `python scripts/prepare_test_assets.py` under
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -25,7 +26,7 @@ SENTENCES = [
 ]
 
 
-def _load(name: str) -> object:
+def _load(name: str) -> Any:
     folder = ROOT / name
     if not (folder / ".prepared").exists():
         pytest.skip(f"real tokenizer {name!r} not prepared: run `python scripts/prepare_test_assets.py` ({folder})")
@@ -35,13 +36,13 @@ def _load(name: str) -> object:
 
 
 @pytest.fixture(scope="module", params=[("gpt-2", "qwen2"), ("gpt-2", "phi-3")], ids=lambda p: f"{p[0]}<-{p[1]}")
-def pair(request: pytest.FixtureRequest) -> tuple[object, object, MinED]:
+def pair(request: pytest.FixtureRequest) -> tuple[Any, Any, MinED]:
     student, teacher = _load(request.param[0]), _load(request.param[1])
     case = _case(student, teacher, SENTENCES[:1])
     return student, teacher, MinED(config(name="mined", temperature=1.0, token_chunk=16), case.ctx)
 
 
-def _case(student: object, teacher: object, texts: list[str], **kw: object) -> Case:
+def _case(student: Any, teacher: Any, texts: list[str], **kw: Any) -> Case:
     s_ids = [student(t, add_special_tokens=False)["input_ids"] + [student.eos_token_id] for t in texts]
     t_ids = [teacher(t, add_special_tokens=False)["input_ids"] + [teacher.eos_token_id] for t in texts]
     return make_case(
@@ -51,7 +52,7 @@ def _case(student: object, teacher: object, texts: list[str], **kw: object) -> C
     )
 
 
-def test_id_map_matches_real_pieces(pair: tuple[object, object, MinED]) -> None:
+def test_id_map_matches_real_pieces(pair: tuple[Any, Any, MinED]) -> None:
     student, teacher, loss = pair
     the_s = student.convert_tokens_to_ids("Ġthe")
     the_t = teacher.convert_tokens_to_ids("Ġthe" if "Ġthe" in teacher.get_vocab() else "▁the")
@@ -66,7 +67,7 @@ def test_id_map_matches_real_pieces(pair: tuple[object, object, MinED]) -> None:
         assert s_id >= 0 and loss.student_table.surface[s_id] == loss.teacher_table.surface[t_id]
 
 
-def test_alignment_pairs_identical_text(pair: tuple[object, object, MinED]) -> None:
+def test_alignment_pairs_identical_text(pair: tuple[Any, Any, MinED]) -> None:
     student, teacher, loss = pair
     twins = paired = 0
     for text in SENTENCES:
@@ -87,7 +88,7 @@ def test_alignment_pairs_identical_text(pair: tuple[object, object, MinED]) -> N
     assert twins >= 5 and paired >= 0.8 * twins
 
 
-def test_mined_loss_is_finite_with_gradient(pair: tuple[object, object, MinED]) -> None:
+def test_mined_loss_is_finite_with_gradient(pair: tuple[Any, Any, MinED]) -> None:
     student, teacher, loss = pair
     case = _case(student, teacher, SENTENCES[:2], seed=3)
     total, parts = loss(case.inputs)
@@ -96,7 +97,7 @@ def test_mined_loss_is_finite_with_gradient(pair: tuple[object, object, MinED]) 
     assert float(parts["aligned_frac"]) > 0.5
 
 
-def test_uld_on_real_vocab_sizes(pair: tuple[object, object, MinED]) -> None:
+def test_uld_on_real_vocab_sizes(pair: tuple[Any, Any, MinED]) -> None:
     student, teacher, _ = pair
     case = _case(student, teacher, SENTENCES[1:2], seed=4)
     uld, _ = ULD(config(name="uld", temperature=1.0, token_chunk=8), case.ctx)(case.inputs)

@@ -225,7 +225,7 @@ class _PlainUnrolled(torch.autograd.Function):
         s_bar = torch.empty_like(hs)
         for t in range(steps - 1, -1, -1):
             torch.mul(u_bar, q_u[t], out=r_bar[t])
-            vb = torch.baddbmm(v_bar, r_bar[t], k)
+            vb = torch.baddbmm(v_bar, r_bar[t], k) if t == steps - 1 else torch.bmm(r_bar[t], k)
             torch.mul(vb, q_v[t], out=s_bar[t])
             if t > 0:
                 u_bar = torch.bmm(s_bar[t], kt)
