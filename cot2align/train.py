@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import torch
-from torch import nn
+import torch.distributed as dist
+from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from cot2align.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -74,6 +75,11 @@ class TeacherSource(Protocol):
     head: nn.Module
     embed: nn.Module
 
+    def start(self, first_step: int, total_steps: int, layers: list[int], fmts: list[str]) -> None:
+        """Called once before the loop: the steps to run and what `views` will be asked for
+        (layers empty: nothing). A served teacher forwards this request to its teacher ranks."""
+        ...
+
     def views(self, batch: Batch, fmts: list[str], layers: list[int]) -> dict[str, ResponseView]: ...
 
 
@@ -87,6 +93,9 @@ class ColocatedTeacher:
         self.final_layer = num_layers(model)
         self.head = output_head(model)
         self.embed = input_embed(model)
+
+    def start(self, first_step: int, total_steps: int, layers: list[int], fmts: list[str]) -> None:
+        pass
 
     @torch.no_grad()
     def views(self, batch: Batch, fmts: list[str], layers: list[int]) -> dict[str, ResponseView]:
@@ -158,6 +167,87 @@ def build_optimizer(student: nn.Module, loss_fn: nn.Module, cfg: TrainConfig,
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
 
 
+class Stepper(Protocol):
+    """Backward passes and optimizer steps of the trainable modules (student + loss projectors)."""
+
+    def zero_grad(self) -> None: ...
+
+    def backward(self, loss: Tensor) -> None:
+        """Accumulate the gradient of one micro-batch's loss (already normalised by the global batch)."""
+        ...
+
+    def step(self) -> float:
+        """Clip, update (skipped when the norm is not finite), advance the lr schedule; returns the
+        global gradient norm before clipping."""
+        ...
+
+    def lr(self) -> float: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class PlainStepper:
+    """One process: AdamW, clip_grad_norm_ and the lr schedule (the colocated path)."""
+
+    def __init__(self, student: nn.Module, loss_fn: nn.Module, cfg: TrainConfig, projector_lr: float,
+                 total_steps: int) -> None:
+        self.optimizer = build_optimizer(student, loss_fn, cfg, projector_lr)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg, total_steps))
+        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self.clip = cfg.clip_grad if cfg.clip_grad > 0 else float("inf")
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def backward(self, loss: Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> float:
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip)
+        if torch.isfinite(grad_norm):
+            self.optimizer.step()
+            self.scheduler.step()
+        return float(grad_norm)
+
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+
+@dataclass
+class DataParallel:
+    """This process's place among `size` data-parallel student replicas.
+
+    Every replica derives every replica's micro-batches from the shared sampler, so the
+    global token count needs no communication; only the logged loss parts are summed
+    over `group`. Rank 0 logs, evaluates, saves and exports.
+    """
+
+    size: int = 1
+    rank: int = 0
+    group: Any = None
+
+    def sum(self, parts: dict[str, float]) -> dict[str, float]:
+        """Sum per-replica values over the replicas (keys may differ between replicas)."""
+        if self.size == 1:
+            return dict(parts)
+        gathered: list[Any] = [None] * self.size
+        dist.all_gather_object(gathered, dict(parts), group=self.group)
+        out: dict[str, float] = defaultdict(float)
+        for g in gathered:
+            for k, v in g.items():
+                out[k] += v
+        return dict(out)
+
+
 def response_tokens(samples: list[Sample], idx: list[int]) -> int:
     """Student main-format response tokens of the given samples."""
     return sum(len(samples[i].seqs["student"]["main"].ids) - samples[i].seqs["student"]["main"].prompt_len
@@ -191,24 +281,31 @@ def train(
     eval_cfg: EvalConfig | None = None,
     resume: bool = True,
     stop_after: int | None = None,
+    make_stepper: Callable[[int], Stepper] | None = None,
+    data_parallel: DataParallel | None = None,
+    device: torch.device | None = None,
 ) -> TrainResult:
     """Train `student` (and the loss's projectors) on `samples`; export the best/final model.
 
-    history: one row per optimizer step with the step's loss parts (for tests and reports).
-    stop_after: return after this many steps without the final export (tests of resume).
+    history: one row per optimizer step with the step's loss parts summed over the global
+    batch (for tests and reports). stop_after: return after this many steps without the
+    final export (tests of resume). make_stepper(total_steps): the optimizer (default
+    `PlainStepper`; the served runtime passes a DeepSpeed one). data_parallel: this
+    process's replica among the students (default: the only one). device: where batches go.
     """
     from cot2align.models import num_layers
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(seed)
-    sampler = GlobalBatchSampler(len(samples), cfg.micro_batch_size, cfg.grad_accum, 1, seed)
+    dp = data_parallel or DataParallel()
+    main = dp.rank == 0
+    sampler = GlobalBatchSampler(len(samples), cfg.micro_batch_size, cfg.grad_accum, dp.size, seed)
     total_steps = cfg.max_steps or cfg.epochs * sampler.steps_per_epoch
     student_final = num_layers(student)
     plan = plan_step(loss_fn, student_final, teacher.final_layer if teacher else 0, teacher is not None,
                      needs_aux)
-    optimizer = build_optimizer(student, loss_fn, cfg, projector_lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
+    stepper = (make_stepper or (lambda n: PlainStepper(student, loss_fn, cfg, projector_lr, n)))(total_steps)
     step, best = 0, None
     history: list[dict[str, float]] = []
     ckpt = latest_checkpoint(run_dir) if resume else None
@@ -216,18 +313,18 @@ def train(
         state = load_checkpoint(ckpt)
         student.load_state_dict(state["student"])
         loss_fn.load_state_dict(state["loss"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        stepper.load_state_dict(state)
         set_rng_state(state["rng"])
         step, best, history = state["step"], state["best"], state["history"]
         log.info("resumed from %s at step %d", ckpt, step)
 
     def save(at: int) -> None:
-        save_checkpoint(run_dir, at, {
-            "student": student.state_dict(), "loss": loss_fn.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "rng": rng_state(), "step": at, "best": best,
-            "history": history, "sampler": {"step": at},
-        })
+        opt_state = stepper.state_dict()  # on every replica: may be collective
+        if main:
+            save_checkpoint(run_dir, at, {
+                "student": student.state_dict(), "loss": loss_fn.state_dict(), **opt_state,
+                "rng": rng_state(), "step": at, "best": best, "history": history, "sampler": {"step": at},
+            })
 
     def export(name: str) -> Path:
         out = run_dir / name
@@ -236,41 +333,44 @@ def train(
         torch.save(loss_fn.state_dict(), out / "loss_modules.pt")
         return out
 
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
+    autocast = torch.autocast(device.type if device else "cpu", dtype=torch.bfloat16,
+                              enabled=cfg.dtype == "bfloat16")
     student.train()
     loss_fn.train()
+    if teacher is not None:
+        teacher.start(step, total_steps, plan.teacher_layers if plan.needs_teacher else [], plan.fmts)
     running: dict[str, list[float]] = defaultdict(list)
     t_last, tokens_since = time.perf_counter(), 0
-    progress = _progress(total_steps, step, log_cfg.progress)
+    progress = _progress(total_steps, step, log_cfg.progress and main)
     while step < total_steps:
-        micro = sampler.micro_batches(step, dp_rank=0)
-        num_tokens = float(sum(response_tokens(samples, m) for m in micro))
-        num_examples = float(sum(len(m) for m in micro))
-        optimizer.zero_grad(set_to_none=True)
+        micro = sampler.micro_batches(step, dp_rank=dp.rank)
+        every = [m for r in range(dp.size) for m in sampler.micro_batches(step, dp_rank=r)]  # global batch
+        num_tokens = float(sum(response_tokens(samples, m) for m in every))
+        num_examples = float(sum(len(m) for m in every))
+        stepper.zero_grad()
         parts_sum: dict[str, float] = defaultdict(float)
         for idx in micro:
             batch = collate([samples[i] for i in idx], pad_ids)
+            batch = batch.to(device) if device is not None else batch
             with autocast:
                 out = micro_batch_loss(student, student_final, loss_fn, batch, teacher, plan, num_tokens,
                                        num_examples)
-            out.total.backward()
+            stepper.backward(out.total)
             parts_sum["loss"] += float(out.total.detach())
             for k, v in out.parts.items():
                 parts_sum[k] += float(v)
-        params = [p for g in optimizer.param_groups for p in g["params"]]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad if cfg.clip_grad > 0 else float("inf"))
-        if not torch.isfinite(grad_norm):
+        grad_norm = stepper.step()
+        parts_sum = defaultdict(float, dp.sum(parts_sum))
+        if not math.isfinite(grad_norm):
             raise FloatingPointError(f"non-finite gradient norm at step {step} (loss parts {dict(parts_sum)})")
-        optimizer.step()
-        scheduler.step()
         step += 1
         tokens_since += int(num_tokens)
-        row = {**parts_sum, "grad_norm": float(grad_norm), "lr": optimizer.param_groups[0]["lr"]}
+        row = {**parts_sum, "grad_norm": grad_norm, "lr": stepper.lr()}
         history.append({"step": step, **row})
         for k, v in row.items():
             running[k].append(v)
         progress.update(1)
-        if step % log_cfg.log_every == 0 or step == total_steps:
+        if main and (step % log_cfg.log_every == 0 or step == total_steps):
             now = time.perf_counter()
             metrics = {k: sum(v) / len(v) for k, v in running.items()}
             metrics["tokens_per_s"] = tokens_since / max(now - t_last, 1e-9)
@@ -279,7 +379,7 @@ def train(
             progress.set_postfix(loss=f"{metrics['loss']:.3f}")
             running.clear()
             t_last, tokens_since = now, 0
-        is_eval = dev is not None and eval_cfg is not None and (
+        is_eval = main and dev is not None and eval_cfg is not None and (
             step == total_steps or (cfg.eval_every and step % cfg.eval_every == 0))
         if is_eval:
             assert dev is not None and eval_cfg is not None
@@ -297,6 +397,8 @@ def train(
             progress.close()
             return TrainResult(step, best, run_dir, history)
     progress.close()
+    if not main:
+        return TrainResult(step, best, run_dir / "final", history)
     final = export("final")
     return TrainResult(step, best, run_dir / "best" if best is not None else final, history)
 

@@ -187,13 +187,14 @@ def test_filter_without_retries_drops_and_filter_off_keeps(tmp_path: Path) -> No
     assert [r for r, _ in res] == [["reasoning for question 1 try 1."], ["reasoning for question 2 try 1."]]
     assert [c["unchecked"] for _, c in res] == [1, 1]
 
-    def empty_then_text(prompts: list[str], seed: int) -> list[str]:
-        empty_then_text.n += 1  # type: ignore[attr-defined]
-        return ["" if empty_then_text.n == 1 else "x.\nTherefore, the answer is: 5" for _ in prompts]  # type: ignore[attr-defined]
+    calls: list[int] = []
 
-    empty_then_text.n = 0  # type: ignore[attr-defined]
+    def empty_then_text(prompts: list[str], seed: int) -> list[str]:
+        calls.append(len(prompts))
+        return ["" if len(calls) == 1 else "x.\nTherefore, the answer is: 5" for _ in prompts]
+
     res = rationales_for([_ex(1, "5")], empty_then_text, CotGenConfig(max_tries=2, filter=False), seed=0)
-    assert res[0][0] == ["x."] and res[0][1]["regenerated"] == 1  # an empty rationale is invalid
+    assert res[0][0] == ["x."] and res[0][1]["regenerated"] == 1 and calls == [1, 1]  # empty = invalid
 
 
 def test_samples_per_example(tmp_path: Path) -> None:

@@ -124,15 +124,15 @@ def test_levenshtein_and_dtw_are_optimal() -> None:
         assert levenshtein(a, b) == _lev_ref(a, b)
     for _ in range(40):
         n, m = rng.randint(1, 4), rng.randint(1, 4)
-        a = [bytes(rng.choice(b"ab") for _ in range(rng.randint(0, 3))) for _ in range(n)]
-        b = [bytes(rng.choice(b"ab") for _ in range(rng.randint(0, 3))) for _ in range(m)]
-        best = min(sum(_lev_ref(a[i], b[j]) for i, j in p) for p in _all_paths(n, m))
+        xs = [bytes(rng.choice(b"ab") for _ in range(rng.randint(0, 3))) for _ in range(n)]
+        ys = [bytes(rng.choice(b"ab") for _ in range(rng.randint(0, 3))) for _ in range(m)]
+        best = min(sum(_lev_ref(xs[i], ys[j]) for i, j in p) for p in _all_paths(n, m))
         for window in (0, 1):
-            path = dtw_align(a, b, window)
+            path = dtw_align(xs, ys, window)
             assert path[0] == (0, 0) and path[-1] == (n - 1, m - 1)
             assert all(0 <= i2 - i1 <= 1 and 0 <= j2 - j1 <= 1 for (i1, j1), (i2, j2) in itertools.pairwise(path))
             if window == 0:  # the band is exact only where both sides spell the same text
-                assert sum(_lev_ref(a[i], b[j]) for i, j in path) == best
+                assert sum(_lev_ref(xs[i], ys[j]) for i, j in path) == best
     assert dtw_align([], [b"x"]) == []
 
 
