@@ -22,6 +22,8 @@ from cot2align.evaluate import EvalConfig
 from cot2align.logging import LoggingConfig
 from cot2align.losses.config import LossConfig
 from cot2align.models import DTYPES, TinyModelConfig
+from cot2align.runtime import RuntimeConfig
+from cot2align.topology import StudentParallelConfig, TeacherParallelConfig
 from cot2align.train import TrainConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -81,14 +83,28 @@ class ModelConfig(ConfigBase):
 
 
 @dataclass
+class TeacherModelConfig(ModelConfig):
+    """The teacher (`teacher.*`): model + how the served runtime splits it over ranks."""
+
+    parallel: TeacherParallelConfig = field(default_factory=TeacherParallelConfig)
+
+
+@dataclass
+class StudentModelConfig(ModelConfig):
+    """The student (`student.*`): model + its data-parallel replicas in the served runtime."""
+
+    parallel: StudentParallelConfig = field(default_factory=StudentParallelConfig)
+
+
+@dataclass
 class Config(ConfigBase):
     """Everything a run needs."""
 
     run: RunConfig = field(default_factory=RunConfig)
     embedded: EmbeddedConfig = field(default_factory=EmbeddedConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    teacher: ModelConfig = field(default_factory=ModelConfig)
-    student: ModelConfig = field(default_factory=ModelConfig)
+    teacher: TeacherModelConfig = field(default_factory=TeacherModelConfig)
+    student: StudentModelConfig = field(default_factory=StudentModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     teacher_train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=2e-3, epochs=4))
@@ -97,6 +113,8 @@ class Config(ConfigBase):
     cot: CotGenConfig = field(default_factory=CotGenConfig)
     """Teacher rationale generation (generate-cot)."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    """Colocated (one process) or served (teacher ranks serve hidden states to student ranks)."""
 
     def check(self, prefix: str) -> None:
         ot = self.loss.ot

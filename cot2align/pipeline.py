@@ -6,6 +6,7 @@ cached under `run.work_dir` (data, tokenizers, the trained embedded teacher).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -143,8 +144,19 @@ def _student_model(cfg: Config, tok: PreTrainedTokenizerBase) -> PreTrainedModel
 
 
 def distill(cfg: Config, run_dir: Path | None = None) -> TrainResult:
-    """Distil the teacher into the student with `cfg.loss` (colocated: teacher in this process)."""
+    """Distil the teacher into the student with `cfg.loss` (colocated: teacher in this process;
+    served: a local world of teacher and student ranks, see `cot2align.runtime`)."""
+    if cfg.runtime.mode == "served":
+        from cot2align.runtime import launch_local
+
+        if run_dir is not None:
+            cfg = cfg.merged({"run": {"output_dir": str(run_dir.parent), "name": run_dir.name}})
+        return launch_local(cfg)  # the first student's TrainResult
     p = prepare_data(cfg)
+    if cfg.cot.enabled and cfg.data.use_cot:
+        from cot2align.cot import generate_cot
+
+        p = dataclasses.replace(p, train=generate_cot(cfg))
     run_dir = run_dir or cfg.run_dir
     if not (p.teacher_model / "config.json").is_file():
         if cfg.teacher.path:
@@ -208,6 +220,10 @@ def run_embedded(cfg: Config) -> dict[str, Any]:
     t0 = time.perf_counter()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     teacher_dir = train_teacher(cfg)
+    if cfg.cot.enabled and cfg.data.use_cot:
+        from cot2align.cot import generate_cot
+
+        generate_cot(cfg)
     t_teacher = time.perf_counter() - t0
     runs = {cfg.loss.name: cfg}
     if cfg.loss.name != "sft":

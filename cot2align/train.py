@@ -367,8 +367,8 @@ def train(
         tokens_since += int(num_tokens)
         row = {**parts_sum, "grad_norm": grad_norm, "lr": stepper.lr()}
         history.append({"step": step, **row})
-        for k, v in row.items():
-            running[k].append(v)
+        for key, value in row.items():
+            running[key].append(value)
         progress.update(1)
         if main and (step % log_cfg.log_every == 0 or step == total_steps):
             now = time.perf_counter()

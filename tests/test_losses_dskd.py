@@ -150,3 +150,11 @@ def test_registry_builds_distiller_with_trainable_projectors() -> None:
     ) / case.inputs.num_tokens
     assert_close(out.total, 0.1 * ce + 0.9 * kd, rtol=1e-5, what="total")
     assert {"kd/t2s_ce", "kd/t2s_kd", "kd/s2t_kd", "kd/t2s_acc"} <= set(out.parts)
+
+
+def test_bf16_inputs_run_in_fp32() -> None:
+    case = make_case(s_len=[4, 0, 2], t_len=[3, 2, 5], dtype=torch.bfloat16, seed=27)
+    total, _ = DSKD(config(name="dskd"), case.ctx)(case.inputs)
+    total.backward()
+    assert total.dtype == torch.float32 and torch.isfinite(total)
+    assert case.s_hidden.grad is not None and torch.isfinite(case.s_hidden.grad.float()).all()

@@ -99,3 +99,11 @@ def test_registry_distiller_combines_ce_and_uld() -> None:
     ) / case.inputs.num_tokens
     assert_close(out.total, 0.4 * ce + 0.6 * ref_uld(case, 1.0), rtol=1e-5, what="total")
     assert "kd/uld" in out.parts
+
+
+def test_bf16_inputs_run_in_fp32() -> None:
+    case = make_case(s_len=[4, 0, 2], t_len=[3, 2, 5], dtype=torch.bfloat16, seed=7)
+    uld, _ = ULD(config(name="uld"), case.ctx)(case.inputs)
+    uld.backward()
+    assert uld.dtype == torch.float32 and torch.isfinite(uld)
+    assert case.s_logits.grad is not None and torch.isfinite(case.s_logits.grad.float()).all()

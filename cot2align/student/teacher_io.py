@@ -46,7 +46,7 @@ def _checkpoint_files(path: Path) -> dict[str, Path]:
     from safetensors import safe_open
 
     with safe_open(str(single), framework="pt") as f:
-        return {k: single for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+        return {k: single for k in f.keys()}
 
 
 def _read(files: dict[str, Path], name: str) -> Tensor | None:
@@ -95,7 +95,7 @@ def load_teacher_io(path: str | Path, dtype: torch.dtype = torch.float32,
         raise ValueError(f"{type(skeleton).__name__} has no output layer")
     files = _checkpoint_files(path)
     embed_m = _materialize(embed, names[id(embed)], files, {}, text_cfg, dtype)
-    tied = {"weight": embed_m.weight.data} if getattr(text_cfg, "tie_word_embeddings", False) else {}
+    tied = {"weight": dict(embed_m.named_parameters())["weight"].data} if getattr(text_cfg, "tie_word_embeddings", False) else {}
     head_m = _materialize(head, names[id(head)], files, tied, text_cfg, dtype)
     layers = int(getattr(text_cfg, "num_hidden_layers", None) or text_cfg.n_layer)
     hidden = int(getattr(text_cfg, "hidden_size", None) or text_cfg.n_embd)

@@ -1,0 +1,146 @@
+"""`ServedTeacher`: the `TeacherSource` of a student rank in the served runtime.
+
+Instead of running the teacher, `views` receives the packed response states that the
+ranks of this student's teacher replica computed for the same micro-batch. The
+student tokenizes the teacher side itself, so it knows every shape in advance; each
+message's header is checked against the expected step, micro-batch, format, sample
+indices and response lengths.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from cot2align.data.dataset import Batch
+from cot2align.data.sampler import GlobalBatchSampler
+from cot2align.losses.base import ResponseView
+from cot2align.student.teacher_io import TeacherIO
+from cot2align.transport import (
+    DATA,
+    END,
+    FORMATS,
+    DataHeader,
+    DesyncError,
+    Request,
+    Transport,
+    checksum,
+    unpack,
+)
+
+
+@dataclass
+class Route:
+    """One teacher rank that sends this student some of the served layers."""
+
+    rank: int
+    layers: list[int]
+
+
+class ServedTeacher:
+    """Receives teacher views from the serving replica (see the module docstring).
+
+    routes(layers) -> which teacher rank sends which of `layers` (the topology's sender map).
+    replica_ranks: every rank of the serving replica (all of them get the request).
+    """
+
+    def __init__(self, transport: Transport, io: TeacherIO, sampler: GlobalBatchSampler, dp_rank: int,
+                 replica_ranks: list[int], routes: dict[int, int], wire_dtype: torch.dtype,
+                 timeout_s: float, first_timeout_s: float, seed: int) -> None:
+        self.transport = transport
+        self.final_layer = io.num_layers
+        self.head = io.head
+        self.embed = io.embed
+        self.width = io.hidden_size
+        self.sampler = sampler
+        self.dp_rank = dp_rank
+        self.replica_ranks = replica_ranks
+        self.sender_of = routes
+        self.wire_dtype = wire_dtype
+        self.timeout_s = timeout_s
+        self.first_timeout_s = first_timeout_s
+        self.seed = seed
+        self._cursor = 0
+        self._end = 0
+        self._layers: list[int] = []
+        self._routes: list[Route] = []
+        self._received = 0
+        self.bytes_received = 0
+
+    def start(self, first_step: int, total_steps: int, layers: list[int], fmts: list[str]) -> None:
+        """Send the request to every rank of the replica (layers empty: nothing to serve)."""
+        s = self.sampler
+        request = Request(first_step=first_step, total_steps=total_steps, layers=tuple(layers), fmts=tuple(fmts),
+                          num_samples=s.num_samples, micro_batch=s.micro_batch, accum=s.accum, dp=s.dp,
+                          seed=self.seed)
+        for rank in self.replica_ranks:
+            self.transport.send(rank, request)
+        self.transport.flush(self.first_timeout_s)
+        self._layers = list(layers)
+        by_rank: dict[int, list[int]] = {}
+        for layer in layers:
+            by_rank.setdefault(self.sender_of[layer], []).append(layer)
+        self._routes = [Route(r, by_rank[r]) for r in sorted(by_rank)]
+        self._cursor = first_step * s.accum
+        self._end = total_steps * s.accum
+        if layers and self._cursor >= self._end:
+            self._receive_end()
+
+    @torch.no_grad()
+    def views(self, batch: Batch, fmts: list[str], layers: list[int]) -> dict[str, ResponseView]:
+        """Receive the teacher's views of `batch` (the next micro-batch of this replica).
+
+        Returns fmt -> ResponseView with hidden[layer] [B, N_t, d] (wire dtype) on the
+        batch's device, mask / inputs / targets from the student's own teacher tokenization.
+        """
+        if sorted(layers) != sorted(self._layers):
+            raise ValueError(f"views() asked for teacher layers {layers}, start() requested {self._layers}")
+        if self._cursor >= self._end:
+            raise DesyncError(f"no micro-batch left to receive (the run ends at step {self._end // self.sampler.accum})")
+        step, micro = divmod(self._cursor, self.sampler.accum)
+        expected = self.sampler.micro_batches(step, self.dp_rank)[micro]
+        if list(batch.indices) != expected:
+            raise DesyncError(f"student replica {self.dp_rank}: micro-batch {micro} of step {step} should hold "
+                              f"samples {expected[:8]}..., got {list(batch.indices)[:8]}...")
+        out = {}
+        for fmt in fmts:
+            seq = batch.seqs["teacher"][fmt]
+            lengths = seq.resp_mask.sum(dim=1).cpu()
+            rows = int(lengths.sum())
+            want = DataHeader(kind=DATA, step=step, micro=micro, fmt=FORMATS.index(fmt), rows=rows,
+                              width=self.width, lengths_sum=checksum(lengths), indices_sum=checksum(batch.indices))
+            hidden = {}
+            for route in self._routes:
+                packed = self._receive(route, want)
+                hidden.update(unpack(packed, seq.resp_mask, route.layers, self.wire_dtype))
+            out[fmt] = ResponseView(hidden=hidden, mask=seq.resp_mask, inputs=seq.inputs, targets=seq.targets)
+        self._cursor += 1
+        if self._cursor == self._end:
+            self._receive_end()
+        return out
+
+    def _timeout(self) -> float:
+        return self.first_timeout_s if self._received == 0 else self.timeout_s
+
+    def _receive(self, route: Route, want: DataHeader) -> torch.Tensor:
+        want = DataHeader(**{**want.__dict__, "layers": tuple(route.layers)})
+        header = self.transport.recv_header(route.rank, self._timeout(), want.describe())
+        if header != want:
+            raise DesyncError(f"{self.transport.describe(route.rank)} sent {header.describe()} "
+                              f"(checksums {header.lengths_sum}, {header.indices_sum}); this student expected "
+                              f"{want.describe()} (checksums {want.lengths_sum}, {want.indices_sum}): teacher and "
+                              "student disagree on the data (same data files, tokenizers, seed and batch sizes?)")
+        buf = torch.empty((len(route.layers), want.rows, want.width), dtype=self.wire_dtype,
+                          device=self.transport.device)
+        self.transport.recv_payload(route.rank, buf, self._timeout(), want.describe())
+        self._received += 1
+        self.bytes_received += buf.numel() * buf.element_size()
+        return buf
+
+    def _receive_end(self) -> None:
+        for route in self._routes:
+            header = self.transport.recv_header(route.rank, self._timeout(), "the end of the run")
+            if header.kind != END:
+                raise DesyncError(f"{self.transport.describe(route.rank)} sent {header.describe()} after the "
+                                  "last micro-batch (expected the end of the run)")
