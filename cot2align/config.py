@@ -19,9 +19,11 @@ from cot2align.cot.generate import CotGenConfig
 from cot2align.data.dataset import DataConfig
 from cot2align.data.embedded import EmbeddedTaskConfig
 from cot2align.evaluate import EvalConfig
+from cot2align.launch import LaunchConfig
 from cot2align.logging import LoggingConfig
 from cot2align.losses.config import LossConfig
 from cot2align.models import DTYPES, TinyModelConfig
+from cot2align.plan import ClusterSpec
 from cot2align.runtime import RuntimeConfig
 from cot2align.topology import StudentParallelConfig, TeacherParallelConfig
 from cot2align.train import TrainConfig
@@ -115,6 +117,10 @@ class Config(ConfigBase):
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     """Colocated (one process) or served (teacher ranks serve hidden states to student ranks)."""
+    cluster: ClusterSpec = field(default_factory=ClusterSpec)
+    """The machines a cluster run gets (nodes x GPUs, memory, links); read by the planner and the launcher."""
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+    """How launcher/submit.py starts the run: Slurm job settings and the planner's choices."""
 
     def check(self, prefix: str) -> None:
         ot = self.loss.ot

@@ -16,6 +16,7 @@ single-process path and the reference the served mode is tested against.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import queue
 import socket
@@ -147,6 +148,10 @@ def _prepare(cfg: Config) -> None:
         if cfg.teacher.path:
             raise FileNotFoundError(f"teacher.path: {p.teacher_model} is not an HF checkpoint")
         train_teacher(cfg)
+    if cfg.cot.enabled and cfg.data.use_cot:  # teacher rationales (resumes / reuses its output)
+        from cot2align.cot import generate_cot
+
+        generate_cot(cfg)
 
 
 def run_world(cfg: Config, run_dir: Path | None = None) -> Any:
@@ -173,6 +178,10 @@ def _data(cfg: Config) -> tuple[Any, Any, list[Any], Any]:
     from cot2align.pipeline import _samples, paths
 
     p = paths(cfg)
+    if cfg.cot.enabled and cfg.data.use_cot:  # train on the rationales `_prepare` generated
+        from cot2align.cot.generate import output_path
+
+        p = dataclasses.replace(p, train=output_path(cfg))
     s_tok, t_tok = load_tokenizer(p.student_tokenizer), load_tokenizer(p.teacher_tokenizer)
     return s_tok, t_tok, _samples(cfg, cfg.data, s_tok, t_tok, p), p
 
@@ -222,6 +231,9 @@ def _student(cfg: Config, topo: Topology, transport: Any, device: torch.device, 
     s_tok, t_tok, samples, p = _data(cfg)
     dp = DataParallel(size=topo.dp, rank=topo.student_index(), group=topo.student_group())
     student = _student_model(cfg, s_tok)
+    # transformers writes checkpoints only on global rank 0 of an initialised world, which here is
+    # a teacher rank: let the first student (the only one that exports) write them.
+    setattr(student, "should_save_on_this_rank", lambda is_main_process: is_main_process)  # noqa: B010
     io = load_teacher_io(p.teacher_model, DTYPES[cfg.teacher.dtype], device)
     same = s_tok.get_vocab() == t_tok.get_vocab()
     ctx = LossContext(hidden_size(student), io.hidden_size, len(s_tok), len(t_tok), same, s_tok, t_tok,
@@ -257,8 +269,8 @@ def _student(cfg: Config, topo: Topology, transport: Any, device: torch.device, 
                     logger=cast(MetricsLogger, logger), log_cfg=cfg.logging,
                     dev=load_split(p.dev, cfg.data) if main else None, eval_cfg=cfg.eval if main else None,
                     resume=cfg.run.resume, make_stepper=make_stepper, data_parallel=dp, device=device)
-        logger.log(res.steps, {"wall_s": time.perf_counter() - t0,
-                               "received_mb": teacher.bytes_received / 2**20}, prefix="distill/")
+        logger.log(res.steps, {"wall_s": time.perf_counter() - t0, "received_bytes": teacher.bytes_received,
+                               "received_positions": teacher.positions_received}, prefix="distill/")
     finally:
         logger.close()
     return res
@@ -293,11 +305,12 @@ class WorldError(RuntimeError):
 
 
 def launch_local(cfg: Config, world_size: int | None = None, env: dict[str, str] | None = None,
-                 timeout_s: float | None = None) -> Any:
-    """Run a served world of `world_size` processes on this machine; return the first student's result.
+                 timeout_s: float | None = None, return_all: bool = False) -> Any:
+    """Run a served world of `world_size` processes on this machine; return the first student's result
+    (return_all: every rank's, by rank: ServeStats on teachers, TrainResult on students).
 
     On a failure the other ranks get until their own deadlines (runtime.timeout_s) to report
-    what they saw, then everything still running is killed and `WorldError` lists every
+    what they saw (or until every student has finished), then everything still running is killed and `WorldError` lists every
     failed rank's error. timeout_s bounds the whole run (default: none). env: extra
     environment variables of the ranks (fault injection in tests).
     """
@@ -306,7 +319,7 @@ def launch_local(cfg: Config, world_size: int | None = None, env: dict[str, str]
     from cot2align.topology import Topology
 
     world = world_size or local_world_size(cfg)
-    first_student = Topology(cfg.teacher.parallel, cfg.student.parallel, world, 0).student_ranks[0]
+    students = Topology(cfg.teacher.parallel, cfg.student.parallel, world, 0).student_ranks
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = _free_port()
@@ -326,13 +339,15 @@ def launch_local(cfg: Config, world_size: int | None = None, env: dict[str, str]
                 for r, proc in enumerate(procs):
                     if r not in done and r not in failures and proc.exitcode not in (None, 0):
                         failures[r] = f"process exited with code {proc.exitcode} without reporting"
-                        grace = min(grace, time.monotonic() + cfg.runtime.timeout_s + 15)
+                        grace = min(grace, time.monotonic() + cfg.runtime.timeout_s + 60)
                 continue
             if error is None:
                 done[rank] = result
             else:
                 failures[rank] = error
-                grace = min(grace, time.monotonic() + cfg.runtime.timeout_s + 15)
+                grace = min(grace, time.monotonic() + cfg.runtime.timeout_s + 60)
+            if failures and all(s in done or s in failures for s in students):
+                grace = min(grace, time.monotonic() + 2)  # every student is finished: no need to wait longer
     finally:
         for proc in procs:
             if proc.is_alive():
@@ -344,4 +359,4 @@ def launch_local(cfg: Config, world_size: int | None = None, env: dict[str, str]
         failures[r] = "did not finish before the deadline (killed)"
     if failures:
         raise WorldError(failures)
-    return done[first_student]
+    return [done[r] for r in range(world)] if return_all else done[students[0]]

@@ -195,7 +195,7 @@ class Transport:
         tensors = [header.to_tensor(self.device)]
         if payload is not None:
             tensors.append(payload.contiguous())
-        works = [dist.isend(t, dst) for t in tensors]
+        works = [self._post(dist.isend, t, dst) for t in tensors]
         what = header.describe() if isinstance(header, DataHeader) else "request"
         self._pending.append(_Pending(dst, works, tensors, what))
         self.messages_sent += 1
@@ -250,9 +250,20 @@ class Transport:
         return out
 
     def _recv(self, buf: Tensor, src: int, timeout_s: float, waiting_for: str) -> None:
-        work = dist.irecv(buf, src)
+        work = self._post(dist.irecv, buf, src)
         self._wait(work, src, time.monotonic() + timeout_s,
                    lambda: f"{self.describe(src)} sent nothing for {timeout_s:.0f} s (waiting for {waiting_for})")
+
+    def _post(self, op: Callable[..., Any], tensor: Tensor, peer: int) -> Any:
+        """Start an isend / irecv; a connection already known to be closed raises PeerError."""
+        try:
+            return op(tensor, peer)
+        except RuntimeError as e:
+            raise self._unreachable(peer, e) from e
+
+    def _unreachable(self, peer: int, error: Exception) -> PeerError:
+        return PeerError(f"{self.describe(peer)} is unreachable (connection closed: the rank probably died): "
+                         f"{str(error).splitlines()[0][:300]}")
 
     def _wait(self, work: Any, peer: int, deadline: float, timeout_message: Callable[[], str]) -> None:
         """Wait for `work` until `deadline`; timeouts and closed connections raise PeerError."""
@@ -272,5 +283,4 @@ class Transport:
             text = str(e)
             if "Timed out" in text or "timed out" in text:
                 raise PeerError(timeout_message()) from None
-            raise PeerError(f"{self.describe(peer)} is unreachable (connection closed: the rank probably died): "
-                            f"{text.splitlines()[0][:300]}") from e
+            raise self._unreachable(peer, e) from e

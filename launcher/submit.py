@@ -1,12 +1,13 @@
-"""Start a CoT2Align run: `python launcher/submit.py [--config FILE] [key=value ...]`.
+"""Start a CoT2Align run: `python launcher/submit.py [--config FILE] [--nodes N] ... [key=value ...]`.
 
 Without arguments it runs the embedded default pipeline locally (data -> teacher ->
-distill -> evaluate) on this machine's CPU.
+distill -> evaluate) on this machine's CPU. With Slurm (sbatch and srun on PATH) it submits
+ONE job of N nodes x G tasks through submitit; `--dry-run` prints the resolved config, the
+plan and the sbatch script; `--help` lists every flag. The logic lives in `cot2align.launch`.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -14,13 +15,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default=None, help="YAML config (default: configs/embedded.yaml)")
-    ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. loss.ot.sinkhorn.epsilon=0.1")
-    args = ap.parse_args(argv)
-    from cot2align.cli import main as cli_main
+    """Run `cot2align.launch.main` (see its module docstring for the modes)."""
+    from cot2align.launch import main as launch_main
 
-    return cli_main(["pipeline", *(["--config", args.config] if args.config else []), *args.overrides])
+    return launch_main(argv)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from typing import Any
 
 import ot
 import pytest
@@ -95,7 +96,13 @@ def reference_loss(module: CrossCoTOT, inputs: LossInputs, cfg: OTConfig) -> tup
                 a = torch.full((x.shape[0],), 1.0 / x.shape[0], dtype=F64)
                 bb = torch.full((y.shape[0],), 1.0 / y.shape[0], dtype=F64)
                 val = ot.sinkhorn2(
-                    a, bb, c, reg=cfg.sinkhorn.epsilon, numItermax=cfg.sinkhorn.iterations, stopThr=0.0, warn=False
+                    a,
+                    bb,
+                    c,
+                    reg=cfg.sinkhorn.epsilon,
+                    numItermax=cfg.sinkhorn.iterations,
+                    stopThr=0.0,
+                    warn=False,
                 )
                 val = val * cfg.normalizer / inputs.num_examples
                 total = total + val
@@ -126,13 +133,10 @@ AUX = [(4, 3), (0, 0), (2, 5), (0, 0)]  # rows 1 and 3 are unpaired
 
 @pytest.mark.parametrize("cost", ["attention", "cosine", "euclidean"])
 @pytest.mark.parametrize("gradient", ["unroll", "envelope"])
-def test_cross_cot_ot_matches_reference_loop(cost: str, gradient: str) -> None:
-    cfg = OTConfig(
-        cost=cost,  # type: ignore[arg-type]
-        student_layers=[0, -1],
-        teacher_layers=[-1, 0],
-        sinkhorn=SinkhornConfig(epsilon=0.5 if cost != "euclidean" else 2.0, iterations=30, bucket_size=3, gradient=gradient),  # type: ignore[arg-type]
-    )
+def test_cross_cot_ot_matches_reference_loop(cost: Any, gradient: Any) -> None:
+    eps = 0.5 if cost != "euclidean" else 2.0
+    sk_cfg = SinkhornConfig(epsilon=eps, iterations=30, bucket_size=3, gradient=gradient)
+    cfg = OTConfig(cost=cost, student_layers=[0, -1], teacher_layers=[-1, 0], sinkhorn=sk_cfg)
     torch.manual_seed(0)
     module = CrossCoTOT(cfg, CTX).double()
     inputs = make_inputs(1, MAIN, AUX)

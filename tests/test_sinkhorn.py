@@ -37,7 +37,7 @@ def reference_plan(c: Tensor, eps: float, iters: int) -> Tensor:
     return u[:, None] * k * v[None, :]
 
 
-def padded(costs: list[Tensor], junk: float = float("nan")) -> tuple[Tensor, Tensor, Tensor]:
+def padded(costs: list[Tensor], junk: float = 1e30) -> tuple[Tensor, Tensor, Tensor]:
     """Costs [n_i, m_i] -> padded [P, n, m] (junk on padding), row mask [P, n], col mask [P, m]."""
     n = max(c.shape[0] for c in costs) + 1
     m = max(c.shape[1] for c in costs) + 2
@@ -155,7 +155,7 @@ def test_envelope_gradient_is_derivative_of_entropic_objective(log_domain: str) 
 def test_padding_changes_nothing(gradient: str, log_domain: str) -> None:
     costs = random_costs(5)
     kw = {"epsilon": 0.2, "max_iter": 30, "gradient": gradient, "log_domain": log_domain}
-    batch, rows, cols = padded(costs, junk=float("nan"))
+    batch, rows, cols = padded(costs, junk=-1e30)
     batch.requires_grad_(True)
     res = sinkhorn(batch, rows, cols, **kw)  # type: ignore[arg-type]
     res.value.sum().backward()
@@ -211,6 +211,37 @@ def test_float32_plain_path_near_its_limit_is_accurate() -> None:
     torch.testing.assert_close(res32.value.double(), res64.value, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype,rtol", [(F64, 1e-10), (torch.float32, 1e-4)])
+@pytest.mark.parametrize("eps", [10.0, 0.5])
+def test_truncated_reverse_pass_equals_the_full_one(dtype: torch.dtype, rtol: float, eps: float) -> None:
+    batch, rows, cols = padded(random_costs(15), junk=0.0)
+    batch = batch.to(dtype)
+    weights = torch.tensor([1.0, 1e-8, 3.0, 1e3], dtype=dtype)  # the truncation test is per problem
+    grads, steps = [], []
+    for truncate in (True, False):
+        x = batch.clone().requires_grad_(True)
+        res = sinkhorn(x, rows, cols, epsilon=eps, max_iter=100, truncate_backward=truncate)
+        (res.value * weights).sum().backward()
+        assert x.grad is not None
+        grads.append(x.grad)
+        steps.append(res.backward_steps)
+    assert steps[1] == [100] and steps[0][0] < 30
+    for i in range(len(weights)):
+        scale = grads[1][i].abs().max()
+        assert float((grads[0][i] - grads[1][i]).abs().max()) <= rtol * float(scale)
+
+
+def test_float32_values_of_large_problems_are_accurate() -> None:
+    g = torch.Generator().manual_seed(14)
+    c64 = 1.0 - torch.softmax(torch.randn(6, 180, 230, generator=g, dtype=F64) * 3, dim=2)
+    rows = torch.ones(6, 180, dtype=torch.bool)
+    rows[::2, 150:] = False
+    kw = {"epsilon": 10.0, "max_iter": 50}
+    ref = sinkhorn(c64, rows, **kw).value  # type: ignore[arg-type]
+    res = sinkhorn(c64.float().requires_grad_(True), rows, **kw)  # type: ignore[arg-type]
+    torch.testing.assert_close(res.value.detach().double(), ref, rtol=2e-6, atol=0.0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
 @pytest.mark.parametrize("gradient", ["unroll", "envelope"])
 @pytest.mark.parametrize("kind", ["unit", "euclidean"])
@@ -221,7 +252,10 @@ def test_edge_cases_are_finite_and_correct(dtype: torch.dtype, gradient: str, ki
             if kind == "unit":
                 c = torch.rand(n, m, generator=g, dtype=F64) * 2.0
             else:
-                x, y = torch.randn(n, 16, generator=g, dtype=F64), torch.randn(m, 16, generator=g, dtype=F64) * 2
+                x, y = (
+                    torch.randn(n, 16, generator=g, dtype=F64),
+                    torch.randn(m, 16, generator=g, dtype=F64) * 2,
+                )
                 c = torch.cdist(x, y)  # ~ 6 .. 15
             x = c.to(dtype)[None].requires_grad_(True)
             res = sinkhorn(x, epsilon=eps, max_iter=200, gradient=gradient)  # type: ignore[arg-type]
@@ -232,7 +266,9 @@ def test_edge_cases_are_finite_and_correct(dtype: torch.dtype, gradient: str, ki
             if n == 1 or m == 1:  # the only coupling: the plan is the product of the marginals
                 assert float(res.value[0].detach()) == pytest.approx(float(c.mean()), rel=1e-5)
             ref = pot_value(c, eps, 200, method="sinkhorn_log")
-            assert float(res.value[0].detach()) == pytest.approx(float(ref), rel=1e-4 if dtype == torch.float32 else 1e-9)
+            assert float(res.value[0].detach()) == pytest.approx(
+                float(ref), rel=1e-4 if dtype == torch.float32 else 1e-9
+            )
 
 
 def test_empty_problems_give_zero() -> None:

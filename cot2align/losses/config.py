@@ -25,6 +25,9 @@ class SinkhornConfig(ConfigBase):
     """Check the tolerance every k iterations (avoids a host sync each iteration)."""
     gradient: Literal["unroll", "envelope"] = "unroll"
     """unroll: autograd through the iterations (the method); envelope: dC = P* (Danskin)."""
+    truncate_backward: bool = True
+    """unroll: end the reverse pass once the adjoints have decayed below machine precision
+    (exact up to rounding; false runs it through every iteration)."""
     log_domain: Literal["auto", "always", "never"] = "auto"
     """auto switches to log-domain updates only when exp(-C/eps) could underflow."""
     bucket_size: int = 8

@@ -27,7 +27,9 @@ PAIRS: dict[tuple[str, str], str] = {
 }
 
 
-def attention_cost(x: Tensor, y: Tensor, x_mask: Tensor | None = None, y_mask: Tensor | None = None) -> Tensor:
+def attention_cost(
+    x: Tensor, y: Tensor, x_mask: Tensor | None = None, y_mask: Tensor | None = None
+) -> Tensor:
     """C_ij = 1 - softmax_j(<x_i, y_j> / sqrt(d)) over the valid j only.
 
     x [..., n, d], y [..., m, d], y_mask [..., m] bool (None = all valid; x_mask is
@@ -48,7 +50,9 @@ def cosine_cost(x: Tensor, y: Tensor, x_mask: Tensor | None = None, y_mask: Tens
     return 1.0 - torch.matmul(xn, yn.transpose(-1, -2))
 
 
-def euclidean_cost(x: Tensor, y: Tensor, x_mask: Tensor | None = None, y_mask: Tensor | None = None) -> Tensor:
+def euclidean_cost(
+    x: Tensor, y: Tensor, x_mask: Tensor | None = None, y_mask: Tensor | None = None
+) -> Tensor:
     """C_ij = ||x_i - y_j||_2; x [..., n, d], y [..., m, d] -> C [..., n, m] (masks unused).
 
     Computed as sqrt(|x|^2 + |y|^2 - 2 <x, y>); squared distances below the rounding

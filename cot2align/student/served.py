@@ -67,6 +67,9 @@ class ServedTeacher:
         self._routes: list[Route] = []
         self._received = 0
         self.bytes_received = 0
+        """Payload bytes received (headers not counted)."""
+        self.positions_received = 0
+        """Teacher response positions received (each micro-batch and format once)."""
 
     def start(self, first_step: int, total_steps: int, layers: list[int], fmts: list[str]) -> None:
         """Send the request to every rank of the replica (layers empty: nothing to serve)."""
@@ -114,6 +117,7 @@ class ServedTeacher:
             for route in self._routes:
                 packed = self._receive(route, want)
                 hidden.update(unpack(packed, seq.resp_mask, route.layers, self.wire_dtype))
+            self.positions_received += rows
             out[fmt] = ResponseView(hidden=hidden, mask=seq.resp_mask, inputs=seq.inputs, targets=seq.targets)
         self._cursor += 1
         if self._cursor == self._end:

@@ -20,6 +20,7 @@ import resource
 import time
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -42,8 +43,8 @@ from cot2align.transport import (
 )
 
 FAULT_ENV = "COT2ALIGN_FAULT"
-"""Fault injection for tests: "exit:<rank>:<n>" makes teacher rank <rank> exit (os._exit)
-right after its n-th sent message, as a crashed node would."""
+"""Fault injection for tests: "exit:<rank>:<n>" makes teacher rank <rank> exit (os._exit) right
+after its n-th sent message, as a crashed node would; "hang:<rank>:<n>" makes it stop sending."""
 
 
 class HiddenStates(Protocol):
@@ -109,12 +110,28 @@ class ServeStats:
     peak_rss_mb: float = 0.0
 
 
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process in MiB (Linux VmHWM: unlike ru_maxrss it does not
+    inherit the launching process's peak across fork + exec)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def _fault(rank: int, messages: int) -> None:
     spec = os.environ.get(FAULT_ENV, "")
-    if spec.startswith("exit:"):
-        _, r, n = spec.split(":")
-        if int(r) == rank and messages >= int(n):
+    if not spec:
+        return
+    kind, r, n = spec.split(":")
+    if int(r) == rank and messages >= int(n):
+        if kind == "exit":
             os._exit(17)
+        if kind == "hang":
+            time.sleep(3600)
 
 
 def _agree(requests: dict[int, Request], describe: Any) -> Request:
@@ -175,5 +192,5 @@ def serve(*, topo: Topology, transport: Transport, states: HiddenStates, samples
         raise
     stats.messages, stats.bytes_sent = transport.messages_sent, transport.bytes_sent
     stats.seconds = time.perf_counter() - t0
-    stats.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    stats.peak_rss_mb = peak_rss_mb()
     return stats

@@ -1,0 +1,548 @@
+"""Benchmarks of the OT engine and of every distillation loss on synthetic inputs (CPU).
+
+    python bench/losses.py [--quick] [--threads N] [--out bench/results/losses.json]
+
+"OT engine": the 48 problems of one CoT2Align micro-batch (batch 8 x 3 Cross-CoT pairs
+x 2 layers), attention costs between student states and projected teacher states,
+solved side by side on identical inputs by: the reference per-sample loop of plain
+Sinkhorn with autograd (method.md), our batched engine (several settings), POT's
+batched solver and a loop of POT's sinkhorn2. Float64 for the equality columns,
+float32 for the timings. "eps sweep": what a smaller epsilon does to the plan.
+"all losses": forward+backward time and peak memory of each `loss.name`.
+Prints markdown tables and writes all numbers to JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import ot  # noqa: E402
+import torch  # noqa: E402
+from torch import Tensor, nn  # noqa: E402
+
+from cot2align.configbase import ConfigError  # noqa: E402
+from cot2align.losses.base import LossContext, LossInputs, ResponseView  # noqa: E402
+from cot2align.losses.config import LossConfig, SinkhornConfig  # noqa: E402
+from cot2align.losses.ot import attention_cost  # noqa: E402
+from cot2align.losses.registry import build_loss, loss_names  # noqa: E402
+from cot2align.losses.sinkhorn import batched_ot, sinkhorn  # noqa: E402
+
+EPS = 10.0
+ITERS = 100
+
+
+@dataclass
+class Sizes:
+    batch: int
+    n_student: int
+    n_teacher: int
+    spread: int
+    d_student: int
+    d_teacher: int
+    vocab_student: int
+    vocab_teacher: int
+    repeats: int
+    loss_repeats: int
+
+
+FULL = Sizes(8, 256, 300, 40, 768, 2048, 50_000, 150_000, repeats=5, loss_repeats=2)
+QUICK = Sizes(8, 48, 60, 8, 64, 128, 1_000, 3_000, repeats=3, loss_repeats=1)
+
+
+# ----------------------------------------------------------------------------- problems
+
+
+def make_costs(sz: Sizes, seed: int = 0) -> list[Tensor]:
+    """Attention costs [n, m] (float64) of batch x 3 pairs x 2 layers, from random states and a projector."""
+    g = torch.Generator().manual_seed(seed)
+
+    def length(mean: int) -> int:
+        return int(mean + torch.randint(-sz.spread, sz.spread + 1, (), generator=g))
+
+    proj = nn.Linear(sz.d_teacher, sz.d_student).double()
+    with torch.no_grad():
+        proj.weight.copy_(torch.randn(sz.d_student, sz.d_teacher, generator=g, dtype=torch.float64))
+        proj.weight.mul_(1.5 / math.sqrt(sz.d_teacher))
+        proj.bias.zero_()
+    costs = []
+    for _ in range(sz.batch):
+        n = {f: length(sz.n_student) for f in ("main", "aux")}
+        m = {f: length(sz.n_teacher) for f in ("main", "aux")}
+        for s_fmt, t_fmt in (("main", "main"), ("aux", "main"), ("main", "aux")):
+            for _layer in range(2):
+                # scaled so that <x, y> / sqrt(d) has std 3: softmax rows far from uniform
+                x = torch.randn(n[s_fmt], sz.d_student, generator=g, dtype=torch.float64) * 2.0
+                h = torch.randn(m[t_fmt], sz.d_teacher, generator=g, dtype=torch.float64)
+                with torch.no_grad():
+                    costs.append(attention_cost(x, proj(h)))
+    return costs
+
+
+# ----------------------------------------------------------------------------- solvers
+
+
+def reference_loop(costs: list[Tensor], eps: float, iters: int) -> Tensor:
+    """The per-sample loop of method.md: K = exp(-C/eps), u = a/(K v), v = b/(K^T u), autograd throughout."""
+    values = []
+    for c in costs:
+        n, m = c.shape
+        k = torch.exp(-c / eps)
+        a = c.new_full((n,), 1.0 / n)
+        b = c.new_full((m,), 1.0 / m)
+        v = c.new_ones(m)
+        for _ in range(iters):
+            u = a / (k @ v)
+            v = b / (k.T @ u)
+        values.append(((u[:, None] * k * v[None, :]) * c).sum())
+    return torch.stack(values)
+
+
+def ours(**overrides: Any) -> Callable[[list[Tensor]], tuple[Tensor, dict[str, Any]]]:
+    cfg = SinkhornConfig(**{"epsilon": EPS, "iterations": ITERS, **overrides})
+
+    def run(costs: list[Tensor]) -> tuple[Tensor, dict[str, Any]]:
+        res = batched_ot(costs, cfg)
+        return res.values, {"iterations": sorted(set(res.iterations)), "steps": res.backward_steps}
+
+    return run
+
+
+def pot_batch(grad: str) -> Callable[[list[Tensor]], tuple[Tensor, dict[str, Any]]]:
+    """POT's batched solver on costs padded to the largest problem (zero marginals on padding)."""
+
+    def run(costs: list[Tensor]) -> tuple[Tensor, dict[str, Any]]:
+        n = max(c.shape[0] for c in costs)
+        m = max(c.shape[1] for c in costs)
+        pad = torch.nn.functional.pad
+        big = torch.stack([pad(c, (0, m - c.shape[1], 0, n - c.shape[0])) for c in costs])
+        a = torch.stack(
+            [pad(c.new_full((c.shape[0],), 1.0 / c.shape[0]), (0, n - c.shape[0])) for c in costs]
+        )
+        b = torch.stack(
+            [pad(c.new_full((c.shape[1],), 1.0 / c.shape[1]), (0, m - c.shape[1])) for c in costs]
+        )
+        res = ot.solve_batch(big, reg=EPS, a=a, b=b, max_iter=ITERS, tol=0.0, method="sinkhorn", grad=grad)
+        return res.value_linear, {}
+
+    return run
+
+
+def pot_loop(costs: list[Tensor]) -> tuple[Tensor, dict[str, Any]]:
+    values = []
+    for c in costs:
+        a = c.new_full((c.shape[0],), 1.0 / c.shape[0])
+        b = c.new_full((c.shape[1],), 1.0 / c.shape[1])
+        values.append(ot.sinkhorn2(a, b, c, reg=EPS, numItermax=ITERS, stopThr=0.0, warn=False))
+    return torch.stack(values), {}
+
+
+METHODS: dict[str, Callable[[list[Tensor]], tuple[Tensor, dict[str, Any]]]] = {
+    "reference loop (autograd)": lambda cs: (reference_loop(cs, EPS, ITERS), {}),
+    "ours unroll": ours(),
+    "ours unroll, full reverse pass": ours(truncate_backward=False),
+    "ours envelope": ours(gradient="envelope"),
+    "ours unroll, early stop 1e-6 (check every 10)": ours(tolerance=1e-6),
+    "ours unroll, early stop 1e-6 (check every 2)": ours(tolerance=1e-6, check_every=2),
+    "POT solve_batch (autodiff)": pot_batch("autodiff"),
+    "POT solve_batch (envelope)": pot_batch("envelope"),
+    "POT sinkhorn2 loop": pot_loop,
+}
+#: the reference each method's gradient is compared with (unroll vs unroll, envelope vs envelope)
+GRAD_REFERENCE = {
+    "ours envelope": "POT solve_batch (envelope)",
+    "POT solve_batch (envelope)": "ours envelope",
+}
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def _time_once(fn: Callable[..., Any], *args: Any) -> tuple[float, float]:
+    """(wall ms, process CPU ms) of fn(*args)."""
+    w0, c0 = time.perf_counter(), time.process_time()
+    fn(*args)
+    return (time.perf_counter() - w0) * 1e3, (time.process_time() - c0) * 1e3
+
+
+def _forward_backward(
+    fn: Callable[[list[Tensor]], tuple[Tensor, dict[str, Any]]], leaves: list[Tensor]
+) -> None:
+    fn(leaves)[0].sum().backward()
+
+
+def _batched_forward_backward(leaves: list[Tensor], cfg: SinkhornConfig) -> None:
+    batched_ot(leaves, cfg).values.sum().backward()
+
+
+def _loss_forward_backward(loss: nn.Module, inputs: LossInputs) -> None:
+    loss(inputs).total.backward()
+
+
+def bench_engine(sz: Sizes) -> dict[str, Any]:
+    costs64 = make_costs(sz)
+    costs32 = [c.float() for c in costs64]
+    out: dict[str, Any] = {
+        "problems": len(costs64),
+        "mean_n": statistics.mean(c.shape[0] for c in costs64),
+        "mean_m": statistics.mean(c.shape[1] for c in costs64),
+    }
+    # equality in float64: values and gradients against the reference loop
+    results: dict[str, dict[str, Any]] = {}
+    ref_vals: Tensor | None = None
+    grads: dict[str, list[Tensor]] = {}
+    for name, fn in METHODS.items():
+        leaves = [c.detach().clone().requires_grad_(True) for c in costs64]
+        vals, info = fn(leaves)
+        vals.sum().backward()
+        grads[name] = [leaf.grad for leaf in leaves if leaf.grad is not None]
+        if ref_vals is None:
+            ref_vals = vals.detach()
+        rel = ((vals.detach() - ref_vals).abs() / ref_vals.abs()).max().item()
+        results[name] = {"max_rel_diff_values": rel, **info}
+    for name in METHODS:
+        other = GRAD_REFERENCE.get(name, "reference loop (autograd)")
+        num = max((a - b).abs().max().item() for a, b in zip(grads[name], grads[other]))
+        den = max(b.abs().max().item() for b in grads[other])
+        results[name]["max_rel_diff_grad"] = num / den
+        results[name]["grad_compared_with"] = other
+    # timings in float32, methods interleaved round by round
+    samples: dict[str, dict[str, list[float]]] = {
+        n: {"fwd": [], "fwd_cpu": [], "fb": [], "fb_cpu": []} for n in METHODS
+    }
+    for rep in range(sz.repeats + 1):
+        for name, fn in METHODS.items():
+            leaves = [c.detach().clone().requires_grad_(True) for c in costs32]
+            wall, cpu = _time_once(fn, leaves)
+            leaves = [c.detach().clone().requires_grad_(True) for c in costs32]
+            fb_wall, fb_cpu = _time_once(_forward_backward, fn, leaves)
+            if rep > 0:  # the first round warms up
+                s = samples[name]
+                s["fwd"].append(wall)
+                s["fwd_cpu"].append(cpu)
+                s["fb"].append(fb_wall)
+                s["fb_cpu"].append(fb_cpu)
+    for name, s in samples.items():
+        for key, series in s.items():
+            results[name][f"{key}_ms"] = statistics.median(series)
+        results[name]["fb_min_ms"] = min(s["fb"])
+    loop_fb = results["reference loop (autograd)"]["fb_ms"]
+    pot_fb = results["POT solve_batch (autodiff)"]["fb_ms"]
+    for r in results.values():
+        r["speedup_vs_loop"] = loop_fb / r["fb_ms"]
+        r["speedup_vs_pot_batch"] = pot_fb / r["fb_ms"]
+    out["methods"] = results
+    return out
+
+
+def bench_eps(sz: Sizes) -> list[dict[str, Any]]:
+    """For each epsilon: value, plan entropy / log(nm) (1 = product plan), max entry * nm, path, time."""
+    costs64 = make_costs(sz)
+    costs32 = [c.float() for c in costs64]
+    rows = []
+    for eps in (10.0, 1.0, 0.1, 0.01):
+        row: dict[str, Any] = {"epsilon": eps}
+        ent, peak, gap, value = [], [], [], []
+        for c in costs64:
+            res = sinkhorn(c[None], epsilon=eps, max_iter=ITERS)
+            p = res.plan[0]
+            nm = p.numel()
+            ent.append(float(-(p * p.clamp_min(1e-300).log()).sum() / math.log(nm)))
+            peak.append(float(p.max() * nm))
+            value.append(float(res.value[0]))
+            gap.append(float(res.value[0] / c.mean()))
+        row.update(
+            mean_value=statistics.mean(value),
+            value_over_product_plan=statistics.mean(gap),
+            plan_entropy_normalised=statistics.mean(ent),
+            plan_max_entry_times_nm=statistics.mean(peak),
+        )
+        cfg = SinkhornConfig(epsilon=eps, iterations=ITERS)
+        conv = batched_ot(
+            costs64, SinkhornConfig(epsilon=eps, iterations=1000, tolerance=1e-6, check_every=1)
+        )
+        row["iterations_to_tol_1e-6"] = max(conv.iterations)
+        v64 = batched_ot(costs64, cfg).values
+        res32 = batched_ot(costs32, cfg)
+        row["log_domain_float32"] = any(res32.log_domain)
+        row["max_rel_diff_float32_vs_float64"] = (
+            ((res32.values.double() - v64).abs() / v64.abs()).max().item()
+        )
+        times = []
+        for _ in range(max(1, sz.repeats // 2)):
+            leaves = [c.detach().clone().requires_grad_(True) for c in costs32]
+            wall, _ = _time_once(_batched_forward_backward, leaves, cfg)
+            times.append(wall)
+        row["fb_ms_float32"] = statistics.median(times)
+        rows.append(row)
+    return rows
+
+
+# ----------------------------------------------------------------------------- all losses
+
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def _reset_peak() -> bool:
+    """Reset VmHWM (peak RSS) of this process; False where the kernel does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def make_loss_inputs(
+    sz: Sizes, s_layers: list[int], t_layers: list[int], heads: dict[str, Callable[[Tensor], Tensor]]
+) -> LossInputs:
+    g = torch.Generator().manual_seed(1)
+    s_final, t_final = 12, 24
+    paired = [i < sz.batch - 2 for i in range(sz.batch)]  # the last two rows are unpaired
+
+    def view(
+        mean: int, d: int, vocab: int, layers: list[int], final: int, aux: bool, student: bool
+    ) -> ResponseView:
+        lengths = [
+            (int(mean + torch.randint(-sz.spread, sz.spread + 1, (), generator=g)) if (p or not aux) else 0)
+            for p in paired
+        ]
+        n = max(lengths)
+        mask = torch.arange(n) < torch.tensor(lengths)[:, None]
+        resolved = sorted({final if layer == -1 else layer for layer in layers})
+        hidden = {
+            layer: (
+                torch.randn(sz.batch, n, d, generator=g).requires_grad_(True)
+                if student
+                else torch.randn(sz.batch, n, d, generator=g).to(torch.bfloat16)
+            )
+            for layer in resolved
+        }
+        ids = torch.randint(0, vocab, (sz.batch, n), generator=g) * mask
+        return ResponseView(hidden=hidden, mask=mask, inputs=ids, targets=ids.roll(-1, 1) * mask)
+
+    student = {
+        f: view(
+            sz.n_student if f == "main" else sz.n_student * 3 // 4,
+            sz.d_student,
+            sz.vocab_student,
+            s_layers,
+            s_final,
+            f == "aux",
+            True,
+        )
+        for f in ("main", "aux")
+    }
+    teacher = {
+        f: view(
+            sz.n_teacher if f == "main" else sz.n_teacher * 3 // 4,
+            sz.d_teacher,
+            sz.vocab_teacher,
+            t_layers,
+            t_final,
+            f == "aux",
+            False,
+        )
+        for f in ("main", "aux")
+    }
+    n_main = student["main"].mask.shape[1]
+    logits = torch.randn(sz.batch, n_main, sz.vocab_student, generator=g).requires_grad_(True)
+    return LossInputs(
+        student=student,
+        teacher=teacher,
+        student_logits=logits,
+        student_final=s_final,
+        teacher_final=t_final,
+        student_head=heads["student_head"],
+        teacher_head=heads["teacher_head"],
+        student_embed=heads["student_embed"],
+        teacher_embed=heads["teacher_embed"],
+        num_tokens=float(student["main"].mask.sum()),
+        num_examples=float(sz.batch),
+    )
+
+
+def bench_losses(sz: Sizes) -> list[dict[str, Any]]:
+    ctx = LossContext(
+        d_student=sz.d_student,
+        d_teacher=sz.d_teacher,
+        vocab_student=sz.vocab_student,
+        vocab_teacher=sz.vocab_teacher,
+        same_tokenizer=False,
+    )
+    s_head = nn.Linear(sz.d_student, sz.vocab_student, bias=False)
+    extras = {"student_head_weight": s_head.weight}  # what dskd's t2s logits read (frozen W_S)
+    t_head = nn.Linear(sz.d_teacher, sz.vocab_teacher, bias=False).requires_grad_(False)
+    heads: dict[str, Callable[[Tensor], Tensor]] = {
+        # heads take states of any float dtype (teacher states arrive in bf16), like the trainer's
+        "student_head": lambda h: s_head(h.to(s_head.weight.dtype)),
+        "teacher_head": lambda h: t_head(h.to(t_head.weight.dtype)),
+        "student_embed": nn.Embedding(sz.vocab_student, sz.d_student),
+        "teacher_embed": nn.Embedding(sz.vocab_teacher, sz.d_teacher).requires_grad_(False),
+    }
+    rows: list[dict[str, Any]] = []
+    for name in loss_names():
+        row: dict[str, Any] = {"loss": name}
+        rows.append(row)
+        if name == "kd":
+            row["note"] = "skipped: needs one shared vocabulary (same_tokenizer=False here)"
+            continue
+        try:
+            loss = build_loss(LossConfig(name=name), ctx)  # type: ignore[arg-type]
+        except (ImportError, NotImplementedError) as e:
+            row["note"] = f"not available ({type(e).__name__}: {e})"
+            continue
+        except (ConfigError, ValueError) as e:  # e.g. mined needs real tokenizers in the context
+            row["note"] = f"skipped: {str(e)[:160]}"
+            continue
+        s_layers, t_layers = loss.required_layers()
+        inputs = make_loss_inputs(sz, s_layers, t_layers, heads)
+        inputs.extras.update(extras)
+        times = []
+        peak_kib = 0
+        for _ in range(sz.loss_repeats):
+            base = _rss_kib("VmRSS")
+            exact = _reset_peak()
+            before_max = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            try:
+                wall, _ = _time_once(_loss_forward_backward, loss, inputs)
+            except (ImportError, NotImplementedError) as e:
+                row["note"] = f"not available ({type(e).__name__}: {e})"
+                break
+            except Exception as e:  # a loss still being written must not stop the benchmark
+                row["note"] = f"failed ({type(e).__name__}: {str(e)[:120]})"
+                break
+            if exact:
+                peak_kib = max(peak_kib, _rss_kib("VmHWM") - base)
+            else:
+                peak_kib = max(peak_kib, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before_max)
+            row["peak_memory"] = (
+                "VmHWM - VmRSS (peak RSS reset before the call)" if exact else "ru_maxrss growth"
+            )
+            times.append(wall)
+            if wall > 20_000:  # slow losses run once, to keep the full run within minutes
+                break
+            for t in (
+                inputs.student_logits,
+                *[h for v in inputs.student.values() for h in v.hidden.values()],
+            ):
+                t.grad = None
+            loss.zero_grad()
+        if times:
+            row["fb_ms"] = statistics.median(times)
+            row["peak_rss_delta_mib"] = peak_kib / 1024
+            row["parameters"] = sum(p.numel() for p in loss.parameters())
+        del inputs, loss
+    return rows
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def _fmt(x: float, digits: int = 3) -> str:
+    return f"{x:.{digits}g}"
+
+
+def report(out: dict[str, Any]) -> str:
+    eng = out["ot_engine"]
+    lines = [
+        f"## OT engine: {eng['problems']} problems, mean {eng['mean_n']:.0f} x {eng['mean_m']:.0f}, "
+        f"eps {EPS}, {ITERS} iterations unless stopped early; float32 timings, float64 equality",
+        "",
+        "| method | fwd ms | fwd+bwd ms | fwd+bwd CPU ms | x loop | x POT batch | iterations | max rel diff values | max rel diff grad (vs) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in eng["methods"].items():
+        iters = ",".join(str(i) for i in r.get("iterations", [])) or str(ITERS)
+        lines.append(
+            f"| {name} | {r['fwd_ms']:.1f} | {r['fb_ms']:.1f} | {r['fb_cpu_ms']:.1f} | {r['speedup_vs_loop']:.2f} | "
+            f"{r['speedup_vs_pot_batch']:.2f} | {iters} | {r['max_rel_diff_values']:.1e} | "
+            f"{r['max_rel_diff_grad']:.1e} ({r['grad_compared_with']}) |"
+        )
+    lines += [
+        "",
+        "## eps sweep (ours, auto log-domain, 100 iterations)",
+        "",
+        "| eps | mean <P,C> | <P,C> / mean C | H(P) / log(nm) | max P * nm | iters to 1e-6 | float32 log-domain | float32 vs float64 | fwd+bwd ms (f32) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in out["eps_sweep"]:
+        lines.append(
+            f"| {r['epsilon']} | {_fmt(r['mean_value'], 5)} | {_fmt(r['value_over_product_plan'], 5)} | "
+            f"{_fmt(r['plan_entropy_normalised'], 4)} | {_fmt(r['plan_max_entry_times_nm'])} | "
+            f"{r['iterations_to_tol_1e-6']} | {r['log_domain_float32']} | "
+            f"{r['max_rel_diff_float32_vs_float64']:.1e} | {r['fb_ms_float32']:.1f} |"
+        )
+    lines += ["", "## all losses (forward+backward of the loss only; student logits are a leaf)", ""]
+    lines += ["| loss | fwd+bwd ms | peak RSS delta MiB | loss parameters | note |", "|---|---|---|---|---|"]
+    for r in out["losses"]:
+        if "fb_ms" in r:
+            lines.append(
+                f"| {r['loss']} | {r['fb_ms']:.0f} | {r['peak_rss_delta_mib']:.0f} | {r['parameters']} | "
+                f"{r.get('note', '')} |"
+            )
+        else:
+            lines.append(f"| {r['loss']} | - | - | - | {r.get('note', '')} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, < 1 min")
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch default)")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "losses.json"))
+    parser.add_argument("--skip-losses", action="store_true", help="only the OT engine sections")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sz = QUICK if args.quick else FULL
+    start = time.perf_counter()
+    out: dict[str, Any] = {
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(),
+            "torch": torch.__version__,
+            "pot": ot.__version__,
+            "threads": torch.get_num_threads(),
+            "load_average_start": os.getloadavg(),
+        },
+        "sizes": sz.__dict__,
+    }
+    out["ot_engine"] = bench_engine(sz)
+    out["eps_sweep"] = bench_eps(sz)
+    out["losses"] = [] if args.skip_losses else bench_losses(sz)
+    out["machine"]["load_average_end"] = os.getloadavg()
+    out["seconds"] = time.perf_counter() - start
+    text = report(out)
+    print(text)
+    print(
+        f"\n{torch.get_num_threads()} threads; load average {out['machine']['load_average_start']} -> "
+        f"{out['machine']['load_average_end']}; {out['seconds']:.0f} s"
+    )
+    path = Path(args.out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()

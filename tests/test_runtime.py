@@ -1,0 +1,217 @@
+"""The served runtime against the colocated reference, failures, and its small parts.
+
+Multi-process tests spawn a local gloo world with `launch_local` (teacher ranks first,
+then student ranks) on tiny models built here; the colocated reference is the same
+config run in this process with the same global batch (grad_accum x dp).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from cot2align.config import Config
+from cot2align.configbase import ConfigError
+from cot2align.models import TinyModelConfig, build_tiny_model, load_tokenizer
+from cot2align.train import TrainResult
+from cot2align.transport import DATA, DataHeader, DesyncError, Request, checksum, pack, unpack
+
+TEACHER = TinyModelConfig(arch="llama", layers=2, hidden=32, heads=4, kv_heads=2, intermediate=64)
+STUDENT = {"arch": "gpt2", "layers": 2, "hidden": 24, "heads": 2, "kv_heads": 2, "intermediate": 48}
+STEPS = 5
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tiny_task: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Llama teacher checkpoint (safetensors) with the teacher tokenizer."""
+    out = tmp_path_factory.mktemp("runtime_teacher")
+    tok = load_tokenizer(tiny_task["tok_teacher"])
+    build_tiny_model(TEACHER, tok, seed=2).save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return out
+
+
+def _cfg(tiny_task: dict[str, Path], teacher_dir: Path, out: Path, *, mode: str, loss: str = "cot2align",
+         dp: int = 2, replicas: int = 1, steps: int = STEPS, overrides: list[str] | None = None) -> Config:
+    """Served: dp student ranks with grad_accum 1; colocated: one process with grad_accum = dp."""
+    cfg = Config().merged({
+        "run": {"output_dir": str(out), "name": f"{mode}-{loss}", "seed": 3, "work_dir": str(out / "work"),
+                "resume": False},
+        "data": {"train_file": str(tiny_task["train"]), "dev_file": str(tiny_task["dev"]),
+                 "test_file": str(tiny_task["test"]), "max_length": 128, "max_prompt_length": 40},
+        "cot": {"enabled": False},
+        "teacher": {"path": str(teacher_dir), "tokenizer": str(tiny_task["tok_teacher"]),
+                    "parallel": {"replicas": replicas}},
+        "student": {"tokenizer": str(tiny_task["tok_student"]), "parallel": {"dp": dp}},
+        "embedded": {"student_model": STUDENT},
+        "loss": {"name": loss},
+        "train": {"lr": 1e-2, "min_lr": 1e-4, "max_steps": steps, "micro_batch_size": 4,
+                  "grad_accum": dp if mode == "colocated" else 1},
+        "eval": {"dev_limit": 2, "max_new_tokens": 4, "seeds": [1]},
+        "logging": {"wandb_mode": "disabled", "progress": False, "log_every": 1},
+        "runtime": {"mode": mode, "timeout_s": 60},
+    }).with_overrides(overrides or [])
+    cfg.validate()
+    return cfg
+
+
+_REFERENCES: dict[tuple[Any, ...], TrainResult] = {}
+
+
+def _colocated(tiny_task: dict[str, Path], teacher_dir: Path, out: Path, loss: str, dp: int,
+               steps: int = STEPS) -> TrainResult:
+    """The colocated run with the same global batches (cached: several served cases share it)."""
+    from cot2align.pipeline import distill
+
+    key = (loss, dp, steps)
+    if key not in _REFERENCES:
+        _REFERENCES[key] = distill(_cfg(tiny_task, teacher_dir, out, mode="colocated", loss=loss, dp=dp,
+                                        steps=steps))
+    return _REFERENCES[key]
+
+
+def _assert_same_losses(served: TrainResult, colocated: TrainResult, steps: int) -> None:
+    a = [h["loss"] for h in served.history]
+    b = [h["loss"] for h in colocated.history]
+    assert len(a) == len(b) == steps
+    torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=1e-4, atol=0)
+    torch.testing.assert_close(torch.tensor([h["grad_norm"] for h in served.history]),
+                               torch.tensor([h["grad_norm"] for h in colocated.history]), rtol=1e-3, atol=0)
+    assert [h["lr"] for h in served.history] == pytest.approx([h["lr"] for h in colocated.history])
+
+
+# --------------------------------------------------------------------------- single process
+def test_header_request_and_packing_round_trip() -> None:
+    h = DataHeader(kind=DATA, step=3, micro=1, fmt=1, layers=(4, 0), rows=7, width=5, lengths_sum=checksum([3, 4]),
+                   indices_sum=checksum([10, 2]))
+    assert DataHeader.from_tensor(h.to_tensor(torch.device("cpu"))) == h
+    r = Request(first_step=2, total_steps=9, layers=(4, 0), fmts=("main", "aux"), num_samples=96, micro_batch=4,
+                accum=2, dp=3, seed=7)
+    assert Request.from_tensor(r.to_tensor(torch.device("cpu"))) == r
+    with pytest.raises(DesyncError, match="not a message header"):
+        DataHeader.from_tensor(torch.zeros(32, dtype=torch.int64))
+    assert checksum([3, 4]) != checksum([4, 3])
+    mask = torch.tensor([[True, True, False], [True, True, True]])  # lengths 2, 3
+    hidden = {0: torch.randn(2, 3, 5), 4: torch.randn(2, 3, 5)}
+    packed = pack(hidden, mask, [4, 0], torch.float32)
+    assert packed.shape == (2, 5, 5)
+    back = unpack(packed, mask, [4, 0], torch.float32)
+    for layer in (0, 4):
+        assert torch.equal(back[layer][mask], hidden[layer][mask])
+        assert not back[layer][~mask].any()
+
+
+def test_teacher_io_reads_only_head_and_embedding(teacher_dir: Path, tmp_path: Path) -> None:
+    from cot2align.models import load_model
+    from cot2align.student.teacher_io import load_teacher_io
+
+    model = load_model(teacher_dir)
+    io = load_teacher_io(teacher_dir)
+    x = torch.randn(2, 3, 32)
+    assert torch.equal(io.head(x), model.get_output_embeddings()(x))
+    ids = torch.tensor([[1, 5, 7]])
+    assert torch.equal(io.embed(ids), model.get_input_embeddings()(ids))
+    assert (io.num_layers, io.hidden_size) == (2, 32)
+    assert not any(p.requires_grad for p in [*io.head.parameters(), *io.embed.parameters()])
+    # a tied model (GPT-2): the checkpoint has no separate output weight
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2, n_positions=32))
+    gpt2.save_pretrained(tmp_path, safe_serialization=True)
+    io2 = load_teacher_io(tmp_path)
+    y = torch.randn(4, 16)
+    assert torch.equal(io2.head(y), gpt2.lm_head(y))
+
+
+def test_served_config_is_checked(tiny_task: dict[str, Path], teacher_dir: Path, tmp_path: Path) -> None:
+    from cot2align.runtime import check_served, local_world_size
+
+    cfg = _cfg(tiny_task, teacher_dir, tmp_path, mode="served", overrides=["teacher.parallel.tp=2"])
+    with pytest.raises(ConfigError, match="teacher_backend=hf runs the teacher on one rank"):
+        check_served(cfg)
+    with pytest.raises(ConfigError, match=r"runtime\.zero_stage"):
+        _cfg(tiny_task, teacher_dir, tmp_path, mode="served", overrides=["runtime.zero_stage=3"])
+    megatron = cfg.with_overrides(["runtime.teacher_backend=megatron", "teacher.parallel.replicas=2"])
+    check_served(megatron)
+    assert local_world_size(megatron) == 2 * 2 + 2
+
+
+# --------------------------------------------------------------------------- served worlds
+@pytest.mark.slow
+@pytest.mark.parametrize(("loss", "zero_stage"), [("cot2align", 1), ("dskd", 2)])
+def test_served_hf_matches_colocated(tiny_task: dict[str, Path], teacher_dir: Path, tmp_path: Path, loss: str,
+                                     zero_stage: int) -> None:
+    """1 hf teacher rank + 2 DeepSpeed students == one colocated process, step by step; for
+    cot2align also: resuming from the step-4 checkpoint reproduces step 5 (teacher starts at 4)."""
+    from cot2align.pipeline import distill
+
+    ref = _colocated(tiny_task, teacher_dir, tmp_path / "ref", loss, dp=2)
+    cfg = _cfg(tiny_task, teacher_dir, tmp_path, mode="served", loss=loss,
+               overrides=[f"runtime.zero_stage={zero_stage}", "train.save_every=2"])
+    res = distill(cfg)
+    _assert_same_losses(res, ref, STEPS)
+    assert (cfg.run_dir / "final" / "config.json").is_file()
+    if loss != "cot2align":
+        return
+    assert {"ot/main_main", "ot/aux_main", "ot/main_aux"} <= set(res.history[0])
+    (cfg.run_dir / "checkpoints" / "latest").write_text("step_00000004")  # kept: steps 4 and 5
+    resumed = distill(cfg.with_overrides(["run.resume=true"]))
+    assert [h["step"] for h in resumed.history] == [1, 2, 3, 4, 5]
+    torch.testing.assert_close(torch.tensor(resumed.history[-1]["loss"]), torch.tensor(res.history[-1]["loss"]),
+                               rtol=1e-6, atol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("tp", "pp", "dp"), [(2, 1, 2), (1, 2, 1)], ids=["tp2-dp2", "pp2-dp1"])
+def test_served_megatron_matches_colocated(tiny_task: dict[str, Path], teacher_dir: Path, tmp_path: Path, tp: int,
+                                           pp: int, dp: int) -> None:
+    """megatron-core teacher shards (TP2 or PP2, fp32) serving the students == colocated HF teacher."""
+    from cot2align.runtime import launch_local
+
+    ref = _colocated(tiny_task, teacher_dir, tmp_path / "ref", "cot2align", dp=dp)
+    cfg = _cfg(tiny_task, teacher_dir, tmp_path, mode="served", dp=dp, overrides=[
+        "runtime.teacher_backend=megatron", f"teacher.parallel.tp={tp}", f"teacher.parallel.pp={pp}"])
+    res = launch_local(cfg, timeout_s=240)
+    _assert_same_losses(res, ref, STEPS)
+
+
+@pytest.mark.slow
+def test_odd_layout_two_replicas_three_students(tiny_task: dict[str, Path], teacher_dir: Path,
+                                                tmp_path: Path) -> None:
+    """2 hf teacher replicas serving 3 students (replica 0 serves students 0 and 2)."""
+    from cot2align.runtime import launch_local
+
+    ref = _colocated(tiny_task, teacher_dir, tmp_path / "ref", "cot2align", dp=3, steps=2)
+    cfg = _cfg(tiny_task, teacher_dir, tmp_path, mode="served", dp=3, replicas=2, steps=2,
+               overrides=["runtime.prefetch=1"])
+    res = launch_local(cfg, timeout_s=240)
+    _assert_same_losses(res, ref, 2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", ["exit", "hang"])
+def test_students_fail_fast_when_a_teacher_dies(tiny_task: dict[str, Path], teacher_dir: Path, tmp_path: Path,
+                                                fault: str) -> None:
+    """Teacher rank 0 exits (or stops sending) after 6 messages: the students fail within their
+    deadline with an error naming that rank and its role; nothing hangs."""
+    from cot2align.runtime import WorldError, launch_local
+    from cot2align.teacher.serve import FAULT_ENV
+
+    cfg = _cfg(tiny_task, teacher_dir, tmp_path, mode="served", steps=8, overrides=["runtime.timeout_s=4"])
+    t0 = time.monotonic()
+    with pytest.raises(WorldError) as info:
+        launch_local(cfg, env={FAULT_ENV: f"{fault}:0:6"}, timeout_s=150)
+    elapsed = time.monotonic() - t0
+    assert elapsed < 120, f"took {elapsed:.0f} s"
+    failures = info.value.failures
+    assert set(failures) == {0, 1, 2}
+    if fault == "exit":
+        assert "exited with code 17" in failures[0]
+    named = [r for r in (1, 2) if "teacher rank 0 (replica 0, pp 0, tp 0)" in failures[r]]
+    assert named, failures  # at least one student names the teacher; the other may fail in its all-reduce
+    if fault == "hang":
+        assert any("sent nothing for 4 s" in failures[r] for r in named)
