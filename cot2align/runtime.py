@@ -354,6 +354,8 @@ def launch_local(cfg: Config, world_size: int | None = None, env: dict[str, str]
                 proc.kill()
         for proc in procs:
             proc.join(timeout=10)
+        results.close()
+        results.join_thread()
     missing = [r for r in range(world) if r not in done and r not in failures]
     for r in missing:
         failures[r] = "did not finish before the deadline (killed)"

@@ -1,8 +1,10 @@
 """The training loop: one readable function for distillation and for teacher SFT.
 
 `train()` runs on one process with the teacher in the same process (the `colocated`
-mode). The teacher is reached only through a `TeacherSource`, so the served runtime
-swaps in a source that receives hidden states from teacher ranks.
+mode). The teacher is reached only through a `TeacherSource`, and the optimizer only
+through a `Stepper`, so the served runtime (`cot2align.runtime`) runs this same loop on
+each data-parallel student rank with a source that receives hidden states from teacher
+ranks and a DeepSpeed stepper.
 """
 
 from __future__ import annotations

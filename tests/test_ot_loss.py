@@ -213,7 +213,9 @@ def test_no_solvable_problem_gives_zero_with_the_projector_in_the_graph() -> Non
     module = CrossCoTOT(OTConfig(), CTX).double()
     inputs = make_inputs(7, [(3, 0), (0, 4)], None)
     value, parts = module(inputs)
-    assert float(value.detach()) == 0.0 and parts == {}
+    assert float(value.detach()) == 0.0
+    assert set(parts) == {"main_main", "layer0_0", f"layer{S_FINAL}_{T_FINAL}"}
+    assert all(float(v) == 0.0 for v in parts.values())
     value.backward()
     assert module.projector.weight.grad is not None and float(module.projector.weight.grad.abs().sum()) == 0.0
 

@@ -102,11 +102,16 @@ class CrossCoTOT(nn.Module):
         ]
 
     def forward(self, inputs: LossInputs) -> tuple[Tensor, dict[str, Tensor]]:
-        """Returns (L_OT scalar, parts): parts per pair ("main_main", "aux_main", "main_aux")
-        and per layer ("layer{ls}_{lt}"), each normalised like L_OT."""
+        """L_OT (scalar, projector dtype) and its parts (detached scalars, normalised like L_OT).
+
+        Reads, for each used format and layer, student hidden [B, N_s, d_s] and teacher
+        hidden [B, N_t, d_t] (any float dtype) with their masks [B, N]. Parts: one per pair
+        ("main_main", "aux_main", "main_aux") and one per layer pair ("layer{ls}_{lt}").
+        """
         dtype = self.projector.weight.dtype
         pairs = self.pairs(inputs)
         layers = self.layers(inputs)
+        names = [PAIRS[p] for p in pairs] + [f"layer{ls}_{lt}" for ls, lt in layers]
         # student states and projected teacher states, split per example: (format, layer) -> [n_b, d_s] list
         xs: dict[tuple[str, int], list[Tensor]] = {}
         ys: dict[tuple[str, int], list[Tensor]] = {}
@@ -131,11 +136,11 @@ class CrossCoTOT(nn.Module):
         if not problems:
             # keep the projector in the graph so data-parallel gradient reduction sees it
             zero = torch.stack([p.sum() for p in self.projector.parameters()]).sum() * 0.0
-            return zero, {}
+            return zero, {name: zero.detach() for name in names}
         values = batched_ot(problems, self.cfg.sinkhorn, COSTS[self.cfg.cost]).values * scale  # [P]
         parts: dict[str, Tensor] = {}
         done = values.detach()
-        for name in [PAIRS[p] for p in pairs] + [f"layer{ls}_{lt}" for ls, lt in layers]:
+        for name in names:
             sel = [i for i, key in enumerate(keys) if name in key]
             parts[name] = done[sel].sum() if sel else done.new_zeros(())
         return values.sum(), parts

@@ -58,6 +58,8 @@ class ServedTeacher:
         self.replica_ranks = replica_ranks
         self.sender_of = routes
         self.wire_dtype = wire_dtype
+        self.view_dtype = next(io.head.parameters()).dtype
+        """Views are handed out in the teacher's dtype, as the colocated teacher's would be."""
         self.timeout_s = timeout_s
         self.first_timeout_s = first_timeout_s
         self.seed = seed
@@ -94,7 +96,7 @@ class ServedTeacher:
     def views(self, batch: Batch, fmts: list[str], layers: list[int]) -> dict[str, ResponseView]:
         """Receive the teacher's views of `batch` (the next micro-batch of this replica).
 
-        Returns fmt -> ResponseView with hidden[layer] [B, N_t, d] (wire dtype) on the
+        Returns fmt -> ResponseView with hidden[layer] [B, N_t, d] (the teacher's dtype) on the
         batch's device, mask / inputs / targets from the student's own teacher tokenization.
         """
         if sorted(layers) != sorted(self._layers):
@@ -116,7 +118,7 @@ class ServedTeacher:
             hidden = {}
             for route in self._routes:
                 packed = self._receive(route, want)
-                hidden.update(unpack(packed, seq.resp_mask, route.layers, self.wire_dtype))
+                hidden.update(unpack(packed, seq.resp_mask, route.layers, self.view_dtype))
             self.positions_received += rows
             out[fmt] = ResponseView(hidden=hidden, mask=seq.resp_mask, inputs=seq.inputs, targets=seq.targets)
         self._cursor += 1
