@@ -1,6 +1,6 @@
 """Benchmarks of the OT engine and of every distillation loss on synthetic inputs (CPU).
 
-    python bench/losses.py [--quick] [--threads N] [--out bench/results/losses.json]
+    python bench/losses.py [--quick] [--threads N (default 1)] [--out bench/results/losses.json]
 
 "OT engine": the 48 problems of one CoT2Align micro-batch (batch 8 x 3 Cross-CoT pairs
 x 2 layers), attention costs between student states and projected teacher states,
@@ -287,7 +287,11 @@ def bench_eps(sz: Sizes) -> list[dict[str, Any]]:
         row["iterations_to_tol_1e-6"] = max(conv.iterations)
         v64 = batched_ot(costs64, cfg).values
         res32 = batched_ot(costs32, cfg)
-        row["log_domain_float32"] = any(res32.log_domain)
+        paths = {
+            "log" if log else ("plain f64" if dt == torch.float64 else "plain f32")
+            for log, dt in zip(res32.log_domain, res32.dtypes)
+        }
+        row["float32_input_path"] = "/".join(sorted(paths))
         row["max_rel_diff_float32_vs_float64"] = (
             ((res32.values.double() - v64).abs() / v64.abs()).max().item()
         )
@@ -423,7 +427,7 @@ def bench_one_loss(name: str, sz: Sizes) -> dict[str, Any]:
     inputs.extras["student_head_weight"] = s_head.weight  # what dskd's t2s logits read (frozen W_S)
     times = []
     peak_kib = 0
-    for _ in range(sz.loss_repeats):
+    for _ in range(1 + sz.loss_repeats):  # the first run warms up (fresh process: page faults)
         base = _rss_kib("VmRSS")
         exact = _reset_peak()
         before_max = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -447,7 +451,8 @@ def bench_one_loss(name: str, sz: Sizes) -> dict[str, Any]:
             t.grad = None
         loss.zero_grad()
     if times:
-        row["fb_ms"] = statistics.median(times)
+        row["fb_ms"] = statistics.median(times[1:] or times)
+        row["runs"] = len(times)
         row["peak_rss_delta_mib"] = peak_kib / 1024
         row["parameters"] = sum(p.numel() for p in loss.parameters())
     return row
@@ -506,14 +511,14 @@ def report(out: dict[str, Any]) -> str:
         "",
         "## eps sweep (ours, auto log-domain, 100 iterations)",
         "",
-        "| eps | mean <P,C> | <P,C> / mean C | H(P) / log(nm) | max P * nm | iters to 1e-6 | float32 log-domain | float32 vs float64 | fwd+bwd ms (f32) |",
+        "| eps | mean <P,C> | <P,C> / mean C | H(P) / log(nm) | max P * nm | iters to 1e-6 | float32 input runs | float32 vs float64 | fwd+bwd ms (f32) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in out["eps_sweep"]:
         lines.append(
             f"| {r['epsilon']} | {_fmt(r['mean_value'], 5)} | {_fmt(r['value_over_product_plan'], 5)} | "
             f"{_fmt(r['plan_entropy_normalised'], 4)} | {_fmt(r['plan_max_entry_times_nm'])} | "
-            f"{r['iterations_to_tol_1e-6']} | {r['log_domain_float32']} | "
+            f"{r['iterations_to_tol_1e-6']} | {r['float32_input_path']} | "
             f"{r['max_rel_diff_float32_vs_float64']:.1e} | {r['fb_ms_float32']:.1f} |"
         )
     lines += ["", "## all losses (forward+backward of the loss only; student logits are a leaf)", ""]
@@ -532,7 +537,13 @@ def report(out: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, < 1 min")
-    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch default)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (0 = torch default); 1 by default: with other jobs on a 2-core "
+        "machine, 2 OpenMP threads stall each other and a full run takes over 15 min",
+    )
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "losses.json"))
     parser.add_argument("--skip-losses", action="store_true", help="only the OT engine sections")
     parser.add_argument("--loss-timeout", type=float, default=40.0, help="seconds per loss in 'all losses'")

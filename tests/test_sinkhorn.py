@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import ot
 import pytest
 import torch
@@ -100,9 +102,9 @@ def test_plan_and_value_gradients_match_autograd_reference(log_domain: str) -> N
         torch.testing.assert_close(batch.grad[i, :n, :m], ref_c.grad, rtol=1e-8, atol=1e-11)
 
 
-def directional_fd(fn: object, c: Tensor, d: Tensor, h: float = 1e-6) -> float:
-    f = fn  # type: ignore[assignment]
-    return float((f(c + h * d) - f(c - h * d)) / (2 * h))  # type: ignore[operator]
+def directional_fd(fn: Callable[[Tensor], Tensor], c: Tensor, d: Tensor, h: float = 1e-6) -> float:
+    """Central finite difference of fn at c along d."""
+    return float((fn(c + h * d) - fn(c - h * d)) / (2 * h))
 
 
 @pytest.mark.parametrize("log_domain", ["never", "always"])
@@ -187,8 +189,20 @@ def test_plain_and_log_domain_agree_where_both_are_safe() -> None:
 
 def test_auto_mode_picks_log_domain_only_when_needed(monkeypatch: pytest.MonkeyPatch) -> None:
     c32 = torch.rand(2, 6, 7, generator=torch.Generator().manual_seed(7)) * 2.0
-    assert not sinkhorn(c32, epsilon=10.0, max_iter=5).log_domain
-    assert sinkhorn(c32, epsilon=0.01, max_iter=5).log_domain  # C / eps up to 200 in float32
+    res = sinkhorn(c32, epsilon=10.0, max_iter=5)
+    assert not res.log_domain and res.dtype == torch.float32
+    # C / eps up to 200: too wide for plain float32, fine for plain float64
+    x = c32.clone().requires_grad_(True)
+    res = sinkhorn(x, epsilon=0.01, max_iter=30)
+    assert not res.log_domain and res.dtype == F64 and res.value.dtype == torch.float32
+    res.value.sum().backward()
+    x64 = c32.double().requires_grad_(True)
+    res64 = sinkhorn(x64, epsilon=0.01, max_iter=30)
+    res64.value.sum().backward()
+    torch.testing.assert_close(res.value.double(), res64.value, rtol=1e-6, atol=0.0)
+    assert x.grad is not None and x64.grad is not None
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-5, atol=1e-6)
+    assert sinkhorn(c32 * 10, epsilon=0.01, max_iter=5).log_domain  # C / eps up to 2000
     # a column shift is free: large but constant-per-column costs stay on the plain path
     shifted = c32 * 0.01 + torch.arange(7.0) * 100.0
     assert not sinkhorn(shifted, epsilon=0.1, max_iter=5).log_domain

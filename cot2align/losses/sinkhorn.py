@@ -12,7 +12,8 @@ Two numerical paths give the same iterates:
   by their minimum first; that leaves every iterate unchanged and each column of K
   then holds a 1, so K^T u never underflows.
 * log-domain: the same updates on log u, log v with logsumexp. Several times slower;
-  used only when exp(-C / eps) could underflow (`log_domain="auto"`), or when forced.
+  used only when exp(-C / eps) could underflow (`log_domain="auto"`: float32 costs that
+  are too wide for plain float32 first go to plain float64), or when forced.
 
 Gradients with respect to C:
 * "unroll": the exact derivative of the reported value <P, C> through all iterations
@@ -47,6 +48,7 @@ CostFn = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
 
 #: Largest max_ij (C_ij - min_i C_ij) / eps for which auto mode keeps the plain path:
 #: exp(-limit) and the scaling factors (up to ~exp(+-limit)) stay far from under/overflow.
+#: Float32 costs beyond the float32 limit but within the float64 one run plain in float64.
 PLAIN_LIMIT: dict[torch.dtype, float] = {torch.float32: 30.0, torch.float64: 230.0}
 #: Stand-in for log(0) on padding in the log-domain path (finite, so no inf - inf).
 _LOG_ZERO = -1e30
@@ -65,6 +67,8 @@ class SinkhornResult:
     iterations: int
     log_domain: bool
     backward_steps: list[int] = field(default_factory=list)
+    dtype: torch.dtype = torch.float32
+    """the dtype the iterations ran in (float64 for float32 costs too wide for plain float32)"""
 
 
 @dataclass
@@ -77,6 +81,7 @@ class BatchedOTResult:
     log_domain: list[bool] = field(default_factory=list)
     bucket_shapes: list[tuple[int, int, int]] = field(default_factory=list)
     backward_steps: list[list[int]] = field(default_factory=list)
+    dtypes: list[torch.dtype] = field(default_factory=list)
 
 
 def sinkhorn(
@@ -135,8 +140,28 @@ def sinkhorn(
         else:
             colmin = c.amin(dim=1, keepdim=True)
             log_k = (colmin - c).mul_(1.0 / epsilon)
+        promote = False
         if log_domain == "auto" and log_k.numel() > 0:
-            use_log = -log_k.amin().item() > PLAIN_LIMIT[c.dtype]
+            reach = -log_k.amin().item()
+            use_log = reach > PLAIN_LIMIT[c.dtype]
+            # plain float64 is still several times faster than the log domain
+            promote = use_log and c.dtype == torch.float32 and reach <= PLAIN_LIMIT[torch.float64]
+    if promote:
+        del log_k
+        res = sinkhorn(
+            cost.double(),
+            row_mask,
+            col_mask,
+            epsilon=epsilon,
+            max_iter=max_iter,
+            tol=tol,
+            check_every=check_every,
+            gradient=gradient,
+            log_domain="never",
+            truncate_backward=truncate_backward,
+        )
+        res.plan, res.value = res.plan.float(), res.value.float()
+        return res
     if not use_log:
         k = log_k.exp_()
         if padded:
@@ -156,9 +181,9 @@ def sinkhorn(
             steps,
         )
         if log_domain == "never" or bool(torch.isfinite(value.detach()).all()):
-            return SinkhornResult(plan, value, iters, False, steps)
+            return SinkhornResult(plan, value, iters, False, steps, k.dtype)
     plan, value, iters = _log(cost, colmin, row_mask, col_mask, epsilon, max_iter, tol, check_every, gradient)
-    return SinkhornResult(plan, value, iters, True)
+    return SinkhornResult(plan, value, iters, True, dtype=cost.dtype)
 
 
 def _marginals(row_mask: Tensor, col_mask: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -496,6 +521,7 @@ def batched_ot(
         result.log_domain.append(res.log_domain)
         result.bucket_shapes.append((len(idx), n_max, m_max))
         result.backward_steps.append(res.backward_steps)
+        result.dtypes.append(res.dtype)
     skipped = [i for i, (n, m) in enumerate(sizes) if n == 0 or m == 0]
     if skipped:
         chunks.append(torch.zeros(len(skipped), dtype=chunks[0].dtype if chunks else dtype, device=device))
