@@ -90,7 +90,6 @@ def generate(model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompts: list
 
 def rouge_l(prediction: str, references: list[str]) -> float:
     """ROUGE-L F-measure x 100, max over references (rouge-score, stemmer on)."""
-    from rouge_score import rouge_scorer
 
     scorer = _scorer()
     return 100.0 * max(scorer.score(ref, prediction)["rougeL"].fmeasure for ref in references)

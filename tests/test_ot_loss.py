@@ -15,6 +15,7 @@ from cot2align.losses.base import LossContext, LossInputs, ResponseView
 from cot2align.losses.config import LossConfig, OTConfig, SinkhornConfig
 from cot2align.losses.ot import CrossCoTOT, attention_cost, cosine_cost, euclidean_cost
 from cot2align.losses.registry import build_loss
+from cot2align.losses.sinkhorn import batched_ot
 
 F64 = torch.float64
 D_S, D_T = 6, 10
@@ -74,6 +75,13 @@ def reference_cost(name: str, x: Tensor, y: Tensor) -> Tensor:
     return torch.cdist(x, y)
 
 
+def pot_value(c: Tensor, eps: float, iters: int) -> Tensor:
+    """POT's <P, C> after exactly `iters` Sinkhorn iterations with uniform marginals."""
+    a = torch.full((c.shape[0],), 1.0 / c.shape[0], dtype=c.dtype)
+    b = torch.full((c.shape[1],), 1.0 / c.shape[1], dtype=c.dtype)
+    return ot.sinkhorn2(a, b, c, reg=eps, numItermax=iters, stopThr=0.0, warn=False)
+
+
 def reference_loss(module: CrossCoTOT, inputs: LossInputs, cfg: OTConfig) -> tuple[Tensor, dict[str, Tensor]]:
     """Loop over examples, pairs and layers, one POT problem each."""
     pairs = {("main", "main"): "main_main"}
@@ -93,17 +101,7 @@ def reference_loss(module: CrossCoTOT, inputs: LossInputs, cfg: OTConfig) -> tup
                 if x.shape[0] == 0 or y.shape[0] == 0:
                     continue
                 c = reference_cost(cfg.cost, x, y)
-                a = torch.full((x.shape[0],), 1.0 / x.shape[0], dtype=F64)
-                bb = torch.full((y.shape[0],), 1.0 / y.shape[0], dtype=F64)
-                val = ot.sinkhorn2(
-                    a,
-                    bb,
-                    c,
-                    reg=cfg.sinkhorn.epsilon,
-                    numItermax=cfg.sinkhorn.iterations,
-                    stopThr=0.0,
-                    warn=False,
-                )
+                val = pot_value(c, cfg.sinkhorn.epsilon, cfg.sinkhorn.iterations)
                 val = val * cfg.normalizer / inputs.num_examples
                 total = total + val
                 parts[name] = parts[name] + val.detach()
@@ -266,3 +264,17 @@ def test_cosine_and_euclidean_costs() -> None:
     xs.grad = None
     euclidean_cost(xs, ys[1:].detach().requires_grad_(True)).sum().backward()
     torch.testing.assert_close(xs.grad, xr.grad)
+
+
+def test_batched_ot_accepts_a_cost_name() -> None:
+    g = torch.Generator().manual_seed(11)
+    pairs = [
+        (torch.randn(n, 4, generator=g, dtype=F64), torch.randn(m, 4, generator=g, dtype=F64))
+        for n, m in MAIN
+    ]
+    cfg = SinkhornConfig(epsilon=0.5, iterations=15, bucket_size=2)
+    by_name = batched_ot(pairs, cfg, "cosine").values
+    by_fn = batched_ot(pairs, cfg, cosine_cost).values
+    torch.testing.assert_close(by_name, by_fn, rtol=0.0, atol=0.0)
+    ref = [pot_value(reference_cost("cosine", x, y), 0.5, 15) for x, y in pairs]
+    torch.testing.assert_close(by_name, torch.stack(ref), rtol=1e-10, atol=1e-13)
