@@ -157,7 +157,7 @@ def sinkhorn(
             tol=tol,
             check_every=check_every,
             gradient=gradient,
-            log_domain="never",
+            log_domain="auto",
             truncate_backward=truncate_backward,
         )
         res.plan, res.value = res.plan.float(), res.value.float()
