@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -114,6 +115,23 @@ class DistillLoss(nn.Module):
         return [-1], [-1]
 
     def forward(self, inputs: LossInputs) -> LossOutput:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class KDTerm(nn.Module):
+    """Base of the KD terms (`loss.base` / baseline names): built as Cls(cfg, ctx), called as
+    term(inputs) -> (scalar, {part: scalar}); they use the final layer of each side only."""
+
+    def __init__(self, cfg: Any, ctx: LossContext) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.ctx = ctx
+
+    def required_layers(self) -> tuple[list[int], list[int]]:
+        """Final layers only."""
+        return [-1], [-1]
+
+    def forward(self, inputs: LossInputs) -> tuple[Tensor, dict[str, Tensor]]:  # pragma: no cover - abstract
         raise NotImplementedError
 
 

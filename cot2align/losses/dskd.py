@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cot2align.losses.base import LossContext, LossInputs
+from cot2align.losses.base import KDTerm, LossContext, LossInputs
 from cot2align.losses.config import LossConfig
 from cot2align.losses.kd import (
     chunked_sum,
@@ -55,7 +55,7 @@ def student_head_params(inputs: LossInputs) -> tuple[Tensor, Tensor | None]:
     return w.detach(), bias.detach() if isinstance(bias, Tensor) else None
 
 
-class DSKD(nn.Module):
+class DSKD(KDTerm):
     """DSKD-CMA KD term; projectors are trainable members (trained with loss.projector_lr).
 
     Per row (views restricted to response positions; x / y = student inputs / targets,
@@ -97,19 +97,14 @@ class DSKD(nn.Module):
     """
 
     def __init__(self, cfg: LossConfig, ctx: LossContext) -> None:
-        super().__init__()
+        super().__init__(cfg, ctx)
         if ctx.d_student <= 0 or ctx.d_teacher <= 0:
             raise ValueError(f"dskd: needs d_student and d_teacher > 0, got {ctx.d_student}, {ctx.d_teacher}")
-        self.cfg = cfg
         self.d_student = ctx.d_student
         self.d_teacher = ctx.d_teacher
         self.query = nn.Linear(2 * ctx.d_student, 2 * ctx.d_teacher)
         self.t2s = nn.Linear(ctx.d_teacher, ctx.d_student)
         self.s2t = nn.Linear(ctx.d_student, ctx.d_teacher)
-
-    def required_layers(self) -> tuple[list[int], list[int]]:
-        """Final layers only."""
-        return [-1], [-1]
 
     def forward(self, inputs: LossInputs) -> tuple[Tensor, dict[str, Tensor]]:
         """KD scalar and its parts {"t2s_ce", "t2s_kd", "s2t_kd", "t2s_acc"}; see the class docstring."""

@@ -24,8 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from cot2align.losses.base import LossContext, LossInputs, ResponseView
-from cot2align.losses.config import LossConfig
+from cot2align.losses.base import KDTerm, LossInputs, ResponseView
 
 #: log-probabilities are clamped here before differences, so 0 * (-inf) never yields NaN
 _LOG_FLOOR = -1e30
@@ -150,7 +149,7 @@ def divergence(name: str, ls: Tensor, lt: Tensor, skew: float, mu: float) -> Ten
 
 
 # ----------------------------------------------------------------------------- LogitKD
-class LogitKD(torch.nn.Module):
+class LogitKD(KDTerm):
     """Token-level KD between two models that share ONE tokenizer (`kd`).
 
     On every main response position (student and teacher masks must be identical: the same
@@ -170,15 +169,6 @@ class LogitKD(torch.nn.Module):
 
     Returns (kd [], {"kd": kd}).
     """
-
-    def __init__(self, cfg: LossConfig, ctx: LossContext) -> None:
-        super().__init__()
-        self.cfg = cfg
-        self.ctx = ctx
-
-    def required_layers(self) -> tuple[list[int], list[int]]:
-        """Final layers only."""
-        return [-1], [-1]
 
     def forward(self, inputs: LossInputs) -> tuple[Tensor, dict[str, Tensor]]:
         """KD scalar and its parts; see the class docstring."""

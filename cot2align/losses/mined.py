@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cot2align.losses.base import LossContext, LossInputs
+from cot2align.losses.base import KDTerm, LossContext, LossInputs
 from cot2align.losses.config import LossConfig
 from cot2align.losses.kd import chunked_sum, final_hidden, main_views, token_denominator, up
 
@@ -411,7 +411,7 @@ def _role_ids(tokenizer: object) -> dict[str, int]:
 
 
 # ----------------------------------------------------------------------------- the loss
-class MinED(torch.nn.Module):
+class MinED(KDTerm):
     """MinED KD (Wan et al. 2024, as used by DSKD) for models with different tokenizers.
 
     For every row with a non-empty response on both sides:
@@ -447,11 +447,9 @@ class MinED(torch.nn.Module):
     """
 
     def __init__(self, cfg: LossConfig, ctx: LossContext) -> None:
-        super().__init__()
+        super().__init__(cfg, ctx)
         if ctx.student_tokenizer is None or ctx.teacher_tokenizer is None:
             raise ValueError("mined: LossContext.student_tokenizer and .teacher_tokenizer are both required")
-        self.cfg = cfg
-        self.ctx = ctx
         self.student_table = TokenTable.from_tokenizer(ctx.student_tokenizer, ctx.vocab_student or None)
         self.teacher_table = TokenTable.from_tokenizer(ctx.teacher_tokenizer, ctx.vocab_teacher or None)
         path: Path | None = None
@@ -478,10 +476,6 @@ class MinED(torch.nn.Module):
         self.register_buffer(
             "map_student", torch.tensor([s for _, s in mapped], dtype=torch.long), persistent=False
         )
-
-    def required_layers(self) -> tuple[list[int], list[int]]:
-        """Final layers only."""
-        return [-1], [-1]
 
     def align_row(self, s_targets: list[int], t_targets: list[int]) -> list[tuple[int, int]]:
         """Aligned (student position, teacher position) pairs of one row (steps 1-2 of the class doc)."""

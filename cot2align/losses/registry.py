@@ -7,7 +7,7 @@ import importlib
 from torch import Tensor, nn
 
 from cot2align.configbase import ConfigError
-from cot2align.losses.base import DistillLoss, LossContext, LossInputs, LossOutput, masked_token_ce
+from cot2align.losses.base import DistillLoss, KDTerm, LossContext, LossInputs, LossOutput, masked_token_ce
 from cot2align.losses.config import LossConfig
 
 #: KD term name -> "module:Class"; each class is built as Cls(cfg: LossConfig, ctx: LossContext)
@@ -20,7 +20,7 @@ KD_TERMS: dict[str, str] = {
 }
 
 
-def build_kd_term(name: str, cfg: LossConfig, ctx: LossContext) -> nn.Module:
+def build_kd_term(name: str, cfg: LossConfig, ctx: LossContext) -> KDTerm:
     """Instantiate the KD term `name` (one of KD_TERMS)."""
     if name not in KD_TERMS:
         raise ConfigError(f"loss.base: unknown KD term {name!r}; expected one of {', '.join(KD_TERMS)}")
@@ -36,7 +36,7 @@ class Distiller(DistillLoss):
     ot: the Cross-CoT OT term (None except for cot2align).
     """
 
-    def __init__(self, cfg: LossConfig, kd: nn.Module | None, ot: nn.Module | None) -> None:
+    def __init__(self, cfg: LossConfig, kd: KDTerm | None, ot: nn.Module | None) -> None:
         super().__init__()
         self.cfg = cfg
         self.kd = kd
@@ -47,8 +47,8 @@ class Distiller(DistillLoss):
         if self.ot is not None:
             s += list(self.cfg.ot.student_layers)
             t += list(self.cfg.ot.teacher_layers)
-        if self.kd is not None and hasattr(self.kd, "required_layers"):
-            ks, kt = self.kd.required_layers()  # type: ignore[operator]
+        if self.kd is not None:
+            ks, kt = self.kd.required_layers()
             s += ks
             t += kt
         return sorted(set(s)), sorted(set(t))
@@ -61,7 +61,7 @@ class Distiller(DistillLoss):
             return LossOutput(ce, parts)
         distill = ce.new_zeros(())
         if self.kd is not None:
-            kd, kd_parts = self.kd(inputs)  # type: ignore[operator]
+            kd, kd_parts = self.kd(inputs)
             distill = distill + kd
             parts["kd"] = kd.detach()
             parts.update({f"kd/{k}": v.detach() for k, v in kd_parts.items()})

@@ -6,8 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from cot2align.losses.base import LossContext, LossInputs
-from cot2align.losses.config import LossConfig
+from cot2align.losses.base import KDTerm, LossInputs
 from cot2align.losses.kd import chunked_sum, final_hidden, main_views, token_denominator, up
 
 
@@ -33,7 +32,7 @@ def sorted_l1(p_s: Tensor, p_t: Tensor) -> Tensor:
     return out + a[:, w:].sum(-1) + b[:, w:].sum(-1)
 
 
-class ULD(torch.nn.Module):
+class ULD(KDTerm):
     """ULD loss (Boizard et al. 2024) for models with different tokenizers.
 
     The two responses are aligned at their starts (the views are left-aligned); in row b the
@@ -58,15 +57,6 @@ class ULD(torch.nn.Module):
 
     Returns (uld [], {"uld": uld}).
     """
-
-    def __init__(self, cfg: LossConfig, ctx: LossContext) -> None:
-        super().__init__()
-        self.cfg = cfg
-        self.ctx = ctx
-
-    def required_layers(self) -> tuple[list[int], list[int]]:
-        """Final layers only."""
-        return [-1], [-1]
 
     def forward(self, inputs: LossInputs) -> tuple[Tensor, dict[str, Tensor]]:
         """ULD scalar and its parts; see the class docstring."""
