@@ -133,7 +133,7 @@ def train_teacher(cfg: Config, force: bool = False) -> Path:
     best = load_model(res.export_dir)
     best.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
-    log.info("teacher trained: best dev %.2f -> %s", res.best_dev or float("nan"), out)
+    log.info("teacher trained: best dev %s -> %s", res.best_dev, out)
     return out
 
 
