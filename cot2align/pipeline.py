@@ -91,9 +91,32 @@ def load_split(path: Path, cfg: DataConfig) -> list[Example]:
 
 
 def _write_run_files(cfg: Config, run_dir: Path, stage: str) -> None:
+    """Write the resolved config; warn when a run that will be resumed was made with another config."""
+    from cot2align.checkpoint import latest_checkpoint
+
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    path = run_dir / "config.yaml"
+    if cfg.run.resume and path.is_file() and latest_checkpoint(run_dir) is not None:
+        changed = _changed_keys(yaml.safe_load(path.read_text()) or {}, cfg.to_dict())
+        if changed:
+            log.warning("%s: resuming %s, whose checkpoint was made with a different config (%s); "
+                        "use another run.name or run.resume=false to start over", stage, run_dir,
+                        ", ".join(changed[:8]) + (" ..." if len(changed) > 8 else ""))
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     log.info("%s: run directory %s", stage, run_dir)
+
+
+def _changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested config dicts."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        key = f"{prefix}{k}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _changed_keys(a, b, key + ".")
+        elif a != b:
+            out.append(key)
+    return out
 
 
 def _samples(cfg: Config, data_cfg: DataConfig, s_tok: PreTrainedTokenizerBase,

@@ -66,3 +66,20 @@ def test_round_trip_to_dict() -> None:
     cfg = load_config(None, ["loss.ot.cost=cosine"])
     again = Config().merged(cfg.to_dict())
     assert again == cfg
+
+
+def test_resuming_a_run_made_with_another_config_warns(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from cot2align.checkpoint import save_checkpoint
+    from cot2align.logging import log
+    from cot2align.pipeline import _write_run_files
+
+    monkeypatch.setattr(log, "propagate", True)
+    first = load_config(None, [f"run.output_dir={tmp_path}"])
+    _write_run_files(first, first.run_dir, "distill")
+    save_checkpoint(first.run_dir, 1, {"step": 1})
+    _write_run_files(first, first.run_dir, "distill")
+    assert "different config" not in caplog.text
+    second = load_config(None, [f"run.output_dir={tmp_path}", "train.lr=0.1", "runtime.mode=colocated"])
+    _write_run_files(second, second.run_dir, "distill")
+    assert "different config (runtime.mode, train.lr)" in caplog.text
