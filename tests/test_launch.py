@@ -65,7 +65,7 @@ def _directives(script: str) -> dict[str, str]:
 
 SUBMIT_ARGS = ["--nodes", "2", "--gpus-per-node", "4", "--partition", "gpu", "--account", "acc", "--qos", "high",
                "--time", "02:00:00", "--mem", "200G", "--constraint", "a100", "--name", "t1",
-               "train.save_every=10"]
+               "train.save_every=10", "student.parallel.dp=-1"]  # the embedded default fixes dp=2 (a 4-rank world)
 
 
 def _recorder(calls: list[Any], result: Any) -> Any:
@@ -377,3 +377,12 @@ def test_local_world_through_submitit(tiny_task: dict[str, Path], tmp_path: Path
     run_dir = tmp_path / "runs" / "local"
     assert (run_dir / "checkpoints" / "latest").is_file()
     assert len(list((run_dir / "logs").glob("*_1_log.out"))) == 1  # the student's own log
+
+
+def test_fixed_layout_that_does_not_fill_the_job_is_refused(fake_slurm: Path, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """The embedded default fixes tp=2 + dp=2 (4 ranks): an 8-rank job must be refused before submitting."""
+    assert launch.main(SUBMIT_ARGS[:-1]) == 2
+    err = capsys.readouterr().err
+    assert "world size 8 != teacher.parallel.tp=2" in err and "student.parallel.dp=2 student ranks = 4" in err
+    assert not fake_slurm.exists()  # sbatch was never called
