@@ -277,7 +277,8 @@ def _student(cfg: Config, topo: Topology, transport: Any, device: torch.device, 
 
 
 # --------------------------------------------------------------------------- local launcher
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -322,7 +323,7 @@ def launch_local(cfg: Config, world_size: int | None = None, env: dict[str, str]
     students = Topology(cfg.teacher.parallel, cfg.student.parallel, world, 0).student_ranks
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_local_worker, args=(cfg, r, world, port, results, env or {}), daemon=False)
              for r in range(world)]
     for proc in procs:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import queue
-import socket
 import tempfile
 import time
 import traceback
@@ -27,12 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from cot2align.runtime import free_port
 
 
 def _worker(
