@@ -307,7 +307,9 @@ def prepare(cfg: Config, world_size: int | None = None) -> Prepared:
     if cfg.runtime.mode != "served":
         print("note: a cluster job runs the served world: runtime.mode=served", file=sys.stderr)
         cfg = cfg.merged({"runtime": {"mode": "served"}})
-    world = world_size or cfg.cluster.world_size
+    if world_size:  # a local world: one node, one task per rank
+        cfg = cfg.merged({"cluster": {"nodes": 1, "gpus_per_node": world_size}})
+    world = cfg.cluster.world_size
     result, note = plan_for(cfg) if world_size is None else (None, "a local world is not planned")
     if result is not None:
         cfg = apply_plan(cfg, result)
@@ -336,17 +338,24 @@ class RankTask:
         # all GPUs of the node stay visible: run_rank selects cuda:LOCAL_RANK
         TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
         from cot2align.config import Config
+        from cot2align.logging import setup_console_logging
+        from cot2align.preemption import stop_request
 
+        setup_console_logging()
         cfg = Config().merged(self.config)
         cfg.validate()
+        stop_request.install()  # SIGUSR2 now only asks to stop at the next step boundary
         run_rank = importlib.import_module("cot2align.runtime").run_rank  # looked up at run time
-        return run_rank(cfg)
+        result = run_rank(cfg)
+        stopped = getattr(result, "interrupted", False) or getattr(result, "stopped_at", None) is not None
+        if stopped and int(os.environ["RANK"]) == 0:
+            stop_request.chain()  # submitit's handler: checkpoint() below, requeue, exit
+        return result
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
-        """Called by submitit on SIGUSR2 (global rank 0): requeue this task, resuming from the run's checkpoint.
-
-        The training loop's periodic checkpoints (train.save_every) are what the requeued job resumes from.
-        """
+        """Called through submitit's handler by global rank 0 once the world stopped at a step
+        boundary and the students saved (see `cot2align.preemption`): requeue this task, resuming
+        from the run's checkpoint."""
         from submitit.helpers import DelayedSubmission
 
         self.requeues += 1

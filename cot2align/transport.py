@@ -10,7 +10,10 @@ allocates the payload buffer before anything arrives and checks the header again
 what it expects: a desync (other step, other samples, other lengths) is a clear error
 instead of garbage. Student -> teacher there is one `Request` per run (which layers
 and formats to serve, from which step). A teacher that fails sends an ERROR header
-with its message; the last message of a run is END.
+with its message; the last message of a run is END. After END the student answers
+each rank of its replica with one control header: DONE, or STOP when it stops early at a
+step boundary (preemption); a stopping student first sends STOP, then drains what is in
+flight until END, so no send is left unmatched.
 
 Every receive has a deadline; a timeout or a closed connection raises `PeerError`
 naming the peer's rank and role ("teacher rank 1 (replica 0, pp 0, tp 1) sent nothing
@@ -23,7 +26,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from typing import Any
 
@@ -38,8 +41,8 @@ FORMATS = ("main", "aux")
 WIRE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 # message kinds
-REQUEST, DATA, END, ERROR = 1, 2, 3, 4
-KIND_NAMES = {REQUEST: "request", DATA: "data", END: "end", ERROR: "error"}
+REQUEST, DATA, END, ERROR, STOP, DONE = 1, 2, 3, 4, 5, 6
+KIND_NAMES = {REQUEST: "request", DATA: "data", END: "end", ERROR: "error", STOP: "stop", DONE: "done"}
 
 
 class PeerError(RuntimeError):
@@ -78,13 +81,21 @@ class DataHeader:
     """checksum() of the per-row response lengths."""
     indices_sum: int = 0
     """checksum() of the micro-batch's sample indices."""
+    busy_ms: int = 0
+    """DATA: the sending teacher rank's forward time so far (ms; statistics, not checked)."""
+    wait_ms: int = 0
+    """DATA: the sending teacher rank's time blocked on full send queues so far (ms)."""
+
+    def checked(self) -> DataHeader:
+        """The fields a receiver checks (statistics zeroed)."""
+        return replace(self, busy_ms=0, wait_ms=0)
 
     def to_tensor(self, device: torch.device) -> Tensor:
         """int64 [HEADER_SIZE]."""
         if len(self.layers) > MAX_LAYERS:
             raise ValueError(f"at most {MAX_LAYERS} layers per message, got {len(self.layers)}")
         vals = [MAGIC, self.kind, self.step, self.micro, self.fmt, self.rows, self.width, self.lengths_sum,
-                self.indices_sum, len(self.layers), 0, 0, *self.layers]
+                self.indices_sum, len(self.layers), self.busy_ms, self.wait_ms, *self.layers]
         out = torch.zeros(HEADER_SIZE, dtype=torch.int64)
         out[: len(vals)] = torch.tensor(vals, dtype=torch.int64)
         return out.to(device)
@@ -96,7 +107,7 @@ class DataHeader:
             raise DesyncError(f"not a message header (magic {v[0]:#x}, expected {MAGIC:#x})")
         n = v[9]
         return cls(kind=v[1], step=v[2], micro=v[3], fmt=v[4], rows=v[5], width=v[6], lengths_sum=v[7],
-                   indices_sum=v[8], layers=tuple(v[12 : 12 + n]))
+                   indices_sum=v[8], layers=tuple(v[12 : 12 + n]), busy_ms=v[10], wait_ms=v[11])
 
     def describe(self) -> str:
         what = KIND_NAMES.get(self.kind, f"kind {self.kind}")
@@ -187,6 +198,8 @@ class Transport:
     send_timeout_s: float = 1800.0
     bytes_sent: int = 0
     messages_sent: int = 0
+    send_wait_s: float = 0.0
+    """Time `send` spent blocked because max_in_flight messages were pending."""
     _pending: deque[_Pending] = field(default_factory=deque)
 
     # ------------------------------------------------------------------ sending
@@ -200,8 +213,11 @@ class Transport:
         self._pending.append(_Pending(dst, works, tensors, what))
         self.messages_sent += 1
         self.bytes_sent += sum(t.numel() * t.element_size() for t in tensors)
-        while len(self._pending) > self.max_in_flight:
-            self._wait_oldest(self.send_timeout_s)
+        if len(self._pending) > self.max_in_flight:
+            t0 = time.perf_counter()
+            while len(self._pending) > self.max_in_flight:
+                self._wait_oldest(self.send_timeout_s)
+            self.send_wait_s += time.perf_counter() - t0
 
     def flush(self, timeout_s: float | None = None) -> None:
         """Wait until every sent message was received (or fail naming the peer)."""
@@ -244,6 +260,11 @@ class Transport:
         self._recv(buf, src, timeout_s, "its request")
         return Request.from_tensor(buf)
 
+    def post_recv_header(self, src: int) -> PendingHeader:
+        """Start receiving the next header from `src` without waiting (polled with `PendingHeader.ready`)."""
+        buf = torch.empty(HEADER_SIZE, dtype=torch.int64, device=self.device)
+        return PendingHeader(self, src, buf, self._post(dist.irecv, buf, src))
+
     def recv_payload(self, src: int, out: Tensor, timeout_s: float, waiting_for: str) -> Tensor:
         """Receive into the preallocated `out` (shape and dtype agreed through the header)."""
         self._recv(out, src, timeout_s, waiting_for)
@@ -284,3 +305,24 @@ class Transport:
             if "Timed out" in text or "timed out" in text:
                 raise PeerError(timeout_message()) from None
             raise self._unreachable(peer, e) from e
+
+
+@dataclass
+class PendingHeader:
+    """A header receive in progress (see `Transport.post_recv_header`)."""
+
+    transport: Transport
+    src: int
+    buf: Tensor
+    work: Any
+
+    def ready(self) -> bool:
+        """Whether the header has arrived (never blocks)."""
+        return bool(self.work.is_completed())
+
+    def wait(self, timeout_s: float, waiting_for: str) -> DataHeader:
+        """The header, once it arrives within `timeout_s` (else PeerError naming the peer)."""
+        t = self.transport
+        t._wait(self.work, self.src, time.monotonic() + timeout_s,
+                lambda: f"{t.describe(self.src)} sent nothing for {timeout_s:.0f} s (waiting for {waiting_for})")
+        return DataHeader.from_tensor(self.buf)

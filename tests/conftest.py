@@ -27,3 +27,12 @@ def tiny_task(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     train_tokenizer(tokenizer_corpus(corpus), "bpe", 400, root / "tok_teacher")
     train_tokenizer(tokenizer_corpus(corpus), "wordpiece", 300, root / "tok_student")
     return {**files, "tok_teacher": root / "tok_teacher", "tok_student": root / "tok_student", "root": root}
+
+
+@pytest.fixture
+def no_slurm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A PATH without sbatch / srun (the launcher runs locally)."""
+    empty = tmp_path / "emptybin"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))
+    monkeypatch.chdir(tmp_path)

@@ -40,15 +40,6 @@ def fake_slurm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return calls
 
 
-@pytest.fixture
-def no_slurm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A PATH without sbatch / srun."""
-    empty = tmp_path / "emptybin"
-    empty.mkdir()
-    monkeypatch.setenv("PATH", str(empty))
-    monkeypatch.chdir(tmp_path)
-
-
 def _sections(out: str) -> dict[str, str]:
     """Split dry-run output into its '# Title (...)' sections."""
     parts = re.split(r"^# (Resolved config|Plan|sbatch script) \(.*\)$", out, flags=re.M)

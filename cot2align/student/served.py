@@ -9,6 +9,7 @@ indices and response lengths.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -19,8 +20,10 @@ from cot2align.losses.base import ResponseView
 from cot2align.student.teacher_io import TeacherIO
 from cot2align.transport import (
     DATA,
+    DONE,
     END,
     FORMATS,
+    STOP,
     DataHeader,
     DesyncError,
     Request,
@@ -72,6 +75,10 @@ class ServedTeacher:
         """Payload bytes received (headers not counted)."""
         self.positions_received = 0
         """Teacher response positions received (each micro-batch and format once)."""
+        self.wait_s = 0.0
+        """Time this student spent waiting for teacher states."""
+        self._teacher_ms: dict[int, tuple[int, int]] = {}
+        """Sending rank -> (forward ms, blocked-send ms) so far, from its latest header."""
 
     def start(self, first_step: int, total_steps: int, layers: list[int], fmts: list[str]) -> None:
         """Send the request to every rank of the replica (layers empty: nothing to serve)."""
@@ -131,8 +138,11 @@ class ServedTeacher:
 
     def _receive(self, route: Route, want: DataHeader) -> torch.Tensor:
         want = DataHeader(**{**want.__dict__, "layers": tuple(route.layers)})
+        t0 = time.perf_counter()
         header = self.transport.recv_header(route.rank, self._timeout(), want.describe())
-        if header != want:
+        self.wait_s += time.perf_counter() - t0
+        self._teacher_ms[route.rank] = (header.busy_ms, header.wait_ms)
+        if header.checked() != want:
             raise DesyncError(f"{self.transport.describe(route.rank)} sent {header.describe()} "
                               f"(checksums {header.lengths_sum}, {header.indices_sum}); this student expected "
                               f"{want.describe()} (checksums {want.lengths_sum}, {want.indices_sum}): teacher and "
@@ -150,3 +160,46 @@ class ServedTeacher:
             if header.kind != END:
                 raise DesyncError(f"{self.transport.describe(route.rank)} sent {header.describe()} after the "
                                   "last micro-batch (expected the end of the run)")
+        self._tell_replica(DataHeader(kind=DONE))
+
+    def _tell_replica(self, header: DataHeader) -> None:
+        for rank in self.replica_ranks:
+            self.transport.send(rank, header)
+        self.transport.flush(self.first_timeout_s)
+
+    def done(self) -> None:
+        """The run is over for a student that asked for nothing (its replica waits for this word;
+        a student that was served says DONE after the replica's END)."""
+        if not self._layers:
+            self._tell_replica(DataHeader(kind=DONE))
+
+    def stop(self, step: int) -> None:
+        """The run stops early after `step` (preemption): tell every rank of the replica, then
+        drain the states it had already sent ahead until its END."""
+        if not self._layers:
+            self._tell_replica(DataHeader(kind=STOP, step=step))
+            return
+        if self._cursor >= self._end:
+            return
+        for rank in self.replica_ranks:  # not flushed yet: the senders may be blocked on us
+            self.transport.send(rank, DataHeader(kind=STOP, step=step))
+        for route in self._routes:
+            while True:
+                header = self.transport.recv_header(route.rank, self.first_timeout_s, "the end after a stop")
+                if header.kind == END:
+                    break
+                if header.kind != DATA:
+                    raise DesyncError(f"{self.transport.describe(route.rank)} sent {header.describe()} while "
+                                      "this student was stopping")
+                buf = torch.empty((len(header.layers), header.rows, header.width), dtype=self.wire_dtype,
+                                  device=self.transport.device)
+                self.transport.recv_payload(route.rank, buf, self.first_timeout_s, header.describe())
+        self.transport.flush(self.first_timeout_s)
+        self._cursor = self._end
+
+    def metrics(self) -> dict[str, float]:
+        """Cumulative serving statistics of this student's replica: the teacher's forward time and
+        time blocked on full send queues (slowest sending rank), this student's wait for states."""
+        busy = max((b for b, _ in self._teacher_ms.values()), default=0) / 1000
+        blocked = max((w for _, w in self._teacher_ms.values()), default=0) / 1000
+        return {"teacher_forward_s": busy, "teacher_blocked_s": blocked, "student_wait_s": self.wait_s}

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from cot2align.data.dataset import Sample, SeqBatch, collate
@@ -32,10 +33,13 @@ from cot2align.models import frozen, response_view
 from cot2align.topology import Topology
 from cot2align.transport import (
     DATA,
+    DONE,
     END,
     FORMATS,
+    STOP,
     DataHeader,
     DesyncError,
+    PendingHeader,
     Request,
     Transport,
     checksum,
@@ -107,7 +111,11 @@ class ServeStats:
     rows_sent: int = 0
     """Response positions sent (summed over messages, not layers)."""
     seconds: float = 0.0
+    busy_seconds: float = 0.0
+    """Time in teacher forward passes (the rest: waiting for students, start-up)."""
     peak_rss_mb: float = 0.0
+    stopped_at: int | None = None
+    """The step the students stopped after when they stopped early (preemption), else None."""
 
 
 def peak_rss_mb() -> float:
@@ -134,6 +142,43 @@ def _fault(rank: int, messages: int) -> None:
             time.sleep(3600)
 
 
+class _StopCheck:
+    """Whether the students asked to stop: polled before each micro-batch; the ranks of a
+    sharded replica agree (an all-reduce over its model-parallel group) so that they all leave
+    the forward schedule at the same micro-batch."""
+
+    def __init__(self, control: dict[int, PendingHeader], replica_group: Any, device: torch.device) -> None:
+        self.control = control
+        self.group = replica_group
+        self.device = device
+
+    def __call__(self) -> bool:
+        flag = any(p.ready() for p in self.control.values())
+        if self.group is None:
+            return flag
+        t = torch.tensor([int(flag)], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(t.item())
+
+
+IDLE_WAIT_S = 366 * 24 * 3600.0
+"""How long a teacher with nothing to serve waits for its students to finish (they may train for
+days; a student that dies closes its connection, which ends the wait at once)."""
+
+
+def _last_words(control: dict[int, PendingHeader], timeout_s: float, transport: Transport) -> int | None:
+    """Wait for every student's DONE / STOP; returns the step they stopped after (None: done)."""
+    stopped_at = None
+    for student, pending in control.items():
+        answer = pending.wait(timeout_s, "its last message (done or stop)")
+        if answer.kind == STOP:
+            stopped_at = answer.step
+        elif answer.kind != DONE:
+            raise DesyncError(f"{transport.describe(student)} sent {answer.describe()} at the end of the run "
+                              "(expected done or stop)")
+    return stopped_at
+
+
 def _agree(requests: dict[int, Request], describe: Any) -> Request:
     """All students of a replica must ask for the same schedule."""
     (first_rank, first), *rest = requests.items()
@@ -146,15 +191,21 @@ def _agree(requests: dict[int, Request], describe: Any) -> Request:
 def serve(*, topo: Topology, transport: Transport, states: HiddenStates, samples: list[Sample],
           pad_ids: dict[str, int], seed: int, prefetch: int, wire_dtype: torch.dtype,
           request_timeout_s: float) -> ServeStats:
-    """Serve this rank's replica's students until the last step (see the module docstring)."""
+    """Serve this rank's replica's students until the last step, or until they stop early
+    (see the module docstring)."""
     t0 = time.perf_counter()
     stats = ServeStats()
     replica = topo.teacher_coord().replica
     students = topo.students_of(replica)
+    busy = 0.0
     try:
         req = _agree({s: transport.recv_request(s, request_timeout_s) for s in students}, transport.describe)
-        if not req.layers:
+        control = {s: transport.post_recv_header(s) for s in students}  # DONE or STOP, see transport
+        if not req.layers:  # nothing to serve (e.g. sft): wait for the students' last word
+            stats.stopped_at = _last_words(control, IDLE_WAIT_S, transport)
             return stats
+        stop = _StopCheck(control, topo.teacher_groups().mp if topo.tp * topo.pp > 1 else None,
+                          transport.device)
         sampler = GlobalBatchSampler(len(samples), req.micro_batch, req.accum, topo.dp, seed)
         mine = (len(samples), seed, topo.dp)
         if mine != (req.num_samples, req.seed, req.dp):
@@ -163,34 +214,40 @@ def serve(*, topo: Topology, transport: Transport, states: HiddenStates, samples
         layers = list(req.layers)
         sends = [x for x in layers if topo.sender_rank(replica, x, states.num_layers) == topo.rank]
         transport.max_in_flight = max(0, prefetch) * len(req.fmts) * max(1, len(students))
-        for step in range(req.first_step, req.total_steps):
-            for micro in range(req.accum):
-                for student in students:
-                    idx = sampler.micro_batches(step, topo.student_index(student))[micro]
-                    batch = collate([samples[i] for i in idx], pad_ids)
-                    for fmt in [f for f in req.fmts if f in batch.seqs["teacher"]]:
-                        seq = batch.seqs["teacher"][fmt]
-                        hidden = states.hidden(seq, layers)
-                        stats.forwards += 1
-                        if not sends:
-                            continue
-                        lengths = seq.resp_mask.sum(dim=1)
-                        payload = pack(hidden, seq.resp_mask, sends, wire_dtype)
-                        header = DataHeader(kind=DATA, step=step, micro=micro, fmt=FORMATS.index(fmt),
-                                            layers=tuple(sends), rows=payload.shape[1], width=payload.shape[2],
-                                            lengths_sum=checksum(lengths), indices_sum=checksum(idx))
-                        transport.send(student, header, payload)
-                        stats.rows_sent += payload.shape[1]
-                        _fault(topo.rank, transport.messages_sent)
+        for step, micro in ((s, m) for s in range(req.first_step, req.total_steps) for m in range(req.accum)):
+            if stop():
+                break
+            for student in students:
+                idx = sampler.micro_batches(step, topo.student_index(student))[micro]
+                batch = collate([samples[i] for i in idx], pad_ids)
+                for fmt in [f for f in req.fmts if f in batch.seqs["teacher"]]:
+                    seq = batch.seqs["teacher"][fmt]
+                    t = time.perf_counter()
+                    hidden = states.hidden(seq, layers)
+                    busy += time.perf_counter() - t
+                    stats.forwards += 1
+                    if not sends:
+                        continue
+                    lengths = seq.resp_mask.sum(dim=1)
+                    payload = pack(hidden, seq.resp_mask, sends, wire_dtype)
+                    header = DataHeader(kind=DATA, step=step, micro=micro, fmt=FORMATS.index(fmt),
+                                        layers=tuple(sends), rows=payload.shape[1], width=payload.shape[2],
+                                        lengths_sum=checksum(lengths), indices_sum=checksum(idx),
+                                        busy_ms=int(busy * 1000), wait_ms=int(transport.send_wait_s * 1000))
+                    transport.send(student, header, payload)
+                    stats.rows_sent += payload.shape[1]
+                    _fault(topo.rank, transport.messages_sent)
         if sends:
             for student in students:
                 transport.send(student, DataHeader(kind=END))
         transport.flush()
+        stats.stopped_at = _last_words(control, request_timeout_s, transport)
     except Exception as e:
         for student in students:
             transport.send_error(student, f"{type(e).__name__}: {e}")
         raise
     stats.messages, stats.bytes_sent = transport.messages_sent, transport.bytes_sent
     stats.seconds = time.perf_counter() - t0
+    stats.busy_seconds = busy
     stats.peak_rss_mb = peak_rss_mb()
     return stats
