@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     import submitit
 
     from cot2align.config import Config
-    from cot2align.plan import ModelSpec, Plan, WorkloadSpec
+    from cot2align.plan import Plan, WorkloadSpec
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SIZE_KEYS: dict[str, str] = {
@@ -199,9 +199,7 @@ def _model_ref(explicit: str, path: str, role: str) -> tuple[str | None, str]:
 def plan_for(cfg: Config) -> tuple[Plan | None, str]:
     """The planner's layout for `cfg.cluster`, or (None, why no plan was made).
 
-    Sizes named in `launch.fixed` are kept (the hf teacher backend fixes tp = pp = 1). Every
-    teacher replica must serve a student (the runtime has no idle replicas), so when the
-    planner's best layout has dp < replicas the best one with dp >= replicas is taken instead.
+    Sizes named in `launch.fixed` are kept (the hf teacher backend fixes tp = pp = 1).
     Raises ConfigError (naming keys and numbers) when no layout fits.
     """
     from cot2align.plan import load_model_spec, plan
@@ -219,44 +217,7 @@ def plan_for(cfg: Config) -> tuple[Plan | None, str]:
     if cfg.runtime.teacher_backend == "hf":  # one rank per replica
         fixed["tp"], fixed["pp"] = 1, 1
     t, s, wl = load_model_spec(teacher), load_model_spec(student), workload_for(cfg)
-    best = plan(t, s, cfg.cluster, wl, fixed, SIZE_KEYS)
-    if best.dp < best.replicas:
-        alt = _best_serving_all(t, s, cfg, wl, fixed)
-        if alt is None:
-            raise ConfigError(
-                f"{', '.join(SIZE_KEYS.values())}: the only layouts that fit leave teacher replicas without "
-                f"students (best: {best.replicas} replicas x tp {best.tp} x pp {best.pp}, dp {best.dp}); "
-                "fix the sizes (launch.fixed) or use more GPUs"
-            )
-        alt.warnings.append(
-            f"the planner's fastest layout ({best.replicas} replicas x tp {best.tp} x pp {best.pp}, dp {best.dp}) "
-            "leaves teacher replicas without students, which the runtime does not run; this is the best "
-            "layout with dp >= replicas"
-        )
-        best = alt
-    return best, ""
-
-
-def _best_serving_all(t: ModelSpec, s: ModelSpec, cfg: Config, wl: WorkloadSpec,
-                      fixed: dict[str, int | None]) -> Plan | None:
-    """The fitting layout with dp >= replicas and the most examples/s (ties: smaller tp x pp, pp, replicas)."""
-    from cot2align.plan import evaluate, valid_tp
-
-    n, layers = cfg.cluster.world_size, t.num_layers
-    best: Plan | None = None
-    for tp in [fixed["tp"]] if fixed["tp"] else valid_tp(t, cfg.cluster.gpus_per_node):
-        for pp in [fixed["pp"]] if fixed["pp"] else [d for d in range(1, layers + 1) if layers % d == 0]:
-            m = tp * pp
-            for r in [fixed["replicas"]] if fixed["replicas"] else range(1, n // (m + 1) + 1):
-                dp = n - r * m
-                if dp < r or (fixed["dp"] is not None and dp != fixed["dp"]):
-                    continue
-                cand = evaluate(t, s, cfg.cluster, wl, tp, pp, r, dp)
-                key = (cand.examples_per_s, -m, -pp, -r)
-                if cand.fits and (best is None or key > (best.examples_per_s, -best.tp * best.pp, -best.pp,
-                                                         -best.replicas)):
-                    best = cand
-    return best
+    return plan(t, s, cfg.cluster, wl, fixed, SIZE_KEYS), ""
 
 
 def apply_plan(cfg: Config, plan: Plan) -> Config:
@@ -515,6 +476,7 @@ def run_local_world(prep: Prepared) -> int:
         print(f"done: {res.steps} steps, best dev {res.best_dev}, exported {res.export_dir}")
     else:
         print(f"done: {res}")
+    print(_wandb_line(prep.cfg))
     return 0
 
 

@@ -854,7 +854,8 @@ def plan(
     fixed: Mapping[str, int | None] | FixedSizes | None = None,
     key_names: Mapping[str, str] | None = None,
 ) -> Plan:
-    """Best layout that fits: maximal examples/s, respecting every explicitly fixed size.
+    """Best layout that fits: maximal examples/s, respecting every explicitly fixed size, with at
+    least one student per teacher replica (dp >= replicas: the runtime has no idle replicas).
 
     Raises ConfigError naming the fixed keys (or `cluster.gpu_memory_gib`) and the numbers when
     nothing fits, and naming the key when a fixed size is impossible (divisibility, node, sum).
@@ -884,7 +885,7 @@ def plan(
             reps = [fx.replicas] if fx.replicas else range(1, (n - 1) // m + 1)
             for r in reps:
                 dp = n - r * m
-                if dp < 1 or (fx.dp is not None and dp != fx.dp):
+                if dp < r or (fx.dp is not None and dp != fx.dp):  # every replica serves a student
                     continue
                 cand = evaluate(teacher, student, cluster, workload, tp, pp, r, dp)
                 if smallest_teacher is None or cand.teacher_memory.total_gib < smallest_teacher.total_gib:
