@@ -181,7 +181,7 @@ def workload_for(cfg: Config) -> WorkloadSpec:
 
 def _model_ref(explicit: str, path: str, role: str) -> tuple[str | None, str]:
     """(what the planner reads for `role`, or None and why not)."""
-    from cot2align.plan import resolve_model_config
+    from cot2align.modelspec import resolve_model_config
 
     if explicit:
         return explicit, ""
@@ -202,7 +202,8 @@ def plan_for(cfg: Config) -> tuple[Plan | None, str]:
     Sizes named in `launch.fixed` are kept (the hf teacher backend fixes tp = pp = 1).
     Raises ConfigError (naming keys and numbers) when no layout fits.
     """
-    from cot2align.plan import load_model_spec, plan
+    from cot2align.modelspec import load_model_spec
+    from cot2align.plan import plan
 
     if not cfg.launch.plan:
         return None, "launch.plan is false"

@@ -7,15 +7,13 @@ import math
 import pytest
 
 from cot2align.configbase import ConfigError
+from cot2align.modelspec import ModelSpec, load_model_spec, model_spec_from_hf_config
 from cot2align.plan import (
     ClusterSpec,
-    ModelSpec,
     Plan,
     WorkloadSpec,
     evaluate,
-    load_model_spec,
     main,
-    model_spec_from_hf_config,
     pipeline_crosses_nodes,
     plan,
     plan_from_files,
