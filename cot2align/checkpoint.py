@@ -8,6 +8,7 @@ checkpoint that resume would load.
 
 from __future__ import annotations
 
+import os
 import random
 import shutil
 from pathlib import Path
@@ -36,7 +37,10 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any], keep:
     tmp = root / f".tmp_step_{step:08d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    torch.save(state, tmp / "state.pt")
+    with (tmp / "state.pt").open("wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     latest_tmp = root / ".latest.tmp"
@@ -48,13 +52,16 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any], keep:
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint folder, or None."""
+    """The checkpoint `latest` names, else (a crash between renames) the newest complete step
+    folder, or None. Half-written `.tmp_step_*` folders are never candidates."""
     root = Path(run_dir) / "checkpoints"
     pointer = root / "latest"
-    if not pointer.is_file():
-        return None
-    path = root / pointer.read_text().strip()
-    return path if (path / "state.pt").is_file() else None
+    if pointer.is_file():
+        path = root / pointer.read_text().strip()
+        if (path / "state.pt").is_file():
+            return path
+    complete = sorted(p for p in root.glob("step_*") if (p / "state.pt").is_file())
+    return complete[-1] if complete else None
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

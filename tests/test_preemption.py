@@ -18,9 +18,11 @@ from typing import Any
 
 import psutil
 import pytest
+import torch
 import yaml
 
 from cot2align import launch
+from cot2align.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from cot2align.config import Config
 from cot2align.preemption import StopRequest
 
@@ -43,6 +45,27 @@ def test_stop_request_records_and_chains_to_the_kept_handler() -> None:
         assert not req.requested and signal.getsignal(signal.SIGUSR2) is not req.record
     finally:
         signal.signal(signal.SIGUSR2, previous)
+
+
+def test_a_crash_mid_save_leaves_the_previous_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    save_checkpoint(tmp_path, 1, {"w": torch.ones(3), "step": 1})
+
+    def torn_save(obj: Any, f: Any) -> None:  # the process dies half-way through writing
+        f.write(b"\x80\x02partial")
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(torch, "save", torn_save)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(tmp_path, 2, {"w": torch.zeros(3), "step": 2})
+    monkeypatch.undo()
+    ckpt = latest_checkpoint(tmp_path)
+    assert ckpt is not None and ckpt.name == "step_00000001"
+    assert load_checkpoint(ckpt)["step"] == 1
+    # a crash between replacing a step folder and repointing `latest`: the newest complete folder
+    save_checkpoint(tmp_path, 3, {"step": 3})
+    (tmp_path / "checkpoints" / "latest").write_text("step_00000009")
+    ckpt = latest_checkpoint(tmp_path)
+    assert ckpt is not None and load_checkpoint(ckpt)["step"] == 3
 
 
 def _config(tiny_task: dict[str, Path], teacher: Path, out: Path, name: str) -> dict[str, Any]:
