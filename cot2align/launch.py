@@ -301,7 +301,7 @@ class RankTask:
         TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
         from cot2align.config import Config
         from cot2align.logging import setup_console_logging
-        from cot2align.preemption import stop_request
+        from cot2align.preemption import stop_request, stopped_early
 
         setup_console_logging()
         cfg = Config().merged(self.config)
@@ -309,8 +309,7 @@ class RankTask:
         stop_request.install()  # SIGUSR2 now only asks to stop at the next step boundary
         run_rank = importlib.import_module("cot2align.runtime").run_rank  # looked up at run time
         result = run_rank(cfg)
-        stopped = getattr(result, "interrupted", False) or getattr(result, "stopped_at", None) is not None
-        if stopped and int(os.environ["RANK"]) == 0:
+        if stopped_early(result) and int(os.environ["RANK"]) == 0:
             stop_request.chain()  # submitit's handler: checkpoint() below, requeue, exit
         return result
 
@@ -427,8 +426,8 @@ def submit_slurm(prep: Prepared) -> str:
 
     cfg = prep.cfg
     if not cfg.train.save_every:
-        print("warning: train.save_every is 0: a preempted or timed-out job restarts from the last "
-              "checkpoint, which is only written at the end; set train.save_every", file=sys.stderr)
+        print("warning: train.save_every is 0: preemption and time-outs still checkpoint at a step boundary, "
+              "but a failed node loses every step since the start; set train.save_every", file=sys.stderr)
     script = render_sbatch(prep)
     write_run_dir(prep, script)
     ex = SlurmExecutor(folder=prep.logs, max_num_timeout=cfg.launch.slurm.max_requeues)
@@ -640,8 +639,16 @@ def rank_main(argv: list[str]) -> int:
     if "SLURM_JOB_ID" in os.environ:
         os.environ.setdefault("SUBMITIT_EXECUTOR", "slurm")
         TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+    from cot2align.preemption import stop_request, stopped_early
+
+    stop_request.install()  # the batch script passes SIGUSR2 on to every rank
     run_rank = importlib.import_module("cot2align.runtime").run_rank
-    run_rank(cfg)
+    result = run_rank(cfg)
+    if stopped_early(result) and int(os.environ["RANK"]) == 0 and "SLURM_JOB_ID" in os.environ:
+        import subprocess
+
+        print(f"stopped early: requeueing job {os.environ['SLURM_JOB_ID']}", flush=True)
+        subprocess.run(["scontrol", "requeue", os.environ["SLURM_JOB_ID"]], check=True, timeout=120)
     return 0
 
 

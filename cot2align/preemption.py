@@ -67,3 +67,9 @@ class StopRequest:
 
 stop_request = StopRequest()
 """The process's stop flag (installed by `cot2align.launch.RankTask`)."""
+
+
+def stopped_early(result: Any) -> bool:
+    """Whether a rank's result (`TrainResult` on students, `ServeStats` on teachers) says the world
+    stopped before the last step."""
+    return bool(getattr(result, "interrupted", False) or getattr(result, "stopped_at", None) is not None)

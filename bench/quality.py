@@ -1,0 +1,178 @@
+"""Quality sweep: every method and ablation on the embedded reasoning task, several seeds, one table.
+
+    python bench/quality.py                          # the full sweep (configs/experiments/quality.yaml)
+    python bench/quality.py --rows sft "cot2align (dskd)" --seeds 1   # a subset
+    python bench/quality.py --quick                  # a smoke run: a few steps per row, one seed
+
+Stage 1 (once, cached under run.work_dir): the data, the teacher SFT and the teacher-written
+rationales, with the config's run.seed. Stage 2: for every row and seed, the same student is
+trained with the row's loss and data settings (same steps, batch, lr schedule and dev-based
+best-checkpoint selection for every row), then evaluated on the test split (exact match of the
+final answer and ROUGE-L, mean over the eval seeds; the held-out longer problems separately).
+The seed of a row changes only the student's initialisation and data order: the teacher,
+its rationales and the data stay fixed (stage 2 points every run at stage 1's files).
+
+Each finished (row, seed) is appended to `<out>.jsonl`, so an interrupted sweep resumes where
+it stopped; the table (mean +- std over seeds) goes to `<out>.json` and, with --doc, to a
+markdown file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+ROWS: dict[str, dict[str, Any]] = {
+    # baselines on the standard data
+    "sft": {"loss": {"name": "sft"}, "data": {"use_cot": False}},
+    "uld": {"loss": {"name": "uld"}, "data": {"use_cot": False}},
+    "mined": {"loss": {"name": "mined"}, "data": {"use_cot": False}},
+    "dskd": {"loss": {"name": "dskd"}, "data": {"use_cot": False}},
+    "multilevel_ot": {"loss": {"name": "multilevel_ot"}, "data": {"use_cot": False}},
+    # the same baselines trained on the teacher's rationales (CoT data only, no Cross-CoT OT)
+    "sft + CoT": {"loss": {"name": "sft"}, "data": {"use_cot": True}},
+    "uld + CoT": {"loss": {"name": "uld"}, "data": {"use_cot": True}},
+    "mined + CoT": {"loss": {"name": "mined"}, "data": {"use_cot": True}},
+    "dskd + CoT": {"loss": {"name": "dskd"}, "data": {"use_cot": True}},
+    "multilevel_ot + CoT": {"loss": {"name": "multilevel_ot"}, "data": {"use_cot": True}},
+    # CoT2Align with each KD term
+    "cot2align (dskd)": {"loss": {"name": "cot2align", "base": "dskd"}},
+    "cot2align (uld)": {"loss": {"name": "cot2align", "base": "uld"}},
+    "cot2align (mined)": {"loss": {"name": "cot2align", "base": "mined"}},
+    # ablations of the default (dskd)
+    "cot2align w/o cross pairs": {"loss": {"name": "cot2align", "base": "dskd", "ot": {"cross_pairs": False}}},
+    "cot2align one layer": {"loss": {"name": "cot2align", "base": "dskd",
+                                     "ot": {"student_layers": [-1], "teacher_layers": [-1]}}},
+    "cot2align eps 1": {"loss": {"name": "cot2align", "base": "dskd", "ot": {"sinkhorn": {"epsilon": 1.0}}}},
+}
+"""Row name -> config overrides (merged over the sweep's config). The reference epsilon is 10
+(the default of loss.ot.sinkhorn.epsilon), so `cot2align (dskd)` is the epsilon-10 row."""
+
+
+def prepare(cfg: Any) -> dict[str, Any]:
+    """Stage 1: data, teacher, rationales. Returns config overrides that pin every run to them."""
+    from cot2align.cot import generate_cot
+    from cot2align.pipeline import paths, prepare_data, train_teacher
+
+    prepare_data(cfg)
+    teacher = train_teacher(cfg)
+    cot_file = generate_cot(cfg) if cfg.cot.enabled else paths(cfg).train
+    p = paths(cfg)
+    return {
+        "data": {"train_file": str(cot_file), "dev_file": str(p.dev), "test_file": str(p.test)},
+        "teacher": {"path": str(teacher), "tokenizer": str(p.teacher_tokenizer)},
+        "student": {"tokenizer": str(p.student_tokenizer)},
+        "cot": {"enabled": False},  # the rationales are in the train file already
+    }
+
+
+def summarise(res: dict[str, Any]) -> dict[str, float]:
+    """The numbers of one evaluation kept in the sweep's records."""
+    by_steps = res.get("exact_match_by_steps") or {}
+    longest = max(by_steps, key=lambda k: int(k)) if by_steps else None
+    return {"exact_match": float(res.get("exact_match", float("nan"))),
+            "rouge_l": float(res.get("rouge_l", float("nan"))),
+            "held_out_em": float(by_steps[longest]) if longest is not None else float("nan"),
+            "held_out_steps": float(longest) if longest is not None else float("nan")}
+
+
+def _mean_std(values: list[float]) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+
+
+def table(records: list[dict[str, Any]], teacher: dict[str, float] | None) -> str:
+    """Markdown: one line per row, mean +- std over its seeds."""
+    lines = ["| method | seeds | test EM | ROUGE-L | EM held-out longer | minutes / run |", "|---|---|---|---|---|---|"]
+    if teacher:
+        lines.append(f"| teacher | - | {teacher['exact_match']:.1f} | {teacher['rouge_l']:.1f} | "
+                     f"{teacher['held_out_em']:.1f} | - |")
+    for row in ROWS:
+        rs = [r for r in records if r["row"] == row]
+        if not rs:
+            continue
+        col = {k: [r[k] for r in rs] for k in ("exact_match", "rouge_l", "held_out_em", "wall_s")}
+        lines.append(f"| {row} | {len(rs)} | {_mean_std(col['exact_match'])} | {_mean_std(col['rouge_l'])} | "
+                     f"{_mean_std(col['held_out_em'])} | {statistics.mean(col['wall_s']) / 60:.1f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=str(REPO / "configs" / "experiments" / "quality.yaml"))
+    ap.add_argument("--rows", nargs="*", default=list(ROWS), help="row names (default: all)")
+    ap.add_argument("--seeds", nargs="*", type=int, default=[1, 2, 3])
+    ap.add_argument("--out", default=str(REPO / "bench" / "results" / "quality"))
+    ap.add_argument("--doc", default="", help="also write the markdown table to this file")
+    ap.add_argument("--quick", action="store_true", help="smoke run: 3 steps per row, one seed")
+    ap.add_argument("overrides", nargs="*", help="key=value config overrides")
+    args = ap.parse_args(argv)
+    unknown = [r for r in args.rows if r not in ROWS]
+    if unknown:
+        ap.error(f"unknown rows {unknown}; rows: {list(ROWS)}")
+
+    from cot2align.config import load_config
+    from cot2align.logging import setup_console_logging
+    from cot2align.pipeline import distill, evaluate_model
+
+    setup_console_logging()
+    overrides = list(args.overrides)
+    seeds = args.seeds
+    if args.quick:
+        overrides += ["train.max_steps=3", "eval.dev_limit=4", "eval.seeds=[10]",
+                      "run.name=quality-quick"]
+        seeds = seeds[:1]
+    base = load_config(args.config, overrides)
+    out = Path(args.out + ("-quick" if args.quick else ""))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    log_path = out.with_suffix(".jsonl")
+    records = [json.loads(x) for x in log_path.read_text().splitlines()] if log_path.exists() else []
+    done = {(r["row"], r["seed"]) for r in records}
+
+    t0 = time.perf_counter()
+    pinned = prepare(base)
+    teacher = summarise(evaluate_model(base, Path(pinned["teacher"]["path"])))
+    prep_s = time.perf_counter() - t0
+    for row in args.rows:
+        for seed in seeds:
+            if (row, seed) in done:
+                continue
+            name = f"{base.run.name}/{row.replace(' ', '_').replace('(', '').replace(')', '')}/seed{seed}"
+            cfg = base.merged(pinned).merged(ROWS[row]).merged({"run": {"seed": seed, "name": name}})
+            cfg.validate()
+            t = time.perf_counter()
+            res = distill(cfg)
+            rec = {"row": row, "seed": seed, **summarise(evaluate_model(cfg, res.export_dir)),
+                   "steps": res.steps, "wall_s": time.perf_counter() - t}
+            records.append(rec)
+            with log_path.open("a") as f:
+                f.write(json.dumps(rec) + "\n")
+            print(f"{row} seed {seed}: EM {rec['exact_match']:.1f} ROUGE-L {rec['rouge_l']:.1f} "
+                  f"({rec['wall_s']:.0f} s)", flush=True)
+    md = table(records, teacher)
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads as configured"
+    summary = {"rows": [r for r in ROWS if any(x["row"] == r for x in records)], "records": records,
+               "teacher": teacher, "prepare_s": prep_s, "wall_s": time.perf_counter() - t0, "machine": machine,
+               "config": args.config, "overrides": overrides, "table": md}
+    out.with_suffix(".json").write_text(json.dumps(summary, indent=2))
+    print(md)
+    if args.doc:
+        Path(args.doc).write_text(f"{md}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
