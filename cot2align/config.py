@@ -21,6 +21,7 @@ from cot2align.data.embedded import EmbeddedTaskConfig
 from cot2align.evaluate import EvalConfig
 from cot2align.launch import LaunchConfig
 from cot2align.logging import LoggingConfig
+from cot2align.lora import LoraConfig
 from cot2align.losses.config import LossConfig
 from cot2align.models import DTYPES, TinyModelConfig
 from cot2align.plan import ClusterSpec
@@ -89,6 +90,15 @@ class TeacherModelConfig(ModelConfig):
     """The teacher (`teacher.*`): model + how the served runtime splits it over ranks."""
 
     parallel: TeacherParallelConfig = field(default_factory=TeacherParallelConfig)
+    init: str = ""
+    """HF checkpoint that train-teacher fine-tunes when `path` is '' ('' = a fresh embedded tiny teacher);
+    the result is cached under run.work_dir like the embedded teacher."""
+
+    def check(self, prefix: str) -> None:
+        super().check(prefix)
+        require(not (self.path and self.init), f"{prefix}.init",
+                f"set either {prefix}.path (a trained teacher to use as is) or {prefix}.init (a checkpoint "
+                f"train-teacher fine-tunes), not both")
 
 
 @dataclass
@@ -111,6 +121,8 @@ class Config(ConfigBase):
     train: TrainConfig = field(default_factory=TrainConfig)
     teacher_train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=2e-3, epochs=4))
     """Teacher SFT (train-teacher) settings."""
+    teacher_train_lora: LoraConfig = field(default_factory=LoraConfig)
+    """LoRA adapters for teacher SFT (off: full fine-tuning); the export has them merged."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     cot: CotGenConfig = field(default_factory=CotGenConfig)
     """Teacher rationale generation (generate-cot)."""

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from cot2align.configbase import ConfigBase
+from cot2align.configbase import ConfigBase, require
 
 log = logging.getLogger("cot2align")
 
@@ -29,10 +29,17 @@ class LoggingConfig(ConfigBase):
     project: str = "cot2align"
     entity: str = ""
     group: str = ""
+    """W&B group ('' = the Slurm job id when there is one)."""
     log_every: int = 10
     """Log (and reduce) metrics every N optimizer steps."""
     progress: bool = True
     """Show a progress bar on long stages."""
+    heatmap_every: int = 0
+    """Every N optimizer steps, save the Cross-CoT OT plans of the step's last micro-batch (first
+    sample) under run_dir/ot_plans/ and log them to W&B as images (0 = off; cot2align loss only)."""
+
+    def check(self, prefix: str) -> None:
+        require(self.heatmap_every >= 0, f"{prefix}.heatmap_every", f"must be >= 0 (0 = off), got {self.heatmap_every}")
 
 
 def setup_console_logging(level: int = logging.INFO) -> None:
@@ -63,7 +70,8 @@ class MetricsLogger:
             run_id = resume_id or (id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:8])
             id_file.write_text(run_id)
             self._wandb = wandb.init(
-                project=cfg.project, entity=cfg.entity or None, group=cfg.group or None, name=name,
+                project=cfg.project, entity=cfg.entity or None, name=name,
+                group=cfg.group or os.environ.get("SLURM_JOB_ID") or None,
                 job_type=job_type, config=config, dir=str(self.run_dir), mode=mode, id=run_id,  # type: ignore[arg-type]
                 resume="allow", settings=wandb.Settings(silent=True, console="off"),
             )
@@ -84,6 +92,13 @@ class MetricsLogger:
             import wandb
 
             self._wandb.log({key: wandb.Table(columns=list[Any](columns), data=rows)})
+
+    def log_images(self, step: int, images: dict[str, str | Path]) -> None:
+        """Log image files (e.g. PNG heatmaps) to W&B under their keys; no-op without W&B."""
+        if self._wandb is not None and images:
+            import wandb
+
+            self._wandb.log({k: wandb.Image(str(p)) for k, p in images.items()}, step=step)
 
     @property
     def wandb_dir(self) -> str | None:

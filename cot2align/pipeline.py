@@ -42,24 +42,40 @@ class Paths:
 def paths(cfg: Config) -> Paths:
     """Resolve data, tokenizer and teacher locations (embedded defaults under run.work_dir)."""
     work = Path(cfg.run.work_dir)
-    data_dir = work / f"data-{cfg.digest('embedded')[:8]}"
-    emb_tok = work / f"tokenizers-{cfg.digest('embedded')[:8]}"
+    data_dir = work / f"data-{_embedded_digest(cfg)[:8]}"
+    emb_tok = work / f"tokenizers-{_embedded_digest(cfg)[:8]}"
     teacher_dir = work / f"teacher-{_teacher_digest(cfg)}"
     return Paths(
         train=Path(cfg.data.train_file) if cfg.data.train_file else data_dir / "train.jsonl",
         dev=Path(cfg.data.dev_file) if cfg.data.dev_file else data_dir / "dev.jsonl",
         test=Path(cfg.data.test_file) if cfg.data.test_file else data_dir / "test.jsonl",
-        teacher_tokenizer=Path(cfg.teacher.tokenizer or cfg.teacher.path or emb_tok / "teacher"),
+        teacher_tokenizer=Path(cfg.teacher.tokenizer or cfg.teacher.path or cfg.teacher.init or emb_tok / "teacher"),
         student_tokenizer=Path(cfg.student.tokenizer or cfg.student.path or emb_tok / "student"),
         teacher_model=Path(cfg.teacher.path) if cfg.teacher.path else teacher_dir,
     )
 
 
+def _embedded_task(cfg: Config) -> dict[str, Any]:
+    """The embedded settings that shape data, tokenizers and teacher (not the student model)."""
+    return {k: v for k, v in cfg.embedded.to_dict().items() if k != "student_model"}
+
+
+def _embedded_digest(cfg: Config) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(_embedded_task(cfg), sort_keys=True).encode()).hexdigest()[:12]
+
+
 def _teacher_digest(cfg: Config) -> str:
     import hashlib
 
-    blob = json.dumps({"embedded": cfg.embedded.to_dict(), "teacher_train": cfg.teacher_train.to_dict(),
-                       "data": cfg.data.to_dict(), "seed": cfg.run.seed}, sort_keys=True)
+    key = {"embedded": _embedded_task(cfg), "teacher_train": cfg.teacher_train.to_dict(),
+           "data": cfg.data.to_dict(), "seed": cfg.run.seed}
+    if cfg.teacher_train_lora.enabled:  # only when set: keeps the digests of existing cached teachers
+        key["teacher_train_lora"] = cfg.teacher_train_lora.to_dict()
+    if cfg.teacher.init:
+        key["teacher_init"] = str(Path(cfg.teacher.init).resolve())
+    blob = json.dumps(key, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -71,7 +87,8 @@ def prepare_data(cfg: Config) -> Paths:
     p = paths(cfg)
     if not cfg.data.train_file:
         write_embedded_task(cfg.embedded.task, p.train.parent)
-    specs = {"teacher": (p.teacher_tokenizer, cfg.embedded.teacher_tokenizer, not cfg.teacher.path),
+    specs = {"teacher": (p.teacher_tokenizer, cfg.embedded.teacher_tokenizer,
+                         not (cfg.teacher.path or cfg.teacher.init)),
              "student": (p.student_tokenizer, cfg.embedded.student_tokenizer, not cfg.student.path)}
     for role, (out, spec, embedded) in specs.items():
         if embedded and not (out / "tokenizer.json").is_file():
@@ -127,7 +144,12 @@ def _samples(cfg: Config, data_cfg: DataConfig, s_tok: PreTrainedTokenizerBase,
 
 
 def train_teacher(cfg: Config, force: bool = False) -> Path:
-    """SFT of the embedded teacher on std + CoT members (as separate samples); cached by config."""
+    """SFT of the teacher on std + CoT members (as separate samples); cached by config.
+
+    The model is the embedded tiny teacher (fresh) or `teacher.init` (a checkpoint to fine-tune);
+    every weight is trained, or only LoRA adapters (`teacher_train_lora.enabled`), which are merged
+    into the weights of the saved checkpoint. Returns the checkpoint folder.
+    """
     p = prepare_data(cfg)
     out = p.teacher_model
     if cfg.teacher.path:
@@ -136,12 +158,25 @@ def train_teacher(cfg: Config, force: bool = False) -> Path:
     if (out / "config.json").is_file() and not force:
         log.info("reusing the trained teacher %s", out)
         return out
+    lora = cfg.teacher_train_lora
+    if lora.enabled:
+        from cot2align.lora import require_peft
+
+        require_peft()  # before anything heavy
     tok = load_tokenizer(p.teacher_tokenizer)
-    model = build_tiny_model(cfg.embedded.teacher_model, tok, seed=cfg.run.seed)
+    model = (load_model(cfg.teacher.init) if cfg.teacher.init
+             else build_tiny_model(cfg.embedded.teacher_model, tok, seed=cfg.run.seed))
     data_cfg = cfg.data.merged({"pairing": "separate"})
     samples = _samples(cfg, data_cfg, tok, tok, p)
     sft = build_loss(cfg.loss.merged({"name": "sft"}),
                      LossContext(hidden_size(model), hidden_size(model), len(tok), len(tok), True))
+    if lora.enabled:
+        from cot2align.lora import apply_lora, trainable_parameters
+
+        model = apply_lora(model, lora)
+        n_train, n_all = trainable_parameters(model)
+        log.info("train-teacher: LoRA r=%d on %s: %d of %d parameters trainable", lora.r,
+                 ",".join(lora.target_modules), n_train, n_all)
     run_dir = out.parent / (out.name + ".run")
     _write_run_files(cfg, run_dir, "train-teacher")
     logger = MetricsLogger(run_dir, cfg.logging, cfg.to_dict(), name=f"{cfg.run.name}-teacher",
@@ -153,9 +188,14 @@ def train_teacher(cfg: Config, force: bool = False) -> Path:
                     log_cfg=cfg.logging, dev=load_split(p.dev, cfg.data), eval_cfg=cfg.eval, resume=cfg.run.resume)
     finally:
         logger.close()
-    best = load_model(res.export_dir)
-    best.save_pretrained(out, safe_serialization=True)
-    tok.save_pretrained(out)
+    if lora.enabled:  # the loop's exports are adapter folders
+        from cot2align.lora import export_merged
+
+        export_merged(model, tok, out, adapter_dir=res.export_dir)
+    else:
+        best = load_model(res.export_dir)
+        best.save_pretrained(out, safe_serialization=True)
+        tok.save_pretrained(out)
     log.info("teacher trained: best dev %s -> %s", res.best_dev, out)
     return out
 
@@ -211,31 +251,18 @@ def distill(cfg: Config, run_dir: Path | None = None) -> TrainResult:
 
 
 def evaluate_model(cfg: Config, model_dir: Path, split: str = "test") -> dict[str, Any]:
-    """Evaluate an HF checkpoint folder on a split; also by the `steps` field when the rows carry one."""
+    """Evaluate an HF checkpoint folder on a split with `cfg.eval` (see `evaluate.score`).
+
+    Adds exact_match_by_steps {steps: mean over seeds} when `eval.breakdown` is "steps".
+    """
     p = prepare_data(cfg)
     examples = load_split({"dev": p.dev, "test": p.test}[split], cfg.data)
     model = load_model(model_dir)
     tok = load_tokenizer(model_dir)
     res = evaluate_examples(model, tok, examples, cfg.eval)
-    by_steps: dict[str, Any] = {}
-    steps = sorted({ex.meta["steps"] for ex in examples if "steps" in ex.meta})
-    if len(steps) > 1:
-        correct = _exact_by_example(res["samples"], examples, cfg)
-        for s in steps:
-            idx = [i for i, ex in enumerate(examples) if ex.meta.get("steps") == s]
-            by_steps[str(s)] = 100.0 * sum(correct[i] for i in idx) / len(idx)
-    res["exact_match_by_steps"] = by_steps
+    groups = res.get("by_steps") or {}
+    res["exact_match_by_steps"] = {g: v["exact_match"] for g, v in groups.items() if "exact_match" in v}
     return res
-
-
-def _exact_by_example(samples: list[list[str]], examples: list[Example], cfg: Config) -> list[float]:
-    from cot2align.data.embedded import extract_answer
-
-    out = []
-    for (_, gen, _), ex in zip(samples, examples, strict=True):
-        gold = extract_answer(ex.answer if ex.answer is not None else ex.output, cfg.eval.answer_mode)
-        out.append(float(gold is not None and extract_answer(gen, cfg.eval.answer_mode) == gold))
-    return out
 
 
 def run_embedded(cfg: Config) -> dict[str, Any]:
@@ -255,8 +282,8 @@ def run_embedded(cfg: Config) -> dict[str, Any]:
     for name, c in runs.items():
         res = distill(c)
         results[f"student ({name})"] = evaluate_model(c, res.export_dir)
-    summary = {k: {m: v.get(m) for m in ("exact_match", "rouge_l", "exact_match_by_steps")}
-               for k, v in results.items()}
+    keys = ("exact_match", "exact_match_std", "rouge_l", "rouge_l_std", "seeds", "exact_match_by_steps")
+    summary = {k: {m: v.get(m) for m in keys} for k, v in results.items()}
     out = cfg.run_dir / "results.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"summary": summary, "wall_s": time.perf_counter() - t0,
@@ -267,13 +294,17 @@ def run_embedded(cfg: Config) -> dict[str, Any]:
 
 
 def results_table(summary: dict[str, dict[str, Any]]) -> str:
-    """Markdown table: model, test exact match, ROUGE-L, exact match per number of steps."""
+    """Markdown table: model, exact match and ROUGE-L (mean +- std over the seeds), exact match per steps."""
+    from cot2align.evaluate import mean_std
+
     steps = sorted({s for v in summary.values() for s in (v.get("exact_match_by_steps") or {})})
     head = "| model | exact match | ROUGE-L | " + " | ".join(f"EM {s} steps" for s in steps) + " |"
     lines = [head, "|" + "---|" * (3 + len(steps))]
     for name, v in summary.items():
-        em = v.get("exact_match")
-        cells = [name, f"{em:.1f}" if em is not None else "-", f"{v.get('rouge_l') or 0:.1f}"]
+        cells = [name, mean_std(v, "exact_match"), mean_std(v, "rouge_l")]
         cells += [f"{(v.get('exact_match_by_steps') or {}).get(s, float('nan')):.1f}" for s in steps]
         lines.append("| " + " | ".join(cells) + " |")
+    seeds = next((v.get("seeds") for v in summary.values() if v.get("seeds")), None)
+    if seeds:
+        lines.append(f"\nmean ± std over seeds {seeds}")
     return "\n".join(lines)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.util
 import json
 from pathlib import Path
 
@@ -257,3 +258,86 @@ def test_generate_cot_stage_leaves_input_untouched(tiny_task: dict[str, Path], t
     assert all(r["cot_gen"]["generations"] >= 1 for r in rows)
     assert [ex.rationale for ex in read_source(cfg)] == [None] * len(rows)  # read without gold rationales
     assert len(json.loads((tmp_path / "work" / (out.stem + ".stats.json")).read_text())) > 0
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed here")
+def test_vllm_backend_without_vllm_is_a_clear_error(tiny_task: dict[str, Path], teacher: tuple,
+                                                     tmp_path: Path) -> None:
+    from cot2align.config import Config
+    from cot2align.configbase import ConfigError
+    from cot2align.cot.generate import generate_cot, output_path
+
+    model, tok = teacher
+    model.save_pretrained(tmp_path / "teacher")
+    tok.save_pretrained(tmp_path / "teacher")
+    cfg = Config().with_overrides([
+        f"run.work_dir={tmp_path / 'work'}", f"data.train_file={tiny_task['train']}",
+        f"teacher.path={tmp_path / 'teacher'}", f"student.tokenizer={tiny_task['tok_student']}", "cot.backend=vllm"])
+    with pytest.raises(ConfigError, match=r"cot\.backend=vllm: vLLM is not installed"):
+        generate_cot(cfg)
+    assert not output_path(cfg).exists()  # nothing written
+    # the backend is not part of the output's name: hf and vLLM runs resume each other's files
+    assert output_path(cfg) == output_path(cfg.with_overrides(["cot.backend=hf"]))
+
+
+# ----------------------------------------------------------------------------- chat templates
+
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+@pytest.fixture()
+def chat_tok(tiny_task: dict[str, Path]) -> PreTrainedTokenizerBase:
+    """The tiny BPE tokenizer turned into a ChatML one (its EOS stays the plain end-of-text token)."""
+    tok = load_tokenizer(tiny_task["tok_teacher"])
+    tok.add_tokens(["<|im_start|>", "<|im_end|>"], special_tokens=True)
+    tok.chat_template = CHATML
+    return tok
+
+
+def test_model_input_ids_with_and_without_chat_template(tiny_task: dict[str, Path],
+                                                        chat_tok: PreTrainedTokenizerBase) -> None:
+    from cot2align.data.prompts import model_input_ids, model_input_text
+    from cot2align.evaluate import prompt_ids
+
+    ex = _train(tiny_task, 1)[0]
+    prompt = cot_prompt(ex)
+    plain = load_tokenizer(tiny_task["tok_teacher"])
+    bos_prompt = [plain.bos_token_id, *plain.encode(prompt, add_special_tokens=False)]
+    assert model_input_ids(plain, prompt, "auto") == prompt_ids(plain, prompt) == bos_prompt  # no template
+    text = model_input_text(chat_tok, prompt, "auto")
+    assert text == f"<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
+    ids = prompt_ids(chat_tok, prompt)
+    assert ids == chat_tok.encode(text, add_special_tokens=False) and ids[0] != chat_tok.bos_token_id
+    assert ids[0] == chat_tok.convert_tokens_to_ids("<|im_start|>")  # a special token, not split into pieces
+    assert prompt_ids(chat_tok, prompt, "none") == model_input_ids(chat_tok, prompt, "none") == bos_prompt
+    with pytest.raises(ValueError, match="chat_template"):
+        model_input_ids(chat_tok, prompt, "chatml")  # type: ignore[arg-type]
+
+
+def test_generation_tokenizer_stops_at_end_of_turn(chat_tok: PreTrainedTokenizerBase) -> None:
+    from cot2align.data.prompts import end_of_turn_id, generation_tokenizer, model_input_ids
+
+    im_end = chat_tok.convert_tokens_to_ids("<|im_end|>")
+    eos = chat_tok.eos_token_id
+    assert end_of_turn_id(chat_tok) == im_end != eos
+    gen = generation_tokenizer(chat_tok, "auto")
+    assert gen is not chat_tok and gen.eos_token_id == im_end  # generation stops and is cut at <|im_end|>
+    assert chat_tok.eos_token_id == eos  # the caller's tokenizer is left alone
+    assert model_input_ids(gen, "hi") == model_input_ids(chat_tok, "hi")
+    plain = generation_tokenizer(chat_tok, "none")
+    assert not plain.chat_template and chat_tok.chat_template == CHATML
+    assert model_input_ids(plain, "hi") == model_input_ids(chat_tok, "hi", "none")
+    assert end_of_turn_id(plain) is None and generation_tokenizer(plain, "auto") is plain
+
+
+def test_cot_chat_template_config(tiny_task: dict[str, Path], tmp_path: Path) -> None:
+    from cot2align.config import Config
+    from cot2align.configbase import ConfigError
+    from cot2align.cot.generate import output_path
+
+    cfg = Config().with_overrides([f"run.work_dir={tmp_path}"])
+    assert cfg.cot.chat_template == "auto"
+    assert output_path(cfg) != output_path(cfg.merged({"cot": {"chat_template": "none"}}))
+    with pytest.raises(ConfigError, match=r"cot\.chat_template: got 'chatml'"):
+        Config().with_overrides(["cot.chat_template=chatml"])

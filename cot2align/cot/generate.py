@@ -6,7 +6,9 @@ continuation, which (the teacher being trained on the CoT target format) reads
 answer bridge; X is checked against the gold answer when the task has a checkable one
 (answer-consistency filter), and a failed sample is regenerated with a new seed up to
 `max_tries` times. Examples left without a valid rationale are written without one
-(they become std-only samples downstream).
+(they become std-only samples downstream). A chat (instruct) teacher gets the CoT prompt as the
+user turn of its tokenizer's chat template and stops at the template's end of turn
+(`cot.chat_template`, implemented in `cot2align.data.prompts`).
 
 Output: a NEW JSONL (the input is never modified), appended batch by batch and flushed,
 so an interrupted run resumes where it stopped: ids already written are skipped and a
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.util
 import json
 import os
 import zlib
@@ -27,10 +30,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from cot2align.configbase import ConfigBase, require
+from cot2align.configbase import ConfigBase, ConfigError, require
 from cot2align.data.embedded import extract_answer
 from cot2align.data.jsonl import DataError, Example, write_jsonl
-from cot2align.data.prompts import ANSWER_BRIDGE, cot_prompt
+from cot2align.data.prompts import ANSWER_BRIDGE, cot_prompt, generation_tokenizer, model_input_ids
 from cot2align.logging import log
 
 if TYPE_CHECKING:
@@ -67,8 +70,14 @@ class CotGenConfig(ConfigBase):
     """Answer extractor for the filter ('none' = answers are not checkable: no filtering)."""
     batch_size: int = 64
     """Prompts per generate call."""
+    chat_template: Literal["auto", "none"] = "auto"
+    """auto: prompt chat (instruct) teachers through their tokenizer's chat template (the CoT prompt is
+    the user turn; generation stops at the template's end-of-turn token); none: BOS + prompt always."""
     output: str = ""
     """Output JSONL ('' = <run.work_dir>/cot-<digest of teacher, data, sampling settings>.jsonl)."""
+    backend: Literal["hf", "vllm"] = "hf"
+    """hf: transformers `generate` (batched, KV cache; CPU or GPU); vllm: vLLM's engine (GPU clusters,
+    `pip install vllm`); both take the same prompts, sampling settings and seeds."""
 
     def check(self, prefix: str) -> None:
         require(self.temperature >= 0, f"{prefix}.temperature", f"must be >= 0, got {self.temperature}")
@@ -342,14 +351,38 @@ def merge_shards(examples: Sequence[Example], shards: Sequence[Path], out: Path)
 
 
 def hf_generate_fn(model: PreTrainedModel, tok: PreTrainedTokenizerBase, cfg: CotGenConfig) -> GenerateFn:
-    """A GenerateFn over `evaluate.generate` (batched, left-padded, length-sorted, KV cache) with cfg's sampling."""
+    """A GenerateFn over `evaluate.generate` (batched, left-padded, length-sorted, KV cache) with cfg's
+    sampling; prompts go through the chat template per `cfg.chat_template` (`data.prompts`)."""
     from cot2align.evaluate import EvalConfig, generate
 
-    ecfg = EvalConfig(decoding="sample" if cfg.temperature > 0 else "greedy", temperature=cfg.temperature,
-                      top_p=cfg.top_p, top_k=0, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
+    ecfg = EvalConfig(decoding="sample" if cfg.temperature > 0 else "greedy", temperature=cfg.temperature or 1.0,
+                      top_p=cfg.top_p, top_k=0, no_repeat_ngram_size=0, max_new_tokens=cfg.max_new_tokens,
+                      batch_size=cfg.batch_size)
+    gen_tok = generation_tokenizer(tok, cfg.chat_template)
 
     def fn(prompts: list[str], seed: int) -> list[str]:
-        return generate(model, tok, prompts, ecfg, seed)
+        by_index = generate(model, gen_tok, prompts, ecfg, seed)
+        return [by_index[i] for i in range(len(prompts))]
+
+    return fn
+
+
+def vllm_generate_fn(model_dir: Path, tok: PreTrainedTokenizerBase, cfg: CotGenConfig) -> GenerateFn:
+    """A GenerateFn over vLLM (`cot.backend=vllm`): the same chat-templated prompt ids as the hf
+    backend, the same sampling settings, one request per prompt seeded from the call's seed."""
+    try:
+        from vllm import LLM, SamplingParams
+    except ImportError:
+        raise ImportError("cot.backend=vllm needs vLLM (a GPU package): pip install vllm, or use "
+                          "cot.backend=hf") from None
+    gen_tok = generation_tokenizer(tok, cfg.chat_template)
+    llm = LLM(model=str(model_dir), tokenizer=str(model_dir), seed=0)
+
+    def fn(prompts: list[str], seed: int) -> list[str]:
+        params = [SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_new_tokens,
+                                 seed=seed + i, stop_token_ids=[gen_tok.eos_token_id]) for i in range(len(prompts))]
+        requests = [{"prompt_token_ids": model_input_ids(gen_tok, p, "auto")} for p in prompts]
+        return [out.outputs[0].text for out in llm.generate(requests, params, use_tqdm=False)]
 
     return fn
 
@@ -365,7 +398,10 @@ class _LazyTeacher:
         if self.fn is None:
             from cot2align.models import load_model
 
-            self.fn = hf_generate_fn(load_model(self.model_dir, self.dtype), self.tok, self.cfg)
+            if self.cfg.backend == "vllm":
+                self.fn = vllm_generate_fn(self.model_dir, self.tok, self.cfg)
+            else:
+                self.fn = hf_generate_fn(load_model(self.model_dir, self.dtype), self.tok, self.cfg)
         return self.fn(prompts, seed)
 
 
@@ -376,7 +412,9 @@ def output_path(cfg: Config) -> Path:
     from cot2align import pipeline
 
     p = pipeline.paths(cfg)
-    sampling = {k: v for k, v in cfg.cot.to_dict().items() if k not in ("enabled", "output", "batch_size")}
+    sampling = {k: v for k, v in cfg.cot.to_dict().items() if k not in ("enabled", "output", "batch_size", "backend")}
+    if sampling.get("chat_template") == "auto":  # the default: keeps the names of outputs made before the key
+        del sampling["chat_template"]
     blob = json.dumps({"teacher": str(p.teacher_model), "train": str(p.train), "cot": sampling,
                        "seed": cfg.run.seed}, sort_keys=True)
     return Path(cfg.run.work_dir) / f"cot-{hashlib.sha256(blob.encode()).hexdigest()[:12]}.jsonl"
@@ -407,12 +445,16 @@ def generate_cot(cfg: Config, rank: int = 0, world_size: int = 1) -> Path:
         raise FileNotFoundError(f"teacher.path: {p.teacher_model} is not an HF checkpoint")
     else:
         pipeline.train_teacher(cfg)
+    if cfg.cot.backend == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise ConfigError("cot.backend=vllm: vLLM is not installed (pip install vllm, on a GPU machine); "
+                          "use cot.backend=hf")
     out = output_path(cfg)
     target = out if world_size == 1 else shard_path(out, rank, world_size)
     tok = load_tokenizer(p.teacher_tokenizer)
+    gen_tok = generation_tokenizer(tok, cfg.cot.chat_template)
     stats = generate_rationales(read_source(cfg), _LazyTeacher(p.teacher_model, cfg.teacher.dtype, tok, cfg.cot),
                                 cfg.cot, target, rank=rank, world_size=world_size, seed=cfg.run.seed,
-                                sort_key=lambda s: len(prompt_ids(tok, s)))
+                                sort_key=lambda s: len(prompt_ids(gen_tok, s)))
     print(stats.summary())
     return target
 

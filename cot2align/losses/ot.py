@@ -11,13 +11,14 @@ size and solves each bucket as one padded batch.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
 from cot2align.losses.base import LossContext, LossInputs
 from cot2align.losses.config import OTConfig
-from cot2align.losses.sinkhorn import CostFn, batched_ot
+from cot2align.losses.sinkhorn import CostFn, batched_ot, sinkhorn
 
 #: (student format, teacher format) -> part name; main-main first, always present.
 PAIRS: dict[tuple[str, str], str] = {
@@ -86,6 +87,11 @@ class CrossCoTOT(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.projector = nn.Linear(ctx.d_teacher, ctx.d_student)
+        self.record_plans = False
+        """When True, each forward keeps the first sample's states (`recorded`) for `transport_plans`."""
+        self.recorded: SampleStates | None = None
+        self.tokenizers = (ctx.student_tokenizer, ctx.teacher_tokenizer)
+        """(student, teacher) tokenizers, to label recorded plans with token strings (may be None)."""
 
     def pairs(self, inputs: LossInputs) -> list[tuple[str, str]]:
         """(student format, teacher format) pairs used for these inputs."""
@@ -108,6 +114,8 @@ class CrossCoTOT(nn.Module):
         hidden [B, N_t, d_t] (any float dtype) with their masks [B, N]. Parts: one per pair
         ("main_main", "aux_main", "main_aux") and one per layer pair ("layer{ls}_{lt}").
         """
+        if self.record_plans:
+            self.recorded = self.sample_states(inputs, 0)
         dtype = self.projector.weight.dtype
         pairs = self.pairs(inputs)
         layers = self.layers(inputs)
@@ -144,6 +152,59 @@ class CrossCoTOT(nn.Module):
             sel = [i for i, key in enumerate(keys) if name in key]
             parts[name] = done[sel].sum() if sel else done.new_zeros(())
         return values.sum(), parts
+
+
+    @torch.no_grad()
+    def sample_states(self, inputs: LossInputs, sample: int = 0) -> SampleStates:
+        """One sample's OT problems (detached): per pair and layer, student states X [N_s, d_s] and
+        projected teacher states Y [N_t, d_s], with the response token ids of each side."""
+        dtype = self.projector.weight.dtype
+        out = SampleStates()
+        for s_fmt, t_fmt in self.pairs(inputs):
+            s_view, t_view = inputs.student[s_fmt], inputs.teacher[t_fmt]
+            s_mask, t_mask = s_view.mask[sample], t_view.mask[sample]  # [N_s], [N_t]
+            if not (bool(s_mask.any()) and bool(t_mask.any())):
+                continue
+            for ls, lt in self.layers(inputs):
+                name = f"{PAIRS[(s_fmt, t_fmt)]}/layer{ls}_{lt}"
+                x = s_view.hidden[ls][sample][s_mask].to(dtype)
+                y = self.projector(t_view.hidden[lt][sample][t_mask].to(dtype))
+                out.problems[name] = (x.detach().clone(), y.detach().clone())
+                out.token_ids[name] = (s_view.targets[sample][s_mask].tolist(),
+                                       t_view.targets[sample][t_mask].tolist())
+        return out
+
+
+@dataclass
+class SampleStates:
+    """The OT problems of one sample: name ("main_main/layer0_0") -> (X [N_s, d], Y [N_t, d]) and
+    name -> (student response token ids [N_s], teacher response token ids [N_t])."""
+
+    problems: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
+    token_ids: dict[str, tuple[list[int], list[int]]] = field(default_factory=dict)
+
+
+@torch.no_grad()
+def transport_plans(module: CrossCoTOT, inputs: LossInputs | None = None, sample: int = 0) -> dict[str, Tensor]:
+    """Entropic OT plans P [N_s, N_t] (float32, CPU) of one sample, by problem name.
+
+    From `inputs` when given, else from the states the last forward recorded (`record_plans`).
+    Solved like the loss (same cost and Sinkhorn settings), one problem at a time; row i sums
+    to 1 / N_s and column j to 1 / N_t.
+    """
+    states = module.sample_states(inputs, sample) if inputs is not None else module.recorded
+    if states is None:
+        raise ValueError("transport_plans: no inputs given and nothing recorded (set record_plans first)")
+    sk = module.cfg.sinkhorn
+    out: dict[str, Tensor] = {}
+    for name, (x, y) in states.problems.items():
+        ones_x = torch.ones(1, x.shape[0], dtype=torch.bool, device=x.device)
+        ones_y = torch.ones(1, y.shape[0], dtype=torch.bool, device=y.device)
+        cost = COSTS[module.cfg.cost](x[None], y[None], ones_x, ones_y)  # [1, N_s, N_t]
+        res = sinkhorn(cost, ones_x, ones_y, epsilon=sk.epsilon, max_iter=sk.iterations, tol=sk.tolerance,
+                       check_every=sk.check_every, gradient=sk.gradient, log_domain=sk.log_domain)
+        out[name] = res.plan[0].float().cpu()
+    return out
 
 
 def _split(hidden: Tensor, mask: Tensor) -> list[Tensor]:
