@@ -9,9 +9,10 @@ them; the teacher's forward is not part of the student's step):
 * step time of `cot2align` (CE + Cross-CoT OT at the embedding and last layers, the
   embedded default's loss) and of `sft` with the same forward passes (both formats), median
   of several forward+backward passes;
-* achieved FLOP/s of the cot2align step's student forward+backward, counted analytically
-  (3 x (2 x matmul parameters + 4 x layers x context x d) per token, both formats), against the
-  FLOP/s of a large fp32 matmul measured in the same run;
+* achieved FLOP/s of the student's forward+backward (`step_flops`, counted analytically on the
+  padded batch as computed) in the sft step and in the cot2align step (whose OT work is not
+  counted: its FLOP/s is lower by the OT share), against the FLOP/s of a large fp32 matmul
+  measured in the same run;
 * OT share = (t_cot2align - t_sft) / t_cot2align: everything the OT term adds (cost matrices,
   Sinkhorn, projections and their backward).
 
@@ -56,12 +57,23 @@ def matmul_flops(n: int = 2048, reps: int = 5) -> float:
     return 2 * n**3 / best
 
 
-def matmul_params(model: nn.Module) -> int:
-    """Parameters used in matmuls per token: every 2-d weight except the input embeddings, plus the
-    (tied) output head."""
-    emb = model.get_input_embeddings().weight
-    n = sum(p.numel() for p in model.parameters() if p.dim() == 2 and p is not emb)
-    return n + emb.numel()  # the LM head multiplies by the (tied) embedding matrix
+def body_matmul_params(model: nn.Module) -> int:
+    """Parameters of the transformer body's matmuls: every 2-d weight outside embedding tables."""
+    tables = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    return sum(p.numel() for p in model.parameters() if p.dim() == 2 and id(p) not in tables)
+
+
+def step_flops(model: nn.Module, batch: Any, layers: int, hidden: int) -> float:
+    """FLOPs of the student's forward+backward on a micro-batch as computed (padded): the body on
+    both formats' [B, T] tokens (2 x params + 4 x layers x T x d per token: QK^T and AV), the output
+    head (tied embedding, V x d) on the main format's [B, N] response positions; backward = 2 x forward."""
+    vocab, d = model.get_input_embeddings().weight.shape
+    forward = 0.0
+    for fmt in ("main", "aux"):
+        b, t = batch.seqs["student"][fmt].input_ids.shape
+        forward += b * t * (2 * body_matmul_params(model) + 4 * layers * t * hidden)
+    forward += 2 * vocab * d * batch.seqs["student"]["main"].resp_mask.numel()
+    return 3 * forward
 
 
 class ReplayTeacher:
@@ -84,23 +96,26 @@ class ReplayTeacher:
         return {}
 
 
-def step_seconds(student: nn.Module, loss_fn: nn.Module, batch: Any, teacher: Any, plan: Any, reps: int) -> float:
-    """Median forward+backward time of one micro-batch."""
+def step_seconds(setups: dict[str, tuple[nn.Module, Any, Any]], student: nn.Module, batch: Any,
+                 reps: int) -> dict[str, float]:
+    """Median forward+backward wall time of one micro-batch per setup (name -> (loss, teacher, plan)),
+    the setups interleaved rep by rep so that a shared machine's load hits them alike."""
     from cot2align.models import num_layers
     from cot2align.train import micro_batch_loss
 
     final = num_layers(student)  # type: ignore[arg-type]
     tokens = float(batch.seqs["student"]["main"].resp_mask.sum())
-    times = []
+    times: dict[str, list[float]] = {name: [] for name in setups}
     for i in range(reps + 1):
-        student.zero_grad(set_to_none=True)
-        loss_fn.zero_grad(set_to_none=True)
-        t = time.perf_counter()
-        out = micro_batch_loss(student, final, loss_fn, batch, teacher, plan, tokens, float(len(batch.indices)))
-        out.total.backward()
-        if i:  # the first pass warms up allocators and caches
-            times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        for name, (loss_fn, teacher, plan) in setups.items():
+            student.zero_grad(set_to_none=True)
+            loss_fn.zero_grad(set_to_none=True)
+            t = time.perf_counter()
+            out = micro_batch_loss(student, final, loss_fn, batch, teacher, plan, tokens, float(len(batch.indices)))
+            out.total.backward()
+            if i:  # the first round warms up allocators and caches
+                times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def measure(cfg: Config, size: dict[str, Any], micro_batch: int, reps: int) -> dict[str, Any]:
@@ -118,6 +133,7 @@ def measure(cfg: Config, size: dict[str, Any], micro_batch: int, reps: int) -> d
     teacher = ColocatedTeacher(build_tiny_model(cfg.embedded.teacher_model, t_tok, seed=1))
     student = build_tiny_model(TinyModelConfig.from_dict(size, prefix="size"), s_tok, seed=2)
     results: dict[str, Any] = {"student_params": sum(p.numel() for p in student.parameters())}
+    setups = {}
     for name, loss_cfg in (("cot2align", cfg.loss.merged({"name": "cot2align", "base": "none"})),
                            ("sft", cfg.loss.merged({"name": "sft"}))):
         ctx = LossContext(hidden_size(student), teacher.model.config.hidden_size, len(s_tok), len(t_tok), False,
@@ -125,19 +141,13 @@ def measure(cfg: Config, size: dict[str, Any], micro_batch: int, reps: int) -> d
         loss_fn = build_loss(loss_cfg, ctx)
         plan = plan_step(loss_fn, student.config.num_hidden_layers, teacher.final_layer, name != "sft", True)
         views = teacher.views(batch, plan.fmts, plan.teacher_layers) if plan.teacher_layers else {}
-        results[f"{name}_s"] = step_seconds(student, loss_fn, batch, ReplayTeacher(teacher, views), plan, reps)
-    per_token = 2 * matmul_params(student)
-    tokens = 0
-    for fmt in ("main", "aux"):
-        seq = batch.seqs["student"][fmt]
-        n = int(seq.attention_mask.sum())
-        ctx_len = seq.input_ids.shape[1]
-        tokens += n
-        per_token_fmt = per_token + 4 * size["layers"] * ctx_len * size["hidden"]
-        results.setdefault("flops", 0.0)
-        results["flops"] += 3.0 * per_token_fmt * n
-    results["tokens"] = tokens
-    results["student_flops_per_s"] = results["flops"] / results["cot2align_s"]
+        setups[name] = (loss_fn, ReplayTeacher(teacher, views), plan)
+    for name, seconds in step_seconds(setups, student, batch, reps).items():
+        results[f"{name}_s"] = seconds
+    results["flops"] = step_flops(student, batch, size["layers"], size["hidden"])
+    results["tokens"] = sum(int(batch.seqs["student"][f].attention_mask.sum()) for f in ("main", "aux"))
+    results["sft_flops_per_s"] = results["flops"] / results["sft_s"]
+    results["cot2align_flops_per_s"] = results["flops"] / results["cot2align_s"]
     results["ot_share"] = (results["cot2align_s"] - results["sft_s"]) / results["cot2align_s"]
     return results
 
@@ -158,12 +168,13 @@ def main(argv: list[str] | None = None) -> int:
     peak = max(peak, matmul_flops())  # measured before and after: the machine is shared
     lines = [f"large fp32 matmul (2048^3): {peak / 1e9:.1f} GFLOP/s, torch threads {torch.get_num_threads()}", "",
              "| student | params | tokens / micro-batch | sft step | cot2align step | OT share | "
-             "student GFLOP/s | of matmul peak |",
+             "GFLOP/s sft (of peak) | GFLOP/s cot2align (of peak) |",
              "|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
         lines.append(f"| {name} | {r['student_params'] / 1e6:.2f} M | {r['tokens']} | {r['sft_s'] * 1e3:.0f} ms | "
                      f"{r['cot2align_s'] * 1e3:.0f} ms | {r['ot_share'] * 100:.0f}% | "
-                     f"{r['student_flops_per_s'] / 1e9:.1f} | {r['student_flops_per_s'] / peak * 100:.1f}% |")
+                     f"{r['sft_flops_per_s'] / 1e9:.1f} ({r['sft_flops_per_s'] / peak * 100:.0f}%) | "
+                     f"{r['cot2align_flops_per_s'] / 1e9:.1f} ({r['cot2align_flops_per_s'] / peak * 100:.0f}%) |")
     table = "\n".join(lines)
     print(table)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

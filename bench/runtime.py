@@ -11,18 +11,41 @@ tokenizers when `cot2align.pipeline.paths(cfg)` finds them; otherwise builds the
 embedded-size models (random weights: step time does not depend on training) on a
 small generated task. On a 2-core CPU the served world's 3-4 processes share the
 cores, so served step times here measure overhead, not the speed-up of real hardware.
+
+Two further sections:
+
+* overlap, pinned: one hf teacher rank and one student rank, each pinned to its own core
+  (`os.sched_setaffinity`, one torch thread), against the two halves of the work measured
+  alone on one core each: the teacher alone = the serve loop's forward passes (and packing)
+  of the same micro-batches, without students; the student alone = the same training
+  step (same DeepSpeed stepper, in a 1-rank world) with the teacher's states replayed from
+  memory (computed beforehand by the HF teacher in that process, outside the timing).
+  With perfect overlap, served step time = max(teacher alone, student alone).
+* teacher memory: a ~140M-parameter fp32 Llama teacher (built here with random weights,
+  saved as safetensors) served by megatron-core with tp=2 and tp=2 x pp=2: the peak RSS of
+  each teacher rank against one process that loads the whole HF teacher and runs the same
+  forward, and against the expected fixed overhead (a megatron teacher rank of the
+  embedded-size teacher) + weights / (tp x pp).
+
+    python bench/runtime.py --skip-base   # only the two sections above
 """
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import json
+import os
+import queue
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -31,6 +54,7 @@ from cot2align.config import Config, load_config  # noqa: E402
 from cot2align.pipeline import distill, paths  # noqa: E402
 
 STEPS = 8
+PINNED_STEPS = 12
 
 
 def _artefacts(cfg: Config, work: Path) -> tuple[dict[str, Any], str]:
@@ -101,7 +125,306 @@ def _case(base: Config, name: str, mode: str, overrides: dict[str, Any]) -> dict
     return out
 
 
+# --------------------------------------------------------------------------- pinned processes
+def _pin(core: int) -> None:
+    os.sched_setaffinity(0, {core})
+    torch.set_num_threads(1)
+
+
+def _pinned_rank(cfg: Config, rank: int, world: int, port: int, results: Any, core: int) -> None:
+    """One rank of a served world, pinned to `core` (see cot2align.runtime._local_worker)."""
+    from cot2align.runtime import _local_worker
+
+    _pin(core)
+    _local_worker(cfg, rank, world, port, results, {})
+
+
+def _launch_pinned(cfg: Config, cores: list[int], timeout_s: float) -> list[Any]:
+    """A served world with rank r pinned to cores[r]; every rank's result, by rank."""
+    import torch.multiprocessing as mp
+
+    from cot2align.runtime import WorldError, free_port
+
+    ctx = mp.get_context("spawn")
+    results, port, world = ctx.Queue(), free_port(), len(cores)
+    procs = [ctx.Process(target=_pinned_rank, args=(cfg, r, world, port, results, cores[r])) for r in range(world)]
+    for proc in procs:
+        proc.start()
+    done: dict[int, Any] = {}
+    try:
+        deadline = time.monotonic() + timeout_s
+        while len(done) < world and time.monotonic() < deadline:
+            try:
+                rank, result, error = results.get(timeout=1.0)
+            except queue.Empty:
+                dead = [r for r, proc in enumerate(procs) if r not in done and proc.exitcode not in (None, 0)]
+                if dead:
+                    raise WorldError({r: f"exited with code {procs[r].exitcode}" for r in dead}) from None
+                continue
+            if error is not None:
+                raise WorldError({rank: error})
+            done[rank] = result
+    finally:
+        for proc in procs:
+            if proc.is_alive():
+                proc.kill()
+            proc.join(timeout=10)
+    if len(done) < world:
+        raise WorldError({r: "did not finish" for r in range(world) if r not in done})
+    return [done[r] for r in range(world)]
+
+
+def _child(fn: Callable[..., Any], core: int | None, out: Any, args: tuple[Any, ...]) -> None:
+    if core is not None:
+        _pin(core)
+    out.put(fn(*args))
+
+
+def _in_process(fn: Callable[..., Any], core: int | None, *args: Any) -> Any:
+    """fn(*args) in a fresh spawned process (pinned to `core` unless None); its return value."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(fn, core, out, args))
+    proc.start()
+    try:
+        while True:
+            try:
+                return out.get(timeout=2)
+            except queue.Empty:
+                if not proc.is_alive():
+                    raise RuntimeError(f"{fn.__name__} died with exit code {proc.exitcode}") from None
+    finally:
+        proc.join(timeout=30)
+
+
+def _setup(cfg: Config) -> dict[str, Any]:
+    """What a student rank builds: data, student, loss, the HF teacher and the step plan."""
+    from cot2align.losses import LossContext, build_loss
+    from cot2align.models import hidden_size, load_model, num_layers
+    from cot2align.pipeline import _student_model
+    from cot2align.runtime import _data
+    from cot2align.train import plan_step
+
+    s_tok, t_tok, samples, p = _data(cfg)
+    student = _student_model(cfg, s_tok)
+    teacher = load_model(p.teacher_model, cfg.teacher.dtype)
+    ctx = LossContext(hidden_size(student), hidden_size(teacher), len(s_tok), len(t_tok),
+                      s_tok.get_vocab() == t_tok.get_vocab(), s_tok, t_tok,
+                      cache_dir=str(Path(cfg.run.work_dir) / "cache"))
+    loss_fn = build_loss(cfg.loss, ctx)
+    plan = plan_step(loss_fn, num_layers(student), num_layers(teacher), True,
+                     cfg.loss.name == "cot2align" and cfg.loss.ot.cross_pairs)
+    return {"s_tok": s_tok, "t_tok": t_tok, "samples": samples, "student": student, "teacher": teacher,
+            "loss": loss_fn, "plan": plan, "pad": {"student": s_tok.pad_token_id, "teacher": t_tok.pad_token_id}}
+
+
+def _micro_batches(cfg: Config, n: int) -> list[list[list[int]]]:
+    from cot2align.data.sampler import GlobalBatchSampler
+
+    sampler = GlobalBatchSampler(n, cfg.train.micro_batch_size, cfg.train.grad_accum, 1, cfg.run.seed)
+    return [sampler.micro_batches(step, 0) for step in range(cfg.train.max_steps)]
+
+
+def _teacher_alone(cfg: Config) -> list[float]:
+    """Seconds per step of the serve loop's work for one student: teacher forwards + packing."""
+    from cot2align.data.dataset import collate
+    from cot2align.teacher.serve import HFHiddenStates
+    from cot2align.transport import pack
+
+    s = _setup(cfg)
+    states = HFHiddenStates(s["teacher"], torch.device("cpu"))
+    layers = s["plan"].teacher_layers
+    times = []
+    for micro in _micro_batches(cfg, len(s["samples"])):
+        t0 = time.perf_counter()
+        for idx in micro:
+            batch = collate([s["samples"][i] for i in idx], s["pad"])
+            for fmt in [f for f in s["plan"].fmts if f in batch.seqs["teacher"]]:
+                seq = batch.seqs["teacher"][fmt]
+                pack(states.hidden(seq, layers), seq.resp_mask, layers, torch.float32)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+class _Replay:
+    """TeacherSource handing out teacher views computed beforehand (by batch indices)."""
+
+    def __init__(self, teacher: Any, views: dict[tuple[int, ...], Any]) -> None:
+        self.final_layer, self.head, self.embed = teacher.final_layer, teacher.head, teacher.embed
+        self._views = views
+
+    def start(self, first_step: int, total_steps: int, layers: list[int], fmts: list[str]) -> None:
+        pass
+
+    def views(self, batch: Any, fmts: list[str], layers: list[int]) -> dict[str, Any]:
+        return {f: self._views[tuple(batch.indices)][f] for f in fmts}
+
+    def stop(self, step: int) -> None:
+        pass
+
+    def metrics(self) -> dict[str, float]:
+        return {}
+
+
+def _student_alone(cfg: Config, run_dir: str) -> float:
+    """Median seconds per step (after the first) of the student's training step with the teacher's
+    states replayed from memory; the DeepSpeed stepper of the served runtime in a 1-rank world."""
+    import torch.distributed as dist
+
+    from cot2align.data.dataset import collate
+    from cot2align.logging import MetricsLogger
+    from cot2align.runtime import free_port
+    from cot2align.student.engine import DeepSpeedStepper, StudentMPU
+    from cot2align.train import ColocatedTeacher, DataParallel, train
+
+    s = _setup(cfg)
+    colocated = ColocatedTeacher(s["teacher"])
+    plan = s["plan"]
+    views = {}
+    for micro in _micro_batches(cfg, len(s["samples"])):
+        for idx in micro:
+            batch = collate([s["samples"][i] for i in idx], s["pad"])
+            fmts = [f for f in plan.fmts if f in batch.seqs["teacher"]]
+            views[tuple(batch.indices)] = colocated.views(batch, fmts, plan.teacher_layers)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", LOCAL_RANK="0",
+                      WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        dp = DataParallel(size=1, rank=0, group=dist.group.WORLD)
+        mpu = StudentMPU(dp, [0], dist.new_group([0]))
+        tc = cfg.train
+        logger = MetricsLogger(Path(run_dir), cfg.logging, cfg.to_dict(), name="student-alone")
+        train(run_dir=Path(run_dir), student=s["student"], student_tok=s["s_tok"], loss_fn=s["loss"],
+              teacher=_Replay(colocated, views), samples=s["samples"], pad_ids=s["pad"], cfg=tc,
+              projector_lr=cfg.loss.projector_lr, needs_aux=len(plan.fmts) > 1, seed=cfg.run.seed, logger=logger,
+              log_cfg=cfg.logging, resume=False, data_parallel=dp, device=torch.device("cpu"),
+              make_stepper=lambda n: DeepSpeedStepper(s["student"], s["loss"], tc, cfg.loss.projector_lr, n,
+                                                      cfg.runtime.zero_stage, mpu))
+        logger.close()
+    finally:
+        dist.destroy_process_group()
+    return _step_times(Path(run_dir))[0]
+
+
+def overlap_pinned(base: Config, work: Path) -> dict[str, Any]:
+    """Served (1 hf teacher rank on core 0, 1 student on core 1) vs each half alone on one core."""
+    cores = sorted(os.sched_getaffinity(0))[:2]
+    cfg = base.merged({"run": {"name": "pinned-served"}, "runtime": {"mode": "served", "teacher_backend": "hf"},
+                       "student": {"parallel": {"dp": 1}}, "teacher": {"parallel": {"tp": 1, "pp": 1}},
+                       "train": {"max_steps": PINNED_STEPS, "grad_accum": 1, "threads": 1}})
+    t0 = time.perf_counter()
+    _launch_pinned(cfg, cores, timeout_s=600)
+    served = _step_times(cfg.run_dir)[0]
+    teacher = statistics.median(_in_process(_teacher_alone, cores[0], cfg)[1:])
+    student = _in_process(_student_alone, cores[1], cfg, str(work / "student-alone"))
+    bound = max(teacher, student)
+    return {"cores": cores, "steps": PINNED_STEPS, "micro_batch": cfg.train.micro_batch_size,
+            "served_step_s": round(served, 4), "teacher_alone_step_s": round(teacher, 4),
+            "student_alone_step_s": round(student, 4), "ratio_served_to_max": round(served / bound, 3),
+            "sum_alone_s": round(teacher + student, 4), "wall_s": round(time.perf_counter() - t0, 1)}
+
+
+# --------------------------------------------------------------------------- teacher memory
+BIG_TEACHER = {"hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 12,
+               "num_attention_heads": 16, "num_key_value_heads": 8}
+
+
+def _build_big_teacher(tok_dir: Path, out: Path) -> int:
+    """A random fp32 Llama of ~140M parameters with the teacher tokenizer, saved as safetensors."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from cot2align.models import load_tokenizer
+
+    tok = load_tokenizer(tok_dir)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), max_position_embeddings=512,
+                                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                         pad_token_id=tok.pad_token_id, tie_word_embeddings=False, **BIG_TEACHER))
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return sum(p.numel() for p in model.parameters())
+
+
+def _whole_teacher_rss(cfg: Config) -> dict[str, float]:
+    """One process: RSS after imports, then peak RSS after loading the whole HF teacher and
+    running the forward of one micro-batch (as the hf backend does)."""
+    from cot2align.data.dataset import collate
+    from cot2align.models import load_model, load_tokenizer
+    from cot2align.pipeline import _samples, paths
+    from cot2align.teacher.serve import HFHiddenStates, peak_rss_mb
+
+    before = peak_rss_mb()
+    p = paths(cfg)
+    s_tok, t_tok = load_tokenizer(p.student_tokenizer), load_tokenizer(p.teacher_tokenizer)
+    samples = _samples(cfg, cfg.data, s_tok, t_tok, p)
+    states = HFHiddenStates(load_model(p.teacher_model, cfg.teacher.dtype), torch.device("cpu"))
+    batch = collate(samples[: cfg.train.micro_batch_size], {"student": s_tok.pad_token_id,
+                                                            "teacher": t_tok.pad_token_id})
+    states.hidden(batch.seqs["teacher"]["main"], [0, states.num_layers])
+    return {"imports_mb": round(before, 1), "peak_mb": round(peak_rss_mb(), 1)}
+
+
+def _memory_status() -> dict[str, float]:
+    """VmHWM (peak), VmRSS, RssAnon (private) and RssFile (mapped file pages) of this process, MiB."""
+    keys = ("VmHWM", "VmRSS", "RssAnon", "RssFile")
+    lines = Path("/proc/self/status").read_text().splitlines()
+    return {k: int(x.split()[1]) / 1024 for x in lines for k in keys if x.startswith(k + ":")}
+
+
+def _reader_rss(checkpoint_dir: Path, tp: int) -> dict[str, Any]:
+    """Memory of reading tp-rank 0's slices (columns of o_proj / down_proj, rows of the rest) with
+    the megatron loader's safetensors reader, kept in memory as copies: while the file is open
+    and after it is closed (a simplified loader: no model, no megatron)."""
+    from cot2align.teacher.hf_to_megatron import CheckpointReader
+
+    start = _memory_status()
+    kept = []
+    reader = CheckpointReader(checkpoint_dir)
+    for name in reader.weight_map:
+        shape = reader.shape(name)
+        if len(shape) == 2 and ("o_proj" in name or "down_proj" in name):
+            kept.append(reader.read(name, cols=slice(0, shape[1] // tp)).clone())
+        else:
+            kept.append(reader.read(name, rows=slice(0, shape[0] // tp)).clone())
+    open_ = _memory_status()
+    reader.close()
+    return {"start": start, "file_open": open_, "closed": _memory_status(),
+            "kept_mb": sum(t.numel() * t.element_size() for t in kept) / 2**20}
+
+
+def teacher_memory(base: Config, work: Path, overhead_mb: float | None) -> dict[str, Any]:
+    """Peak RSS per megatron teacher rank (tp=2; tp=2 x pp=2) vs one process with the whole teacher."""
+    from cot2align.runtime import launch_local
+    from cot2align.teacher.serve import ServeStats
+
+    params = _in_process(_build_big_teacher, None, paths(base).teacher_tokenizer, work / "big_teacher")
+    weights_mb = params * 4 / 2**20
+    cfg = base.merged({"teacher": {"path": str(work / "big_teacher")},
+                       "train": {"max_steps": 1, "micro_batch_size": 2, "grad_accum": 1},
+                       "student": {"parallel": {"dp": 1}}, "runtime": {"timeout_s": 300}})
+    whole = _in_process(_whole_teacher_rss, None, cfg)
+    rows: list[dict[str, Any]] = [{"case": "whole HF teacher, 1 process", "ranks": 1,
+                                   "peak_rss_mb": [whole["peak_mb"]], "imports_mb": whole["imports_mb"]}]
+    for tp, pp in ((2, 1), (2, 2)):
+        run = cfg.merged({"run": {"name": f"rss-tp{tp}-pp{pp}"},
+                          "runtime": {"mode": "served", "teacher_backend": "megatron"},
+                          "teacher": {"parallel": {"tp": tp, "pp": pp}}})
+        stats = [r for r in launch_local(run, return_all=True, timeout_s=600) if isinstance(r, ServeStats)]
+        rows.append({"case": f"megatron tp={tp} pp={pp}, per teacher rank", "ranks": tp * pp,
+                     "peak_rss_mb": [round(x.peak_rss_mb, 1) for x in stats],
+                     "expected_mb": round(overhead_mb + weights_mb / (tp * pp), 1) if overhead_mb else None})
+    reader = _in_process(_reader_rss, None, work / "big_teacher", 2)
+    return {"teacher_params": params, "weights_mb": round(weights_mb, 1), "config": BIG_TEACHER,
+            "overhead_mb": overhead_mb, "rows": rows, "reader_tp2": reader}
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--skip-base", action="store_true", help="skip the served-vs-colocated table")
+    args = parser.parse_args()
+    load_start = os.getloadavg()
     base = load_config(ROOT / "configs" / "embedded.yaml")
     with tempfile.TemporaryDirectory(prefix="bench_runtime_") as tmp:
         work = Path(tmp)
@@ -117,13 +440,15 @@ def main() -> None:
             "runtime": {"timeout_s": 120},
         })
         colocated = {"train": {"grad_accum": 2}}  # the same global batches as 2 student replicas
-        rows = [
-            _case(base, "colocated (1 process)", "colocated", colocated),
-            _case(base, "served hf (1 teacher + 2 students)", "served", {}),
-            _case(base, "served megatron tp2 (2 teacher + 2 students)", "served",
-                  {"runtime": {"mode": "served", "teacher_backend": "megatron"},
-                   "teacher": {"parallel": {"tp": 2}}}),
-        ]
+        megatron = {"runtime": {"mode": "served", "teacher_backend": "megatron"}, "teacher": {"parallel": {"tp": 2}}}
+        rows = []
+        if not args.skip_base:
+            rows += [_case(base, "colocated (1 process)", "colocated", colocated),
+                     _case(base, "served hf (1 teacher + 2 students)", "served", {})]
+        rows.append(_case(base, "served megatron tp2 (2 teacher + 2 students)", "served", megatron))
+        overhead = rows[-1]["teacher_peak_rss_mb"]  # a megatron teacher rank whose weights are ~1 MB
+        pinned = overlap_pinned(base, work)
+        memory = teacher_memory(base, work, overhead)
         from transformers import AutoConfig
 
         teacher = AutoConfig.from_pretrained(str(paths(base).teacher_model))
@@ -132,10 +457,12 @@ def main() -> None:
     logits = {"fp32": 4 * vocab, "bf16": 2 * vocab}
     summary = {
         "source": source, "steps": STEPS, "served_layers": layers, "teacher_hidden": hidden,
-        "teacher_vocab": vocab, "logits_bytes_per_token": logits, "cases": rows,
+        "teacher_vocab": vocab, "logits_bytes_per_token": logits, "cases": rows, "overlap_pinned": pinned,
+        "teacher_memory": memory, "loadavg_start": load_start, "loadavg_end": os.getloadavg(),
         "note": "2-core CPU: the served world's processes share the cores; gloo, fp32 on the wire",
     }
-    print(f"source: {source}; {STEPS} steps, micro-batch 8 x 2 replicas, loss {base.loss.name}\n")
+    print(f"source: {source}; {STEPS} steps, micro-batch 8 x 2 replicas, loss {base.loss.name}; "
+          f"load average at start {load_start[0]:.2f}, at end {os.getloadavg()[0]:.2f}\n")
     print("| case | step s | tok/s | wall s | payload B/token | incl. headers | teacher peak RSS MB |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
@@ -145,6 +472,26 @@ def main() -> None:
     print(f"\nfull teacher logits would be {logits['fp32']} B/token (fp32) or {logits['bf16']} B/token (bf16); "
           f"served: {layers} layers x {hidden} hidden x 4 B = {layers * hidden * 4} B/token (fp32 wire; "
           "bf16 on GPU halves it)")
+    print(f"\noverlap, pinned (cores {pinned['cores']}, {pinned['steps']} steps, micro-batch {pinned['micro_batch']}, "
+          "median step after the first):\n")
+    print("| teacher alone ms | student alone ms | max ms | served ms | served / max | sum ms |")
+    print("|---|---|---|---|---|---|")
+    bound = max(pinned["teacher_alone_step_s"], pinned["student_alone_step_s"])
+    print(f"| {pinned['teacher_alone_step_s'] * 1e3:.1f} | {pinned['student_alone_step_s'] * 1e3:.1f} | "
+          f"{bound * 1e3:.1f} | {pinned['served_step_s'] * 1e3:.1f} | {pinned['ratio_served_to_max']:.2f} | "
+          f"{pinned['sum_alone_s'] * 1e3:.1f} |")
+    print(f"\nteacher memory: {memory['teacher_params'] / 1e6:.0f}M-parameter fp32 Llama ({memory['weights_mb']} MiB of "
+          f"weights), fixed overhead {overhead} MiB (megatron rank of the embedded teacher):\n")
+    print("| case | ranks | peak RSS MiB per rank | expected MiB |")
+    print("|---|---|---|---|")
+    for r in memory["rows"]:
+        print(f"| {r['case']} | {r['ranks']} | {', '.join(f'{x:.0f}' for x in r['peak_rss_mb'])} | "
+              f"{r.get('expected_mb') or '-'} |")
+    r = memory["reader_tp2"]
+    print(f"\nreader alone (tp rank 0 of 2, {r['kept_mb']:.0f} MiB kept): peak {r['file_open']['VmHWM']:.0f} MiB with "
+          f"the file open, of which mapped file pages {r['file_open']['RssFile']:.0f} and private "
+          f"{r['file_open']['RssAnon']:.0f}; after closing it: RSS {r['closed']['VmRSS']:.0f} "
+          f"(started at {r['start']['VmRSS']:.0f})")
     out = ROOT / "bench" / "results" / "runtime.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=2))

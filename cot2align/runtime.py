@@ -59,7 +59,13 @@ class RuntimeConfig(ConfigBase):
     wire_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     """dtype of the states on the wire; auto = bfloat16 on GPU, float32 on CPU."""
     zero_stage: int = 0
-    """DeepSpeed ZeRO stage of the students (0-2; 3 is not supported yet)."""
+    """DeepSpeed ZeRO stage of the students (0-3; 1 partitions the optimizer state, 2 also the
+    gradients, 3 also the weights: evaluation, export and checkpoints then gather them, one
+    module at a time, from every student into a whole copy kept on the first student; every
+    student must then call the same modules in each micro-batch, see cot2align.student.engine)."""
+    zero3_persist_below: int = 100_000
+    """ZeRO-3: parameters with fewer elements stay whole on every student (DeepSpeed's
+    stage3_param_persistence_threshold; 0 = partition every parameter)."""
     world_size: int = 0
     """Processes of a local launch (0 = teacher ranks + student.parallel.dp, dp -1 counting as 1)."""
 
@@ -68,9 +74,10 @@ class RuntimeConfig(ConfigBase):
         require(self.timeout_s > 0, f"{prefix}.timeout_s", f"must be > 0, got {self.timeout_s}")
         require(self.startup_timeout_s > 0, f"{prefix}.startup_timeout_s",
                 f"must be > 0, got {self.startup_timeout_s}")
-        require(self.zero_stage in (0, 1, 2), f"{prefix}.zero_stage",
-                f"must be 0, 1 or 2, got {self.zero_stage} (ZeRO-3 would need gathered weights for "
-                "evaluation and export)")
+        require(self.zero_stage in (0, 1, 2, 3), f"{prefix}.zero_stage",
+                f"must be 0, 1, 2 or 3, got {self.zero_stage}")
+        require(self.zero3_persist_below >= 0, f"{prefix}.zero3_persist_below",
+                f"must be >= 0, got {self.zero3_persist_below}")
         require(self.world_size >= 0, f"{prefix}.world_size", f"must be >= 0, got {self.world_size}")
 
 
@@ -161,8 +168,6 @@ def run_world(cfg: Config, run_dir: Path | None = None) -> Any:
     check_served(cfg)
     topo = Topology(cfg.teacher.parallel, cfg.student.parallel)
     topo.create_groups(timeout=timedelta(seconds=cfg.runtime.startup_timeout_s))
-    # DeepSpeed all-reduces gradient norms over a "model-parallel" group: each student alone
-    singles = {r: dist.new_group([r]) for r in topo.student_ranks}  # collective: every rank, same order
     from cot2align.transport import Transport
 
     device = _device(dist.get_backend())
@@ -170,7 +175,7 @@ def run_world(cfg: Config, run_dir: Path | None = None) -> Any:
                           send_timeout_s=cfg.runtime.startup_timeout_s)
     if topo.role() == "teacher":
         return _teacher(cfg, topo, transport, device)
-    return _student(cfg, topo, transport, device, singles[topo.rank], run_dir or cfg.run_dir)
+    return _student(cfg, topo, transport, device, run_dir or cfg.run_dir)
 
 
 def _data(cfg: Config) -> tuple[Any, Any, list[Any], Any]:
@@ -216,13 +221,13 @@ class _Silent:
         pass
 
 
-def _student(cfg: Config, topo: Topology, transport: Any, device: torch.device, single: Any,
-             run_dir: Path) -> Any:
+def _student(cfg: Config, topo: Topology, transport: Any, device: torch.device, run_dir: Path) -> Any:
     from cot2align.data.sampler import GlobalBatchSampler
     from cot2align.logging import MetricsLogger
     from cot2align.losses import LossContext, build_loss
     from cot2align.models import DTYPES, hidden_size
     from cot2align.pipeline import _student_model, _write_run_files, load_split
+    from cot2align.preemption import stop_request
     from cot2align.student.engine import DeepSpeedStepper, StudentMPU
     from cot2align.student.served import ServedTeacher
     from cot2align.student.teacher_io import load_teacher_io
@@ -250,16 +255,19 @@ def _student(cfg: Config, topo: Topology, transport: Any, device: torch.device, 
         _wire_dtype(cfg.runtime, device), cfg.runtime.timeout_s, cfg.runtime.startup_timeout_s, cfg.run.seed)
     if not needs_teacher:  # tell the replica there is nothing to serve
         teacher.start(0, 0, [], [])
-    mpu = StudentMPU(dp, topo.student_ranks, single)
+    # DeepSpeed all-reduces gradient norms over a "model-parallel" group: each student alone
+    mpu = StudentMPU(dp, topo.student_ranks, topo.student_self_group())
 
     def make_stepper(total_steps: int) -> DeepSpeedStepper:
         return DeepSpeedStepper(student, loss_fn, tc, cfg.loss.projector_lr, total_steps, cfg.runtime.zero_stage,
-                                mpu)
+                                mpu, cfg.runtime.zero3_persist_below)
 
     main = dp.rank == 0
     if main:
         _write_run_files(cfg, run_dir, "distill (served)")
-    logger = MetricsLogger(run_dir, cfg.logging, cfg.to_dict(), name=cfg.run.name) if main else _Silent()
+    plan = run_dir / "plan.md"  # written by the launcher
+    logged = {**cfg.to_dict(), **({"plan": plan.read_text()} if plan.is_file() else {})}
+    logger = MetricsLogger(run_dir, cfg.logging, logged, name=cfg.run.name) if main else _Silent()
     t0 = time.perf_counter()
     try:
         res = train(run_dir=run_dir, student=student, student_tok=s_tok, loss_fn=loss_fn,
@@ -268,7 +276,13 @@ def _student(cfg: Config, topo: Topology, transport: Any, device: torch.device, 
                     projector_lr=cfg.loss.projector_lr, needs_aux=needs_aux, seed=cfg.run.seed,
                     logger=cast(MetricsLogger, logger), log_cfg=cfg.logging,
                     dev=load_split(p.dev, cfg.data) if main else None, eval_cfg=cfg.eval if main else None,
-                    resume=cfg.run.resume, make_stepper=make_stepper, data_parallel=dp, device=device)
+                    resume=cfg.run.resume, make_stepper=make_stepper, data_parallel=dp, device=device,
+                    should_stop=lambda: stop_request.requested)
+        if not needs_teacher:  # the replica waits for this student's last word
+            if res.interrupted:
+                teacher.stop(res.steps)
+            else:
+                teacher.done()
         logger.log(res.steps, {"wall_s": time.perf_counter() - t0, "received_bytes": teacher.bytes_received,
                                "received_positions": teacher.positions_received}, prefix="distill/")
     finally:

@@ -269,7 +269,8 @@ class Topology:
         embd: first + last stage of each pipeline (as megatron's embedding group);
         pos_embd: first stage of each pipeline; single: each teacher rank alone (used as
         megatron's cp, dp and dp_cp groups: replicas never synchronise with each other);
-        teacher: all teacher ranks; student: all student ranks.
+        teacher: all teacher ranks; student: all student ranks; student_self: each student rank
+        alone (DeepSpeed's "model-parallel" group of a student: it all-reduces norms over it).
         """
         rk = self.teacher_rank
         reps, stages, tps = range(self.replicas), range(self.pp), range(self.tp)
@@ -282,6 +283,7 @@ class Topology:
             "single": [[x] for x in self.teacher_ranks()],
             "teacher": [self.teacher_ranks()] if self.replicas else [],
             "student": [self.student_ranks],
+            "student_self": [[s] for s in self.student_ranks],
         }
 
     def create_groups(self, backend: str | None = None, timeout: timedelta | None = None) -> None:
@@ -322,6 +324,13 @@ class Topology:
         group = self._group("student")
         if group is None:
             raise ValueError(f"rank {self.rank} is a teacher rank and is not in the student group")
+        return group
+
+    def student_self_group(self) -> dist.ProcessGroup:
+        """This student rank alone (call on a student rank)."""
+        group = self._group("student_self")
+        if group is None:
+            raise ValueError(f"rank {self.rank} is a teacher rank and has no student group of its own")
         return group
 
     def teacher_group(self) -> dist.ProcessGroup:

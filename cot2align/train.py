@@ -14,8 +14,9 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, NamedTuple, Protocol
 
 import torch
 import torch.distributed as dist
@@ -84,6 +85,14 @@ class TeacherSource(Protocol):
 
     def views(self, batch: Batch, fmts: list[str], layers: list[int]) -> dict[str, ResponseView]: ...
 
+    def stop(self, step: int) -> None:
+        """The loop stops early after `step` (preemption); a served teacher tells its ranks."""
+        ...
+
+    def metrics(self) -> dict[str, float]:
+        """Cumulative statistics to log (seconds; summed over replicas when logged)."""
+        ...
+
 
 class ColocatedTeacher:
     """The teacher model in this process: runs its forward pass on the teacher tokenization."""
@@ -102,6 +111,12 @@ class ColocatedTeacher:
     @torch.no_grad()
     def views(self, batch: Batch, fmts: list[str], layers: list[int]) -> dict[str, ResponseView]:
         return {f: response_view(self.model, batch.seqs["teacher"][f], layers) for f in fmts}
+
+    def stop(self, step: int) -> None:
+        pass
+
+    def metrics(self) -> dict[str, float]:
+        return {}
 
 
 @dataclass
@@ -169,10 +184,27 @@ def build_optimizer(student: nn.Module, loss_fn: nn.Module, cfg: TrainConfig,
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
 
 
+class FullWeights(NamedTuple):
+    """The student with whole weights (for evaluation and export) and the loss modules' state dict."""
+
+    student: nn.Module
+    loss: dict[str, Tensor]
+
+
 class Stepper(Protocol):
-    """Backward passes and optimizer steps of the trainable modules (student + loss projectors)."""
+    """Forward and backward passes, optimizer steps and state of the trainable modules (student +
+    loss projectors). `full_weights`, `state_dict` and `load_state_dict` may be collective over
+    the student replicas: every replica calls them at the same points."""
 
     def zero_grad(self) -> None: ...
+
+    def forward(self, loss: Callable[[], LossOutput]) -> LossOutput:
+        """Run `loss()`: one micro-batch's forward passes and loss (inside the engine under ZeRO-3)."""
+        ...
+
+    def full_weights(self) -> FullWeights:
+        """Whole weights, valid on the first replica (ZeRO-3 gathers them: collective)."""
+        ...
 
     def backward(self, loss: Tensor) -> None:
         """Accumulate the gradient of one micro-batch's loss (already normalised by the global batch)."""
@@ -185,7 +217,9 @@ class Stepper(Protocol):
 
     def lr(self) -> float: ...
 
-    def state_dict(self) -> dict[str, Any]: ...
+    def state_dict(self) -> dict[str, Any]:
+        """"student" and "loss" weights (whole, valid on the first replica), optimizer, scheduler."""
+        ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
@@ -195,6 +229,7 @@ class PlainStepper:
 
     def __init__(self, student: nn.Module, loss_fn: nn.Module, cfg: TrainConfig, projector_lr: float,
                  total_steps: int) -> None:
+        self.student, self.loss_fn = student, loss_fn
         self.optimizer = build_optimizer(student, loss_fn, cfg, projector_lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg, total_steps))
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -202,6 +237,12 @@ class PlainStepper:
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
+
+    def forward(self, loss: Callable[[], LossOutput]) -> LossOutput:
+        return loss()
+
+    def full_weights(self) -> FullWeights:
+        return FullWeights(self.student, self.loss_fn.state_dict())
 
     def backward(self, loss: Tensor) -> None:
         loss.backward()
@@ -217,9 +258,12 @@ class PlainStepper:
         return float(self.optimizer.param_groups[0]["lr"])
 
     def state_dict(self) -> dict[str, Any]:
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        return {"student": self.student.state_dict(), "loss": self.loss_fn.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.student.load_state_dict(state["student"])
+        self.loss_fn.load_state_dict(state["loss"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
 
@@ -249,6 +293,14 @@ class DataParallel:
                 out[k] += v
         return dict(out)
 
+    def any(self, flag: bool) -> bool:
+        """Whether `flag` is set on any replica (collective over the replicas)."""
+        if self.size == 1:
+            return flag
+        t = torch.tensor([int(flag)])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(t.item())
+
 
 def response_tokens(samples: list[Sample], idx: list[int]) -> int:
     """Student main-format response tokens of the given samples."""
@@ -262,6 +314,8 @@ class TrainResult:
     best_dev: float | None
     export_dir: Path
     history: list[dict[str, float]]
+    interrupted: bool = False
+    """Stopped early on request (`should_stop`) after checkpointing; resume to go on."""
 
 
 def train(
@@ -286,6 +340,7 @@ def train(
     make_stepper: Callable[[int], Stepper] | None = None,
     data_parallel: DataParallel | None = None,
     device: torch.device | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> TrainResult:
     """Train `student` (and the loss's projectors) on `samples`; export the best/final model.
 
@@ -294,6 +349,10 @@ def train(
     final export (tests of resume). make_stepper(total_steps): the optimizer (default
     `PlainStepper`; the served runtime passes a DeepSpeed one). data_parallel: this
     process's replica among the students (default: the only one). device: where batches go.
+    should_stop(): polled on every replica after each step but the last (at least one step
+    per call of train() is made): when it returns True on any replica, every replica
+    checkpoints, the teacher source is told, and train() returns with `interrupted` set
+    (preemption; see `cot2align.preemption`).
     """
     from cot2align.models import num_layers
 
@@ -313,26 +372,23 @@ def train(
     ckpt = latest_checkpoint(run_dir) if resume else None
     if ckpt is not None:
         state = load_checkpoint(ckpt)
-        student.load_state_dict(state["student"])
-        loss_fn.load_state_dict(state["loss"])
-        stepper.load_state_dict(state)
+        stepper.load_state_dict(state)  # weights too (may be collective)
         set_rng_state(state["rng"])
         step, best, history = state["step"], state["best"], state["history"]
         log.info("resumed from %s at step %d", ckpt, step)
 
     def save(at: int) -> None:
-        opt_state = stepper.state_dict()  # on every replica: may be collective
+        trained = stepper.state_dict()  # on every replica: may be collective
         if main:
             save_checkpoint(run_dir, at, {
-                "student": student.state_dict(), "loss": loss_fn.state_dict(), **opt_state,
-                "rng": rng_state(), "step": at, "best": best, "history": history, "sampler": {"step": at},
+                **trained, "rng": rng_state(), "step": at, "best": best, "history": history, "sampler": {"step": at},
             })
 
-    def export(name: str) -> Path:
+    def export(name: str, full: FullWeights) -> Path:
         out = run_dir / name
-        student.save_pretrained(out, safe_serialization=True)
+        full.student.save_pretrained(out, safe_serialization=True)  # type: ignore[operator]
         student_tok.save_pretrained(out)
-        torch.save(loss_fn.state_dict(), out / "loss_modules.pt")
+        torch.save(full.loss, out / "loss_modules.pt")
         return out
 
     autocast = torch.autocast(device.type if device else "cpu", dtype=torch.bfloat16,
@@ -343,6 +399,7 @@ def train(
         teacher.start(step, total_steps, plan.teacher_layers if plan.needs_teacher else [], plan.fmts)
     running: dict[str, list[float]] = defaultdict(list)
     t_last, tokens_since = time.perf_counter(), 0
+    first_step, source_last = step, teacher.metrics() if teacher is not None else {}
     progress = _progress(total_steps, step, log_cfg.progress and main)
     while step < total_steps:
         micro = sampler.micro_batches(step, dp_rank=dp.rank)
@@ -355,8 +412,8 @@ def train(
             batch = collate([samples[i] for i in idx], pad_ids)
             batch = batch.to(device) if device is not None else batch
             with autocast:
-                out = micro_batch_loss(student, student_final, loss_fn, batch, teacher, plan, num_tokens,
-                                       num_examples)
+                out = stepper.forward(partial(micro_batch_loss, student, student_final, loss_fn, batch, teacher,
+                                              plan, num_tokens, num_examples))
             stepper.backward(out.total)
             parts_sum["loss"] += float(out.total.detach())
             for k, v in out.parts.items():
@@ -372,37 +429,60 @@ def train(
         for key, value in row.items():
             running[key].append(value)
         progress.update(1)
-        if main and (step % log_cfg.log_every == 0 or step == total_steps):
+        if step % log_cfg.log_every == 0 or step == total_steps:
             now = time.perf_counter()
-            metrics = {k: sum(v) / len(v) for k, v in running.items()}
-            metrics["tokens_per_s"] = tokens_since / max(now - t_last, 1e-9)
-            metrics["epoch"] = sampler.epoch_of(step - 1)
-            logger.log(step, metrics, prefix="train/")
-            progress.set_postfix(loss=f"{metrics['loss']:.3f}")
+            source_now = dp.sum(teacher.metrics()) if teacher is not None else {}
+            if main:
+                metrics = {k: sum(v) / len(v) for k, v in running.items()}
+                metrics["tokens_per_s"] = tokens_since / max(now - t_last, 1e-9)
+                metrics["epoch"] = sampler.epoch_of(step - 1)
+                logger.log(step, metrics, prefix="train/")
+                if source_now:
+                    logger.log(step, _source_metrics(source_now, source_last, (now - t_last) * dp.size), "serve/")
+                progress.set_postfix(loss=f"{metrics['loss']:.3f}")
             running.clear()
-            t_last, tokens_since = now, 0
-        is_eval = main and dev is not None and eval_cfg is not None and (
-            step == total_steps or (cfg.eval_every and step % cfg.eval_every == 0))
-        if is_eval:
-            assert dev is not None and eval_cfg is not None
+            t_last, tokens_since, source_last = now, 0, source_now
+        if main and log_cfg.heatmap_every:  # OT plans of this step's last micro-batch (report.ot_plan_hook)
+            from cot2align.report import ot_plan_hook
+
+            ot_plan_hook(loss_fn, step, log_cfg.heatmap_every, run_dir, logger)
+        eval_due = step == total_steps or bool(cfg.eval_every and step % cfg.eval_every == 0)
+        full = stepper.full_weights() if eval_due else None  # every replica: may be collective
+        if main and full is not None and dev is not None and eval_cfg is not None:
             subset = dev[: eval_cfg.dev_limit] if eval_cfg.dev_limit else dev
-            res = evaluate_examples(student, student_tok, subset, eval_cfg)
+            res = evaluate_examples(full.student, student_tok, subset, eval_cfg.for_dev())  # type: ignore[arg-type]
             score = res.get("exact_match", res["rouge_l"])
             logger.log(step, {k: v for k, v in res.items() if isinstance(v, float)}, prefix="dev/")
             if best is None or score > best:
                 best = score
-                export("best")
+                export("best", full)
             student.train()
-        if (cfg.save_every and step % cfg.save_every == 0) or step == total_steps:
+        saved = (cfg.save_every and step % cfg.save_every == 0) or step == total_steps
+        if saved:
             save(step)
+        if should_stop is not None and first_step < step < total_steps and dp.any(should_stop()):
+            if not saved:
+                save(step)
+            if teacher is not None:
+                teacher.stop(step)
+            progress.close()
+            log.info("stopped at step %d of %d on request; the checkpoint resumes from here", step, total_steps)
+            return TrainResult(step, best, run_dir, history, interrupted=True)
         if stop_after is not None and step >= stop_after:
             progress.close()
             return TrainResult(step, best, run_dir, history)
     progress.close()
+    weights = stepper.full_weights()  # every replica (gathered at the last step already)
     if not main:
         return TrainResult(step, best, run_dir / "final", history)
-    final = export("final")
+    final = export("final", weights)
     return TrainResult(step, best, run_dir / "best" if best is not None else final, history)
+
+
+def _source_metrics(now: dict[str, float], last: dict[str, float], seconds: float) -> dict[str, float]:
+    """Serving statistics of an interval: each cumulative time as a fraction of the interval's
+    wall time (summed over replicas, so `seconds` is the interval times the replica count)."""
+    return {k.removesuffix("_s") + "_frac": (v - last.get(k, 0.0)) / max(seconds, 1e-9) for k, v in now.items()}
 
 
 def _progress(total: int, start: int, enabled: bool) -> Any:

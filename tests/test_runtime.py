@@ -8,11 +8,15 @@ config run in this process with the same global batch (grad_accum x dp).
 from __future__ import annotations
 
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+import torch.distributed as dist
+from dist import run_distributed
+from torch import Tensor, nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from cot2align.config import Config
@@ -134,10 +138,121 @@ def test_served_config_is_checked(tiny_task: dict[str, Path], teacher_dir: Path,
     with pytest.raises(ConfigError, match="teacher_backend=hf runs the teacher on one rank"):
         check_served(cfg)
     with pytest.raises(ConfigError, match=r"runtime\.zero_stage"):
-        _cfg(tiny_task, teacher_dir, tmp_path, mode="served", overrides=["runtime.zero_stage=3"])
+        _cfg(tiny_task, teacher_dir, tmp_path, mode="served", overrides=["runtime.zero_stage=4"])
+    with pytest.raises(ConfigError, match=r"runtime\.zero3_persist_below"):
+        _cfg(tiny_task, teacher_dir, tmp_path, mode="served", overrides=["runtime.zero3_persist_below=-1"])
     megatron = cfg.with_overrides(["runtime.teacher_backend=megatron", "teacher.parallel.replicas=2"])
     check_served(megatron)
     assert local_world_size(megatron) == 2 * 2 + 2
+
+
+# --------------------------------------------------------------------------- ZeRO-3 stepper
+class _HeadLoss(nn.Module):
+    """A loss that, like DSKD, multiplies by the student's output-head weight outside the head's forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(5)
+        self.proj = nn.Linear(16, 16, bias=False)
+
+    def forward(self, student: nn.Module, ids: Tensor, count: float) -> Any:
+        from cot2align.losses.base import LossOutput
+        from cot2align.models import output_head
+
+        hidden = student(input_ids=ids, output_hidden_states=True).hidden_states[-1]  # (B, T, d)
+        w = output_head(student).weight  # (V, d), read outside the head's forward
+        logits = self.proj(hidden) @ w.T  # (B, T, V)
+        total = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(),
+                                                  reduction="sum") / count
+        return LossOutput(total, {"ce": total.detach()})
+
+
+def _tiny_gpt2() -> GPT2LMHeadModel:
+    torch.manual_seed(4)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=40, n_embd=16, n_layer=2, n_head=2, n_positions=16, resid_pdrop=0.0,
+                                      embd_pdrop=0.0, attn_pdrop=0.0))
+
+
+def _zero3_data() -> Tensor:
+    return torch.randint(0, 40, (3, 4, 10), generator=torch.Generator().manual_seed(6))  # (steps, B, T)
+
+
+def _zero3_worker(rank: int, world: int, out: str) -> dict[str, Any]:
+    """2 students, ZeRO-3 (only the 16-element norms stay whole): 3 steps on half batches each,
+    then save, gather, reload into a fresh stepper and step again."""
+    from cot2align.student.engine import DeepSpeedStepper, StudentMPU
+    from cot2align.train import DataParallel, TrainConfig
+
+    cfg = TrainConfig(lr=1e-2, min_lr=1e-4, max_steps=4, micro_batch_size=2, clip_grad=1.0)
+    dp = DataParallel(size=world, rank=rank, group=dist.group.WORLD)
+    single = dist.new_group([0]), dist.new_group([1])
+
+    def make() -> tuple[DeepSpeedStepper, nn.Module, nn.Module]:
+        student, loss = _tiny_gpt2(), _HeadLoss()
+        mpu = StudentMPU(dp, [0, 1], single[rank])
+        return DeepSpeedStepper(student, loss, cfg, 1e-2, 4, 3, mpu, zero3_persist_below=20), student, loss
+
+    stepper, student, loss = make()
+    data = _zero3_data()
+    losses, norms = [], []
+    for ids in data:
+        stepper.zero_grad()
+        mine = ids[rank * 2:(rank + 1) * 2]
+        o = stepper.forward(partial(loss, student, mine, float(ids[:, 1:].numel())))
+        stepper.backward(o.total)
+        norms.append(stepper.step())
+        parts = dp.sum({"loss": float(o.total.detach())})
+        losses.append(parts["loss"])
+    partitioned = {n: p.numel() == 0 for n, p in student.named_parameters()}  # between steps
+    state = stepper.state_dict()
+    full = stepper.full_weights()
+    weights = {k: v.clone() for k, v in full.student.state_dict().items()} if rank == 0 else {}
+    again, student2, loss2 = make()
+    again.load_state_dict(state)
+    gathered = again.full_weights()
+    reloaded = {k: v.clone() for k, v in gathered.student.state_dict().items()} if rank == 0 else {}
+    extra = []
+    for st, s, lf in ((stepper, student, loss), (again, student2, loss2)):
+        st.zero_grad()
+        o = st.forward(partial(lf, s, data[0][rank * 2:(rank + 1) * 2], 1.0))
+        st.backward(o.total)
+        st.step()
+        extra.append(dp.sum({"loss": float(o.total.detach())})["loss"])
+    return {"partitioned": partitioned, "losses": losses, "norms": norms, "weights": weights,
+            "loss_state": dict(full.loss), "reloaded": reloaded, "extra": extra}
+
+
+@pytest.mark.slow
+def test_zero3_stepper_matches_one_process(tmp_path: Path) -> None:
+    """ZeRO-3 over 2 students == one process (loss, norm, weights), with the output-head weight read
+    outside its module; weights are really partitioned; save -> load reproduces the next step."""
+    from cot2align.train import PlainStepper, TrainConfig
+
+    results = run_distributed(_zero3_worker, 2, str(tmp_path), timeout_s=300)
+    first = results[0]
+    assert first["partitioned"]["transformer.wte.weight"] and first["partitioned"]["transformer.h.0.mlp.c_fc.weight"]
+    assert not first["partitioned"]["transformer.ln_f.weight"]  # 16 elements < 20: kept whole
+    cfg = TrainConfig(lr=1e-2, min_lr=1e-4, max_steps=4, micro_batch_size=2, clip_grad=1.0)
+    student, loss = _tiny_gpt2(), _HeadLoss()
+    ref = PlainStepper(student, loss, cfg, 1e-2, 4)
+    losses, norms = [], []
+    for ids in _zero3_data():
+        ref.zero_grad()
+        o = ref.forward(partial(loss, student, ids, float(ids[:, 1:].numel())))
+        ref.backward(o.total)
+        norms.append(ref.step())
+        losses.append(float(o.total))
+    torch.testing.assert_close(torch.tensor(first["losses"]), torch.tensor(losses), rtol=1e-5, atol=0)
+    torch.testing.assert_close(torch.tensor(first["norms"]), torch.tensor(norms), rtol=1e-4, atol=0)
+    full = student.state_dict()
+    assert set(first["weights"]) == set(full)
+    for k, v in full.items():
+        torch.testing.assert_close(first["weights"][k], v, rtol=1e-4, atol=1e-5, msg=k)
+        assert torch.equal(first["reloaded"][k], first["weights"][k]), k
+    for k, v in loss.state_dict().items():
+        torch.testing.assert_close(first["loss_state"][k], v, rtol=1e-4, atol=1e-5)
+    assert first["extra"][0] == first["extra"][1]  # the reloaded stepper continues identically
+    assert results[1]["weights"] == {}  # whole weights only on the first student
 
 
 # --------------------------------------------------------------------------- served worlds
@@ -158,6 +273,41 @@ def test_served_hf_matches_colocated(tiny_task: dict[str, Path], teacher_dir: Pa
     if loss != "cot2align":
         return
     assert {"ot/main_main", "ot/aux_main", "ot/main_aux"} <= set(res.history[0])
+    (cfg.run_dir / "checkpoints" / "latest").write_text("step_00000004")  # kept: steps 4 and 5
+    resumed = distill(cfg.with_overrides(["run.resume=true"]))
+    assert [h["step"] for h in resumed.history] == [1, 2, 3, 4, 5]
+    torch.testing.assert_close(torch.tensor(resumed.history[-1]["loss"]), torch.tensor(res.history[-1]["loss"]),
+                               rtol=1e-6, atol=0)
+
+
+@pytest.mark.slow
+def test_served_zero3_matches_colocated_resumes_and_exports(tiny_task: dict[str, Path], teacher_dir: Path,
+                                                           tmp_path: Path) -> None:
+    """ZeRO-3 over 2 students, every weight partitioned (zero3_persist_below=0), fp32 == one colocated
+    process step by step; the exported model == the checkpoint's gathered weights == the colocated
+    model's; resuming from the step-4 checkpoint reproduces step 5."""
+    from safetensors.torch import load_file
+
+    from cot2align.checkpoint import latest_checkpoint, load_checkpoint
+    from cot2align.pipeline import distill
+
+    ref = _colocated(tiny_task, teacher_dir, tmp_path / "ref", "cot2align", dp=2)
+    cfg = _cfg(tiny_task, teacher_dir, tmp_path, mode="served", overrides=[
+        "runtime.zero_stage=3", "runtime.zero3_persist_below=0", "train.save_every=2"])
+    res = distill(cfg)
+    _assert_same_losses(res, ref, STEPS)
+    exported = load_file(cfg.run_dir / "final" / "model.safetensors")
+    ckpt = latest_checkpoint(cfg.run_dir)
+    assert ckpt is not None
+    state = load_checkpoint(ckpt)
+    assert state["step"] == STEPS and len(state["optimizer_by_rank"]) == 2
+    colocated = load_file(ref.export_dir.parent / "final" / "model.safetensors")
+    assert set(exported) == set(colocated) and exported
+    for k, v in exported.items():
+        assert torch.equal(v, state["student"][k]), k
+        torch.testing.assert_close(v, colocated[k], rtol=1e-3, atol=1e-4, msg=k)
+    loss_modules = torch.load(cfg.run_dir / "final" / "loss_modules.pt")
+    assert loss_modules and all(torch.equal(v, state["loss"][k]) for k, v in loss_modules.items())
     (cfg.run_dir / "checkpoints" / "latest").write_text("step_00000004")  # kept: steps 4 and 5
     resumed = distill(cfg.with_overrides(["run.resume=true"]))
     assert [h["step"] for h in resumed.history] == [1, 2, 3, 4, 5]

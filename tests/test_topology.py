@@ -54,6 +54,7 @@ def test_pipeline_layout_and_layer_owner() -> None:
     assert groups["embd"] == [[0, 2], [1, 3], [4, 6], [5, 7]]
     assert groups["pos_embd"] == [[0], [1], [4], [5]]
     assert groups["student"] == [[8]]
+    assert groups["student_self"] == [[8]]
     with pytest.raises(ValueError, match="outside"):
         t.stage_of_layer(5, 4)
 
@@ -64,7 +65,8 @@ def test_colocated_world_has_only_students() -> None:
     assert [t.role(r) for r in range(3)] == ["student"] * 3
     assert t.student_index() == 1
     assert t.serving_map == {}
-    assert {k: v for k, v in t.group_ranks().items() if v} == {"student": [[0, 1, 2]]}
+    assert {k: v for k, v in t.group_ranks().items() if v} == {"student": [[0, 1, 2]],
+                                                                 "student_self": [[0], [1], [2]]}
     with pytest.raises(ValueError, match="replicas is 0"):
         t.replica_of(0)
 
@@ -138,12 +140,15 @@ def _groups_worker(rank: int, world: int) -> dict[str, Any]:
             mine["teacher"] = dist.get_process_group_ranks(t.teacher_group())
             with pytest.raises(ValueError, match="teacher rank"):
                 t.student_group()
+            with pytest.raises(ValueError, match="teacher rank"):
+                t.student_self_group()
         else:
             group = t.student_group()
             mine["student"] = dist.get_process_group_ranks(group)
             x = torch.tensor([float(rank)])
             dist.all_reduce(x, group=group)
             mine["student_sum"] = x.item()
+            mine["student_self"] = dist.get_process_group_ranks(t.student_self_group())
             with pytest.raises(ValueError, match="student"):
                 t.teacher_groups()
         out[name] = mine
@@ -163,6 +168,7 @@ def test_groups_in_a_real_world() -> None:
     assert [r["embd"] for r in tp2[:4]] == [[0], [1], [2], [3]]
     assert all(r["teacher"] == [0, 1, 2, 3] for r in tp2[:4])
     assert all(r["student"] == [4, 5, 6] and r["student_sum"] == 15.0 for r in tp2[4:])
+    assert [r["student_self"] for r in tp2[4:]] == [[4], [5], [6]]
     pp2 = [r["pp2x2rep"] for r in results]
     assert [r["pp"] for r in pp2[:4]] == [[0, 1], [0, 1], [2, 3], [2, 3]]
     assert [r["tp"] for r in pp2[:4]] == [[0], [1], [2], [3]]

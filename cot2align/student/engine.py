@@ -11,18 +11,37 @@ over the students and updates.
 Loss normalisation: the loop divides by the token count of the GLOBAL batch (all
 accumulation steps and replicas), so the gradient it wants is the SUM over replicas;
 DeepSpeed averages over replicas, hence each loss is multiplied by the replica count.
+
+ZeRO-3 partitions the weights themselves: outside a module's forward a parameter is
+an empty tensor on every student. So the whole micro-batch loss runs inside the
+engine (`forward`: `StudentModules.forward` calls it), where DeepSpeed's hooks gather
+each module's weights for its own forward and backward, and parameters used outside
+their module (the student's output-head weight in DSKD-style products, the
+`student_head_weight` extra) are gathered as "external parameters" of the wrapper
+(DeepSpeed discovers them when they are read during the engine's forward).
+Evaluation and export need whole weights on the first student: `full_weights`
+(collective over the students) gathers them one module at a time into a full copy of
+the student kept on the first student only. Each gather is a collective, so every
+student must call the same modules in the same order in each micro-batch: true when all
+micro-batches of a step have the same formats (a step where one student's micro-batch
+has "aux" rows and another's has none breaks it; DeepSpeed then reports the students'
+disagreement, or the mismatched gathers fail after the process groups' timeout,
+runtime.startup_timeout_s).
 """
 
 from __future__ import annotations
 
+import copy
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from cot2align.train import DataParallel, TrainConfig, build_optimizer, lr_lambda
+from cot2align.losses.base import LossOutput
+from cot2align.train import DataParallel, FullWeights, TrainConfig, build_optimizer, lr_lambda
 
 
 def disable_shm_comm() -> None:
@@ -34,6 +53,36 @@ def disable_shm_comm() -> None:
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
 
 
+def confine_to_students(group: dist.ProcessGroup) -> None:
+    """ZeRO-3 calls collectives on the default group, i.e. the whole world, which the teacher ranks
+    never join (deadlock): `deepspeed.comm.barrier()` in its set-up and, until its prefetch trace
+    is recorded, `assert_ints_same_as_other_ranks` (a broadcast from global rank 0) after each step.
+    Make both run over `group` (the students) in this process."""
+    import deepspeed.comm as ds_comm
+    import deepspeed.runtime.zero.partition_parameters as ds_partition
+    import deepspeed.runtime.zero.partitioned_param_coordinator as ds_coordinator
+    import deepspeed.runtime.zero.stage3 as ds_stage3
+    import deepspeed.runtime.zero.utils as ds_utils
+
+    original = getattr(ds_comm.barrier, "__wrapped_barrier__", ds_comm.barrier)
+
+    def barrier(group_: Any = None, async_op: bool = False, device_ids: Any = None, **kwargs: Any) -> Any:
+        return original(group=group if group_ is None else group_, async_op=async_op, device_ids=device_ids,
+                        **kwargs)
+
+    def same_on_students(ints: list[int]) -> None:
+        lists: list[Any] = [None] * dist.get_world_size(group)
+        dist.all_gather_object(lists, list(ints), group=group)
+        if any(x != lists[0] for x in lists):
+            raise RuntimeError(f"ZeRO-3: the students disagree (e.g. on the order of module calls): {lists}")
+
+    setattr(barrier, "__wrapped_barrier__", original)  # noqa: B010
+    ds_comm.barrier = barrier
+    for module in (ds_utils, ds_partition, ds_coordinator, ds_stage3):
+        if hasattr(module, "assert_ints_same_as_other_ranks"):
+            setattr(module, "assert_ints_same_as_other_ranks", same_on_students)  # noqa: B010
+
+
 class StudentModules(nn.Module):
     """Everything a student replica trains, as the one module DeepSpeed wraps."""
 
@@ -41,6 +90,13 @@ class StudentModules(nn.Module):
         super().__init__()
         self.student = student
         self.loss = loss_fn
+
+    def forward(self, loss: Callable[[], LossOutput]) -> tuple[Tensor, dict[str, Tensor]]:
+        """Run one micro-batch's forward passes and loss (`loss()` uses `self.student` and
+        `self.loss`); returns (total scalar, detached parts) as tensors, so that DeepSpeed's
+        backward hooks attach to the output."""
+        out = loss()
+        return out.total, dict(out.parts)
 
 
 class StudentMPU:
@@ -84,31 +140,45 @@ class StudentMPU:
         return dist.get_rank()
 
 
-def deepspeed_config(cfg: TrainConfig, zero_stage: int) -> dict[str, Any]:
-    """The DeepSpeed config of a student replica (fp32 weights; bf16 comes from autocast in the loop)."""
+def deepspeed_config(cfg: TrainConfig, zero_stage: int, persist_below: int = 100_000) -> dict[str, Any]:
+    """The DeepSpeed config of a student replica (fp32 weights; bf16 comes from autocast in the loop).
+
+    persist_below: ZeRO-3 keeps parameters with fewer elements whole on every replica."""
+    zero: dict[str, Any] = {"stage": zero_stage}
+    if zero_stage == 3:
+        zero["stage3_param_persistence_threshold"] = persist_below
     return {
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
         "gradient_accumulation_steps": cfg.grad_accum,
         "managed_gradient_accumulation": False,
         # stage 0 clips in an optimizer pre-step hook (to report the norm); ZeRO clips itself
         "gradient_clipping": cfg.clip_grad if zero_stage > 0 else 0.0,
-        "zero_optimization": {"stage": zero_stage},
+        "zero_optimization": zero,
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
 
 
 class DeepSpeedStepper:
-    """`Stepper` of one student replica: DeepSpeed engine + AdamW + the lr schedule."""
+    """`Stepper` of one student replica: DeepSpeed engine + AdamW + the lr schedule.
+
+    zero3_persist_below: see `deepspeed_config` (ZeRO-3 only).
+    """
 
     def __init__(self, student: nn.Module, loss_fn: nn.Module, cfg: TrainConfig, projector_lr: float,
-                 total_steps: int, zero_stage: int, mpu: StudentMPU) -> None:
+                 total_steps: int, zero_stage: int, mpu: StudentMPU, zero3_persist_below: int = 100_000) -> None:
         import deepspeed
 
         disable_shm_comm()
+        if zero_stage == 3:
+            confine_to_students(mpu.dp.group)
         self.dp = mpu.dp
         self.zero_stage = zero_stage
         self.modules = StudentModules(student, loss_fn)
+        # ZeRO-3: the first student keeps a whole copy for evaluation and export (filled by full_weights)
+        self._full = copy.deepcopy(student) if zero_stage == 3 and self.dp.rank == 0 else None
+        self._updates, self._gathered_at = 0, -1
+        self._loss_state: dict[str, Tensor] = {}
         self.optimizer = build_optimizer(student, loss_fn, cfg, projector_lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg, total_steps))
         self._norm = float("nan")
@@ -121,17 +191,26 @@ class DeepSpeedStepper:
 
             self.optimizer.register_step_pre_hook(clip_and_record)
         self.engine, *_ = deepspeed.initialize(model=self.modules, optimizer=self.optimizer,
-                                               config=deepspeed_config(cfg, zero_stage), mpu=mpu,
+                                               config=deepspeed_config(cfg, zero_stage, zero3_persist_below),
+                                               mpu=mpu,
                                                dist_init_required=False)
 
     def zero_grad(self) -> None:
         self.engine.zero_grad()
+
+    def forward(self, loss: Callable[[], LossOutput]) -> LossOutput:
+        """Run `loss()` (one micro-batch's forward passes and loss); under ZeRO-3 inside the engine."""
+        if self.zero_stage < 3:
+            return loss()
+        total, parts = self.engine(loss)
+        return LossOutput(total, parts)
 
     def backward(self, loss: Tensor) -> None:
         self.engine.backward(loss * self.dp.size, scale_wrt_gas=False)
 
     def step(self) -> float:
         self.engine.step()
+        self._updates += 1
         if self.zero_stage > 0:
             norm = self.engine.get_global_grad_norm()
             self._norm = float(norm) if norm is not None else float("nan")
@@ -142,16 +221,81 @@ class DeepSpeedStepper:
     def lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
 
+    def full_weights(self) -> FullWeights:
+        """The student with whole weights and the loss modules' state dict, valid on the first
+        student. Collective over the students under ZeRO-3 (call on every student at the same
+        points); the gathered copy is reused until the next optimizer step."""
+        if self.zero_stage < 3:
+            return FullWeights(self.modules.student, self.modules.loss.state_dict())
+        if self._gathered_at != self._updates:
+            state = self._gather()
+            if self._full is not None:
+                self._full.load_state_dict({k[len("student."):]: v for k, v in state.items()
+                                            if k.startswith("student.")})
+                self._loss_state = {k[len("loss."):]: v for k, v in state.items() if k.startswith("loss.")}
+            self._gathered_at = self._updates
+        if self._full is None:
+            return FullWeights(self.modules.student, {})  # partitioned: not for use on this student
+        return FullWeights(self._full, self._loss_state)
+
+    def _gather(self) -> dict[str, Tensor]:
+        """ZeRO-3: whole weights of every module, one module at a time, as a state dict of
+        StudentModules on the first student (empty elsewhere). Collective over the students."""
+        from deepspeed.runtime.zero.partition_parameters import GatheredParameters
+
+        state: dict[str, Tensor] = {}
+        first = self.dp.rank == 0
+        for prefix, module in self.modules.named_modules():
+            params = list(module.parameters(recurse=False))
+            with GatheredParameters(params, modifier_rank=0):  # modifier 0: frees the gathered copies on exit
+                if first:
+                    head = f"{prefix}." if prefix else ""
+                    for name, t in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+                        if name not in module._non_persistent_buffers_set:
+                            state[head + name] = t.detach().clone()
+        return state
+
+    def _scatter(self, state: dict[str, Tensor]) -> None:
+        """ZeRO-3: load a whole StudentModules state dict into the partitioned modules (collective)."""
+        from deepspeed.runtime.zero.partition_parameters import GatheredParameters
+
+        for prefix, module in self.modules.named_modules():
+            params = list(module.parameters(recurse=False))
+            with GatheredParameters(params, modifier_rank=0):
+                if self.dp.rank == 0:
+                    head = f"{prefix}." if prefix else ""
+                    missing: list[str] = []
+                    errors: list[str] = []
+                    module._load_from_state_dict(state, head, {}, True, missing, [], errors)
+                    if missing or errors:
+                        raise ValueError(f"checkpoint does not fit the student: missing {missing}, {errors}")
+
     def state_dict(self) -> dict[str, Any]:
-        """Collective over the students when ZeRO partitions the optimizer state."""
+        """Weights ("student", "loss": whole, on the first student), optimizer and schedule.
+        Collective over the students when ZeRO partitions the optimizer state or the weights."""
+        full = self.full_weights()
+        out: dict[str, Any] = {"student": full.student.state_dict(), "loss": full.loss,
+                               "scheduler": self.scheduler.state_dict()}
         if self.zero_stage == 0:
-            return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+            return {**out, "optimizer": self.optimizer.state_dict()}
+        opt = self.engine.optimizer
+        if self.zero_stage == 3:
+            opt.checkpoint_event_prologue()
         parts: list[Any] = [None] * self.dp.size
-        dist.all_gather_object(parts, self.engine.optimizer.state_dict(), group=self.dp.group)
-        return {"optimizer_by_rank": parts, "scheduler": self.scheduler.state_dict()}
+        dist.all_gather_object(parts, opt.state_dict(), group=self.dp.group)
+        if self.zero_stage == 3:
+            opt.checkpoint_event_epilogue()
+        return {**out, "optimizer_by_rank": parts}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Load after the model weights (ZeRO rebuilds its fp32 partitions from them)."""
+        """Weights, then the optimizer (ZeRO rebuilds its fp32 partitions from the weights / its state)."""
+        if self.zero_stage == 3:
+            self._scatter({**{f"student.{k}": v for k, v in state["student"].items()},
+                           **{f"loss.{k}": v for k, v in state["loss"].items()}})
+            self._gathered_at = -1
+        else:
+            self.modules.student.load_state_dict(state["student"])
+            self.modules.loss.load_state_dict(state["loss"])
         if self.zero_stage == 0:
             if "optimizer" not in state:
                 raise ValueError("checkpoint was saved with ZeRO (optimizer_by_rank); resume with zero_stage > 0")
@@ -160,5 +304,10 @@ class DeepSpeedStepper:
             if "optimizer_by_rank" not in state or len(state["optimizer_by_rank"]) != self.dp.size:
                 raise ValueError(f"checkpoint's optimizer state does not match ZeRO stage {self.zero_stage} "
                                  f"with {self.dp.size} student replicas")
-            self.engine.optimizer.load_state_dict(state["optimizer_by_rank"])
+            opt = self.engine.optimizer
+            if self.zero_stage == 3:
+                opt.checkpoint_event_prologue()
+            opt.load_state_dict(state["optimizer_by_rank"])
+            if self.zero_stage == 3:
+                opt.checkpoint_event_epilogue()
         self.scheduler.load_state_dict(state["scheduler"])
