@@ -224,6 +224,32 @@ class Stepper(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
+def trained_state(model: nn.Module) -> dict[str, Tensor]:
+    """The model's state dict, or only its trainable parameters when some are frozen (LoRA: the
+    adapters, not a copy of the base model in every checkpoint)."""
+    frozen_names = {n for n, p in model.named_parameters() if not p.requires_grad}
+    state = model.state_dict()
+    if not frozen_names:
+        return state
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    return {k: v for k, v in state.items() if k in trainable}
+
+
+def load_trained_state(model: nn.Module, state: dict[str, Tensor]) -> None:
+    """Inverse of `trained_state`: a partial state must cover exactly the trainable parameters
+    (the frozen ones are already in the model, rebuilt from the same base checkpoint)."""
+    if len(state) == len(model.state_dict()):
+        model.load_state_dict(state)
+        return
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    if set(state) != trainable:
+        missing, extra = sorted(trainable - set(state))[:5], sorted(set(state) - trainable)[:5]
+        raise ValueError(f"checkpoint holds a partial student state that does not match the trainable "
+                         f"parameters (missing {missing}, unexpected {extra}): resume with the same "
+                         "model and LoRA settings")
+    model.load_state_dict(state, strict=False)
+
+
 class PlainStepper:
     """One process: AdamW, clip_grad_norm_ and the lr schedule (the colocated path)."""
 
@@ -258,11 +284,11 @@ class PlainStepper:
         return float(self.optimizer.param_groups[0]["lr"])
 
     def state_dict(self) -> dict[str, Any]:
-        return {"student": self.student.state_dict(), "loss": self.loss_fn.state_dict(),
+        return {"student": trained_state(self.student), "loss": self.loss_fn.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.student.load_state_dict(state["student"])
+        load_trained_state(self.student, state["student"])
         self.loss_fn.load_state_dict(state["loss"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

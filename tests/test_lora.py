@@ -108,7 +108,14 @@ def test_merged_export_equals_peft_model(lora_run: tuple, tiny_task: dict[str, P
 @needs_peft
 def test_resume_reproduces_lora_losses(tiny_task: dict[str, Path], tmp_path: Path) -> None:
     full_model, full, _ = _train_lora(tiny_task, tmp_path / "full", steps=6)
-    _train_lora(tiny_task, tmp_path / "cut", steps=6, stop_after=4)
+    cut_model, _, _ = _train_lora(tiny_task, tmp_path / "cut", steps=6, stop_after=4)
+    from cot2align.checkpoint import latest_checkpoint, load_checkpoint
+
+    ckpt = latest_checkpoint(tmp_path / "cut")
+    assert ckpt is not None
+    saved = load_checkpoint(ckpt)["student"]  # the adapters only, not a copy of the frozen base model
+    trainable = {n for n, p in cut_model.named_parameters() if p.requires_grad}
+    assert set(saved) == trainable and all("lora_" in k or "lm_head" in k for k in saved)
     resumed_model, resumed, _ = _train_lora(tiny_task, tmp_path / "cut", steps=6)
     assert [h["step"] for h in resumed.history] == [1, 2, 3, 4, 5, 6]
     torch.testing.assert_close(torch.tensor([h["loss"] for h in resumed.history]),

@@ -40,6 +40,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from cot2align.configbase import ConfigError
+from cot2align.data.sampler import GlobalBatchSampler
 from cot2align.losses.base import LossOutput
 from cot2align.train import DataParallel, FullWeights, TrainConfig, build_optimizer, lr_lambda
 
@@ -311,3 +313,22 @@ class DeepSpeedStepper:
             if self.zero_stage == 3:
                 opt.checkpoint_event_epilogue()
         self.scheduler.load_state_dict(state["scheduler"])
+
+
+def check_lockstep_formats(sampler: GlobalBatchSampler, paired: list[bool], total_steps: int) -> None:
+    """ZeRO-3 gathers each module's weights with collectives, so every student must run the same
+    forward passes in each micro-batch: raise ConfigError (naming the first step where it fails)
+    when one replica's micro-batch holds CoT-paired samples (a second, "aux" forward) and
+    another's holds none. paired[i]: whether sample i has both formats. Every replica derives
+    every replica's micro-batches from the shared sampler, so this needs no communication."""
+    for step in range(total_steps):
+        per_replica = [sampler.micro_batches(step, r) for r in range(sampler.dp)]
+        for micro in range(sampler.accum):
+            has_aux = [any(paired[i] for i in batches[micro]) for batches in per_replica]
+            if len(set(has_aux)) > 1:
+                raise ConfigError(
+                    f"runtime.zero_stage=3: at step {step}, micro-batch {micro}, student replicas "
+                    f"{[r for r, a in enumerate(has_aux) if a]} have CoT-paired samples and "
+                    f"{[r for r, a in enumerate(has_aux) if not a]} have none, so they would run different "
+                    "forward passes (ZeRO-3 needs them in lockstep); use runtime.zero_stage <= 2, a larger "
+                    "train.micro_batch_size, or data with a rationale on (nearly) every row")
