@@ -1,6 +1,7 @@
 """Benchmarks of the OT engine and of every distillation loss on synthetic inputs (CPU).
 
-    python bench/losses.py [--quick] [--threads N (default 1)] [--out bench/results/losses.json]
+    python bench/losses.py [--quick] [--threads N (default 1)] [--loss-threads N (default 2)]
+                           [--skip-ot | --skip-losses] [--out bench/results/losses.json]
 
 "OT engine": the 48 problems of one CoT2Align micro-batch (batch 8 x 3 Cross-CoT pairs
 x 2 layers), attention costs between student states and projected teacher states,
@@ -8,7 +9,10 @@ solved side by side on identical inputs by: the reference per-sample loop of pla
 Sinkhorn with autograd (method.md), our batched engine (several settings), POT's
 batched solver and a loop of POT's sinkhorn2. Float64 for the equality columns,
 float32 for the timings. "eps sweep": what a smaller epsilon does to the plan.
-"all losses": forward+backward time and peak memory of each `loss.name`.
+"all losses": forward+backward time and peak memory of each `loss.name` at full size, one
+fresh process each, against its FLOP floor (`flop_floor`) at the matmul rate measured in the
+same run; mined on the real gpt-2 / qwen2 tokenizers of the test-asset cache (never
+downloaded here), with its id-map build and DTW alignment times apart.
 Prints markdown tables and writes all numbers to JSON.
 """
 
@@ -23,6 +27,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -328,8 +333,14 @@ def _reset_peak() -> bool:
 
 
 def make_loss_inputs(
-    sz: Sizes, s_layers: list[int], t_layers: list[int], heads: dict[str, Callable[[Tensor], Tensor]]
+    sz: Sizes,
+    s_layers: list[int],
+    t_layers: list[int],
+    heads: dict[str, Callable[[Tensor], Tensor]],
+    texts: tuple[list[list[int]], list[list[int]]] | None = None,
 ) -> LossInputs:
+    """Synthetic LossInputs; `texts` = (student id rows, teacher id rows) of real text for the
+    main format (row b: its tokens, inputs = row[:-1], targets = row[1:]); random ids otherwise."""
     g = torch.Generator().manual_seed(1)
     s_final, t_final = 12, 24
     paired = [i < sz.batch - 2 for i in range(sz.batch)]  # the last two rows are unpaired
@@ -341,6 +352,9 @@ def make_loss_inputs(
             (int(mean + torch.randint(-sz.spread, sz.spread + 1, (), generator=g)) if (p or not aux) else 0)
             for p in paired
         ]
+        rows = None if texts is None or aux else texts[0 if student else 1]
+        if rows is not None:
+            lengths = [len(r) - 1 for r in rows]
         n = max(lengths)
         mask = torch.arange(n) < torch.tensor(lengths)[:, None]
         resolved = sorted({final if layer == -1 else layer for layer in layers})
@@ -352,6 +366,11 @@ def make_loss_inputs(
             )
             for layer in resolved
         }
+        if rows is not None:
+            full = torch.zeros(sz.batch, n + 1, dtype=torch.long)
+            for b, r in enumerate(rows):
+                full[b, : len(r)] = torch.tensor(r)
+            return ResponseView(hidden=hidden, mask=mask, inputs=full[:, :-1] * mask, targets=full[:, 1:] * mask)
         ids = torch.randint(0, vocab, (sz.batch, n), generator=g) * mask
         return ResponseView(hidden=hidden, mask=mask, inputs=ids, targets=ids.roll(-1, 1) * mask)
 
@@ -396,6 +415,104 @@ def make_loss_inputs(
     )
 
 
+#: real tokenizers for mined (student, teacher), prepared by scripts/prepare_test_assets.py
+TOKENIZERS = ROOT / ".cache" / "test-assets" / "tokenizers"
+MINED_PAIR = ("gpt-2", "qwen2")
+
+
+def load_tokenizers() -> tuple[Any, Any] | str:
+    """(student, teacher) HF tokenizers from the test-asset cache, or why they are missing (never downloads)."""
+    folders = [TOKENIZERS / name for name in MINED_PAIR]
+    missing = [str(f) for f in folders if not (f / ".prepared").exists()]
+    if missing:
+        return f"skipped: real tokenizers missing ({', '.join(missing)}); run python scripts/prepare_test_assets.py"
+    from transformers import AutoTokenizer
+
+    student, teacher = (AutoTokenizer.from_pretrained(str(f), local_files_only=True) for f in folders)
+    return student, teacher
+
+
+def text_rows(sz: Sizes, student: Any, teacher: Any) -> tuple[list[list[int]], list[list[int]]]:
+    """Main-format token rows of real text for both tokenizers: row b = a window of ~n_student + 1
+    student tokens (seeded lengths) of fixed English prose with some code (the Python language
+    reference topics shipped with the interpreter, `pydoc_data.topics`: offline, unchanged between
+    runs), and the teacher's tokens of the same text."""
+    from pydoc_data.topics import topics
+
+    text = "\n".join(topics[k] for k in sorted(topics))[:200_000]
+    corpus = student(text, add_special_tokens=False)["input_ids"]
+    g = torch.Generator().manual_seed(2)
+    s_rows, t_rows = [], []
+    for b in range(sz.batch):
+        n = int(sz.n_student + torch.randint(-sz.spread, sz.spread + 1, (), generator=g)) + 1
+        at = (b * 997) % max(len(corpus) - n, 1)
+        ids = (corpus * (1 + n // max(len(corpus), 1)))[at : at + n]
+        s_rows.append(ids)
+        t_rows.append(teacher(student.decode(ids), add_special_tokens=False)["input_ids"])
+    return s_rows, t_rows
+
+
+def flop_floor(name: str, inputs: LossInputs, ctx: LossContext, aligned: int | None) -> float | None:
+    """FLOPs of the vocabulary-sized products a loss cannot avoid (None: it has none).
+
+    A [P, d] x [d, V] product is 2 P d V. Teacher head products need no weight gradient
+    (frozen). uld: teacher logits at the kept positions; mined: at the aligned positions;
+    multilevel_ot: at all teacher positions; dskd: teacher logits, s2t logits and their input
+    gradient at all teacher positions, plus t2s logits and their input gradient at all student
+    positions (W_S frozen in that product).
+    """
+    t_s = int(inputs.student["main"].mask.sum())
+    t_t = int(inputs.teacher["main"].mask.sum())
+    kept = int(torch.minimum(inputs.student["main"].lengths, inputs.teacher["main"].lengths).sum())
+    head_t = 2.0 * ctx.d_teacher * ctx.vocab_teacher
+    head_s = 2.0 * ctx.d_student * ctx.vocab_student
+    if name == "uld":
+        return kept * head_t
+    if name == "mined" and aligned is not None:
+        return aligned * head_t
+    if name == "multilevel_ot":
+        return t_t * head_t
+    if name == "dskd":
+        return 3 * t_t * head_t + 2 * t_s * head_s
+    return None
+
+
+def matmul_gflops(sz: Sizes, repeats: int = 3) -> float:
+    """Best fp32 GFLOP/s of a [256, d_T] x [d_T, V_T] product (the teacher head's shape), this process."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(256, sz.d_teacher, generator=g)
+    w = torch.randn(sz.vocab_teacher, sz.d_teacher, generator=g)
+    best = math.inf
+    for _ in range(repeats + 1):
+        t0 = time.perf_counter()
+        torch.nn.functional.linear(x, w)
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * x.shape[0] * sz.d_teacher * sz.vocab_teacher / best / 1e9
+
+
+def _mined_context(ctx: LossContext, sz: Sizes, row: dict[str, Any]) -> tuple[LossContext, Any] | None:
+    """ctx with the real tokenizers (vocabularies resized to theirs) and the id-map build times in row;
+    None (row["note"] set) when the tokenizers are missing."""
+    toks = load_tokenizers()
+    if isinstance(toks, str):
+        row["note"] = toks
+        return None
+    student, teacher = toks
+    ctx.student_tokenizer, ctx.teacher_tokenizer = student, teacher
+    ctx.vocab_student, ctx.vocab_teacher = len(student), len(teacher)
+    with tempfile.TemporaryDirectory() as cache:
+        ctx.cache_dir = cache
+        t0 = time.perf_counter()
+        build_loss(LossConfig(name="mined"), ctx)  # cold: token tables + id map, written to the cache
+        row["id_map_build_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        build_loss(LossConfig(name="mined"), ctx)  # warm: token tables + id map read from the cache
+        row["id_map_cached_s"] = time.perf_counter() - t0
+    ctx.cache_dir = None
+    row["tokenizers"] = f"{MINED_PAIR[0]} ({len(student)}) <- {MINED_PAIR[1]} ({len(teacher)})"
+    return ctx, text_rows(sz, student, teacher)
+
+
 def bench_one_loss(name: str, sz: Sizes) -> dict[str, Any]:
     """Build loss `name` on synthetic inputs and time forward+backward (run in its own process)."""
     row: dict[str, Any] = {"loss": name}
@@ -406,26 +523,54 @@ def bench_one_loss(name: str, sz: Sizes) -> dict[str, Any]:
         vocab_teacher=sz.vocab_teacher,
         same_tokenizer=False,
     )
+    texts = None
+    if name == "mined":
+        built = _mined_context(ctx, sz, row)
+        if built is None:
+            return row
+        ctx, texts = built
     try:
         loss = build_loss(LossConfig(name=name), ctx)  # type: ignore[arg-type]
     except (ImportError, NotImplementedError) as e:
         row["note"] = f"not available ({type(e).__name__}: {e})"
         return row
-    except (ConfigError, ValueError) as e:  # e.g. mined needs real tokenizers in the context
+    except (ConfigError, ValueError) as e:
         row["note"] = f"skipped: {str(e)[:160]}"
         return row
-    s_head = nn.Linear(sz.d_student, sz.vocab_student, bias=False)
-    t_head = nn.Linear(sz.d_teacher, sz.vocab_teacher, bias=False).requires_grad_(False)
+    s_head = nn.Linear(ctx.d_student, ctx.vocab_student, bias=False)
+    t_head = nn.Linear(ctx.d_teacher, ctx.vocab_teacher, bias=False).requires_grad_(False)
     heads: dict[str, Callable[[Tensor], Tensor]] = {
         # heads take states of any float dtype (teacher states arrive in bf16), like the trainer's
         "student_head": lambda h: s_head(h.to(s_head.weight.dtype)),
         "teacher_head": lambda h: t_head(h.to(t_head.weight.dtype)),
-        "student_embed": nn.Embedding(sz.vocab_student, sz.d_student),
-        "teacher_embed": nn.Embedding(sz.vocab_teacher, sz.d_teacher).requires_grad_(False),
+        "student_embed": nn.Embedding(ctx.vocab_student, ctx.d_student),
+        "teacher_embed": nn.Embedding(ctx.vocab_teacher, ctx.d_teacher).requires_grad_(False),
     }
     s_layers, t_layers = loss.required_layers()
-    inputs = make_loss_inputs(sz, s_layers, t_layers, heads)
+    lsz = Sizes(**{**sz.__dict__, "vocab_student": ctx.vocab_student, "vocab_teacher": ctx.vocab_teacher})
+    inputs = make_loss_inputs(lsz, s_layers, t_layers, heads, texts)
     inputs.extras["student_head_weight"] = s_head.weight  # what dskd's t2s logits read (frozen W_S)
+    row["tokens"] = {
+        "student": int(inputs.student["main"].mask.sum()),
+        "teacher": int(inputs.teacher["main"].mask.sum()),
+    }
+    aligned = None
+    if name == "mined":
+        from cot2align.losses.mined import MinED
+
+        kd = getattr(loss, "kd", None)
+        assert isinstance(kd, MinED)
+        s_view, t_view = inputs.student["main"], inputs.teacher["main"]
+        t0 = time.perf_counter()
+        aligned = sum(
+            len(kd.align_row(s_view.targets[b, :n].tolist(), t_view.targets[b, :m].tolist()))
+            for b, (n, m) in enumerate(zip(s_view.lengths.tolist(), t_view.lengths.tolist()))
+        )
+        row["alignment_s"] = time.perf_counter() - t0  # DTW of the batch: part of every step's forward
+        row["aligned_positions"] = aligned
+    floor = flop_floor(name, inputs, ctx, aligned)
+    if floor is not None:
+        row["floor_tflop"] = floor / 1e12
     times = []
     peak_kib = 0
     for _ in range(1 + sz.loss_repeats):  # the first run warms up (fresh process: page faults)
@@ -446,7 +591,7 @@ def bench_one_loss(name: str, sz: Sizes) -> dict[str, Any]:
             peak_kib = max(peak_kib, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before_max)
         row["peak_memory"] = "VmHWM - VmRSS (peak RSS reset before the call)" if exact else "ru_maxrss growth"
         times.append(wall)
-        if wall > 10_000:  # slow losses run once, to keep the full run within minutes
+        if wall > SLOW_LOSS_MS:  # slow losses run once (no warm-up run), to keep the full run within minutes
             break
         for t in (inputs.student_logits, *[h for v in inputs.student.values() for h in v.hidden.values()]):
             t.grad = None
@@ -459,18 +604,23 @@ def bench_one_loss(name: str, sz: Sizes) -> dict[str, Any]:
     return row
 
 
-def bench_losses(quick: bool, threads: int, timeout: float) -> list[dict[str, Any]]:
+#: a loss whose first forward+backward takes longer than this is not run again
+SLOW_LOSS_MS = 5_000.0
+#: kd needs one shared vocabulary; the benchmark's two vocabularies differ
+KD_NOTE = "not run: same vocabulary only, and this benchmark's student / teacher vocabularies differ (50k / 150k)"
+
+
+def bench_losses(quick: bool, threads: int, timeout: float, gflops: float) -> list[dict[str, Any]]:
     """One fresh process per loss (clean peak memory, and a time limit for slow ones)."""
     rows: list[dict[str, Any]] = []
     for name in loss_names():
         if name == "kd":
-            rows.append(
-                {"loss": name, "note": "skipped: needs one shared vocabulary (same_tokenizer=False here)"}
-            )
+            rows.append({"loss": name, "note": KD_NOTE})
             continue
         cmd = [sys.executable, __file__, "--one-loss", name, "--threads", str(threads)] + (
             ["--quick"] * quick
         )
+        t0 = time.perf_counter()
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -478,7 +628,12 @@ def bench_losses(quick: bool, threads: int, timeout: float) -> list[dict[str, An
             continue
         lines = proc.stdout.strip().splitlines()
         if proc.returncode == 0 and lines:
-            rows.append(json.loads(lines[-1]))
+            row = json.loads(lines[-1])
+            row["process_s"] = time.perf_counter() - t0
+            if "floor_tflop" in row and "fb_ms" in row:
+                row["floor_ms"] = row["floor_tflop"] * 1e12 / (gflops * 1e9) * 1e3
+                row["x_floor"] = row["fb_ms"] / row["floor_ms"]
+            rows.append(row)
         else:
             err = (proc.stderr.strip().splitlines() or ["?"])[-1]
             rows.append({"loss": name, "note": f"failed: {err[:160]}"})
@@ -492,7 +647,8 @@ def _fmt(x: float, digits: int = 3) -> str:
     return f"{x:.{digits}g}"
 
 
-def report(out: dict[str, Any]) -> str:
+def _report_ot(out: dict[str, Any]) -> list[str]:
+    """The OT engine and eps sweep tables."""
     eng = out["ot_engine"]
     lines = [
         f"## OT engine: {eng['problems']} problems, mean {eng['mean_n']:.0f} x {eng['mean_m']:.0f}, "
@@ -522,16 +678,44 @@ def report(out: dict[str, Any]) -> str:
             f"{'' if r['tol_reached'] else '> '}{r['iterations_to_tol_1e-6']} | {r['float32_input_path']} | "
             f"{r['max_rel_diff_float32_vs_float64']:.1e} | {r['fb_ms_float32']:.1f} |"
         )
-    lines += ["", "## all losses (forward+backward of the loss only; student logits are a leaf)", ""]
-    lines += ["| loss | fwd+bwd ms | peak RSS delta MiB | loss parameters | note |", "|---|---|---|---|---|"]
+    return lines
+
+
+def report(out: dict[str, Any]) -> str:
+    """Markdown tables of every section that ran."""
+    lines = _report_ot(out) if out["ot_engine"] else ["(OT sections skipped: --skip-ot)"]
+    if not out["losses"]:
+        return "\n".join(lines)
+    gf = out["machine"]["matmul_gflops"]
+    lines += [
+        "",
+        "## all losses (forward+backward of the loss only; student logits are a leaf)",
+        "",
+        f"floor = the loss's unavoidable vocabulary-sized products (`flop_floor`) at this process's measured "
+        f"fp32 matmul rate, {gf:.0f} GFLOP/s ([256 x {out['sizes']['d_teacher']}] x "
+        f"[{out['sizes']['d_teacher']} x {out['sizes']['vocab_teacher']}]).",
+        "",
+        "| loss | fwd+bwd s | floor TFLOP | floor s | x floor | peak RSS delta MiB | loss parameters | note |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in out["losses"]:
+        note = r.get("note", "")
+        if r["loss"] == "mined" and "fb_ms" in r:
+            note = (
+                f"{r['tokenizers']}, real text ({r['tokens']['student']} / {r['tokens']['teacher']} tokens, "
+                f"{r['aligned_positions']} aligned); DTW alignment {r['alignment_s']:.2f} s (inside the step); "
+                f"id map build {r['id_map_build_s']:.1f} s cold, {r['id_map_cached_s']:.1f} s from its cache (once, "
+                f"not in the step)"
+            )
         if "fb_ms" in r:
+            floor = r.get("floor_ms")
             lines.append(
-                f"| {r['loss']} | {r['fb_ms']:.0f} | {r['peak_rss_delta_mib']:.0f} | {r['parameters']} | "
-                f"{r.get('note', '')} |"
+                f"| {r['loss']} | {r['fb_ms'] / 1e3:.2f} | "
+                + (f"{r['floor_tflop']:.2f} | {floor / 1e3:.1f} | {r['x_floor']:.2f}" if floor else "- | - | -")
+                + f" | {r['peak_rss_delta_mib']:.0f} | {r['parameters']} | {note} |"
             )
         else:
-            lines.append(f"| {r['loss']} | - | - | - | {r.get('note', '')} |")
+            lines.append(f"| {r['loss']} | - | - | - | - | - | - | {note} |")
     return "\n".join(lines)
 
 
@@ -545,9 +729,17 @@ def main(argv: list[str] | None = None) -> None:
         help="torch intra-op threads (0 = torch default); 1 by default: with other jobs on a 2-core "
         "machine, 2 OpenMP threads stall each other and a full run takes over 15 min",
     )
+    parser.add_argument(
+        "--loss-threads",
+        type=int,
+        default=2,
+        help="torch intra-op threads of each 'all losses' process (default 2: large matmuls and "
+        "vocabulary-wide element-wise ops, which scale with threads, unlike the OT engine's small ops)",
+    )
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "losses.json"))
     parser.add_argument("--skip-losses", action="store_true", help="only the OT engine sections")
-    parser.add_argument("--loss-timeout", type=float, default=40.0, help="seconds per loss in 'all losses'")
+    parser.add_argument("--skip-ot", action="store_true", help="only the 'all losses' section")
+    parser.add_argument("--loss-timeout", type=float, default=300.0, help="seconds per loss in 'all losses'")
     parser.add_argument("--one-loss", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.threads:
@@ -568,15 +760,29 @@ def main(argv: list[str] | None = None) -> None:
         },
         "sizes": sz.__dict__,
     }
-    out["ot_engine"] = bench_engine(sz)
-    out["eps_sweep"] = bench_eps(sz)
-    out["losses"] = [] if args.skip_losses else bench_losses(args.quick, args.threads, args.loss_timeout)
+    sections: dict[str, float] = {}
+    t0 = time.perf_counter()
+    out["ot_engine"] = {} if args.skip_ot else bench_engine(sz)
+    out["eps_sweep"] = [] if args.skip_ot else bench_eps(sz)
+    sections["ot_engine_and_eps_sweep"] = time.perf_counter() - t0
+    out["losses"] = []
+    if not args.skip_losses:
+        t0 = time.perf_counter()
+        if args.loss_threads:
+            torch.set_num_threads(args.loss_threads)
+        out["machine"]["loss_threads"] = torch.get_num_threads()
+        out["machine"]["matmul_gflops"] = matmul_gflops(sz)
+        out["losses"] = bench_losses(
+            args.quick, out["machine"]["loss_threads"], args.loss_timeout, out["machine"]["matmul_gflops"]
+        )
+        sections["losses"] = time.perf_counter() - t0
+    out["section_seconds"] = sections
     out["machine"]["load_average_end"] = os.getloadavg()
     out["seconds"] = time.perf_counter() - start
     text = report(out)
     print(text)
     print(
-        f"\n{torch.get_num_threads()} threads; load average {out['machine']['load_average_start']} -> "
+        f"\n{out['machine']['threads']} thread(s) for the OT sections, {out['machine'].get('loss_threads', '-')} per loss process; load average {out['machine']['load_average_start']} -> "
         f"{out['machine']['load_average_end']}; {out['seconds']:.0f} s"
     )
     path = Path(args.out)

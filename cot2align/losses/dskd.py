@@ -14,6 +14,7 @@ from cot2align.losses.kd import (
     chunked_sum,
     divergence,
     final_hidden,
+    fused_chunk_sum,
     kl_log,
     main_views,
     token_denominator,
@@ -91,9 +92,14 @@ class DSKD(KDTerm):
     puts it there) or from inputs.student_head when that is an nn.Linear.
 
     Memory: the attention maps are [B, n, m]; logits are made in chunks of cfg.token_chunk
-    positions: per chunk [chunk, V_S] t2s logits and student log-probs, then [chunk, V_T]
-    s2t and teacher logits (recomputed in backward under cfg.chunk_checkpoint). No full
-    [tokens, V] tensor besides inputs.student_logits.
+    positions: per chunk [chunk, V_S] t2s logits and student log-probs (recomputed in
+    backward under cfg.chunk_checkpoint), then [chunk, V_T] s2t and teacher logits. No full
+    [tokens, V] tensor besides inputs.student_logits (owned by the trainer).
+
+    Cost: the teacher-vocabulary side is three [tokens, d_T] x [d_T, V_T] products, the floor:
+    teacher logits (no grad), s2t logits, and their input gradient, taken inside forward per
+    chunk (`fused_chunk_sum`: only the [tokens, d_T] gradient is kept), so the frozen teacher
+    head never runs again in backward.
     """
 
     def __init__(self, cfg: LossConfig, ctx: LossContext) -> None:
@@ -160,17 +166,16 @@ class DSKD(KDTerm):
             kd_sum = (div * acc).sum()
             return torch.stack([ce, kd_sum, acc.sum().to(ce.dtype)])
 
-        def s2t_chunk(a: int, b: int) -> Tensor:
-            jj = t_idx[a:b]
-            z = up(inputs.teacher_head(flat_s2t[jj].to(h_t_raw.dtype)))  # [c, V_T]
+        def s2t_chunk(x: Tensor, a: int, b: int) -> Tensor:
+            z = up(inputs.teacher_head(x.to(h_t_raw.dtype)))  # [c, V_T]; x = flat_s2t[t_idx[a:b]]
             with torch.no_grad():
-                lt = F.log_softmax(up(inputs.teacher_head(flat_ht[jj])) / tau, dim=-1)
-            return kl_log(lt, F.log_softmax(z / tau, dim=-1)).sum().reshape(1)
+                lt = F.log_softmax(up(inputs.teacher_head(flat_ht[t_idx[a:b]])) / tau, dim=-1)
+            return kl_log(lt, F.log_softmax(z / tau, dim=-1)).sum()
 
         dev = logits.device
         chunk, ckpt = self.cfg.token_chunk, self.cfg.chunk_checkpoint
         t2s_sums = chunked_sum(t2s_chunk, s_idx.numel(), chunk, 3, dev, ckpt)
-        s2t_sum = chunked_sum(s2t_chunk, t_idx.numel(), chunk, 1, dev, ckpt)[0]
+        s2t_sum = fused_chunk_sum(s2t_chunk, flat_s2t, t_idx, chunk)
         denom = token_denominator(inputs.num_tokens)
         t2s_ce, t2s_kd, s2t_kd = t2s_sums[0] / denom, t2s_sums[1] / denom, s2t_sum / denom
         total = t2s_ce + t2s_kd + s2t_kd

@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 from cot2align.losses.base import KDTerm, LossInputs, ResponseView
@@ -82,6 +84,51 @@ def chunked_sum(
         assert isinstance(part, Tensor)
         out = part if out is None else out + part
     return torch.zeros(n_parts, device=device, dtype=torch.float32) if out is None else out
+
+
+class _FusedChunkSum(torch.autograd.Function):
+    """sum over chunks of fn(x[idx[a:b]], a, b), with d/dx taken chunk by chunk inside forward."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, x: Tensor, idx: Tensor, fn: Callable[[Tensor, int, int], Tensor], chunk: int
+    ) -> Tensor:
+        need_grad = x.requires_grad
+        grad = torch.zeros_like(x) if need_grad else None  # [T, d]
+        total: Tensor | None = None
+        for a in range(0, idx.numel(), chunk):
+            ii = idx[a : a + chunk]
+            xc = x[ii].detach().requires_grad_(need_grad)  # [c, d]
+            with torch.enable_grad():
+                value = fn(xc, a, a + ii.numel())
+            if grad is not None and value.requires_grad:
+                (gx,) = torch.autograd.grad(value, xc)
+                grad.index_add_(0, ii, gx)
+            total = value.detach() if total is None else total + value.detach()
+        ctx.save_for_backward(grad)
+        return torch.zeros((), dtype=up(x[:0]).dtype, device=x.device) if total is None else total
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        (grad,) = ctx.saved_tensors
+        return (None if grad is None else grad * grad_out.to(grad.dtype)), None, None, None
+
+
+def fused_chunk_sum(fn: Callable[[Tensor, int, int], Tensor], x: Tensor, idx: Tensor, chunk: int) -> Tensor:
+    """sum over chunks [a, b) of idx of fn(x[idx[a:b]], a, b) -> [] (fn returns a scalar).
+
+    x [T, d] is a SMALL differentiable input (hidden states, not logits). The gradient with
+    respect to each chunk of x is computed right after that chunk's forward and kept ([T, d]
+    in all); nothing of the chunk (its [chunk, vocab] tensors) survives it, and backward only
+    scales the kept gradient. Unlike activation checkpointing, nothing is recomputed: a frozen
+    [chunk, d] x [d, V] product inside fn runs once forward and once for its input gradient.
+    Only d/dx is taken: fn must not depend on other tensors that need a gradient (frozen
+    heads and no-grad teacher values only).
+    """
+    out = _FusedChunkSum.apply(x, idx, fn, chunk)
+    assert isinstance(out, Tensor)
+    return out
 
 
 def kl_log(lp: Tensor, lq: Tensor) -> Tensor:
@@ -162,10 +209,14 @@ class LogitKD(KDTerm):
     (same tokenizer, embedding matrices padded differently) only the first min(V_S, V_T)
     columns are used: ids past the tokenizer's size are never targets.
 
-    Memory: positions are processed in chunks of cfg.token_chunk; per chunk one [chunk, V]
-    student log-prob tensor and one [chunk, V] teacher log-prob tensor exist (AKL adds its
-    sort buffers); with cfg.chunk_checkpoint they are recomputed in backward instead of kept.
-    The only full [tokens, V] tensor is inputs.student_logits, which the trainer owns.
+    Memory and cost: positions are processed in chunks of cfg.token_chunk; per chunk one
+    [chunk, V] student log-prob tensor and one [chunk, V] teacher log-prob tensor exist (AKL
+    adds its sort buffers). The teacher log-probs are computed once, outside the checkpointed
+    student part, and kept for backward: one [tokens, V] tensor on the teacher side, so the
+    frozen teacher head (a [tokens, d_T] x [d_T, V] product) never runs again in backward.
+    With cfg.chunk_checkpoint the student side of each chunk is recomputed in backward instead
+    of kept. Besides those, the only full [tokens, V] tensor is inputs.student_logits, which
+    the trainer owns (and, in backward, its gradient).
 
     Returns (kd [], {"kd": kd}).
     """
@@ -187,19 +238,21 @@ class LogitKD(KDTerm):
         tau = self.cfg.temperature
         kcfg = self.cfg.kd
 
-        def chunk(a: int, b: int) -> Tensor:
-            ii = idx[a:b]
-            ls = F.log_softmax(up(flat_s[ii]) / tau, dim=-1)  # [c, V_S]
-            with torch.no_grad():
-                zt = up(inputs.teacher_head(flat_t[ii]))  # [c, V_T]
-                width = min(zt.shape[-1], ls.shape[-1])
-                lt = F.log_softmax(zt[:, :width] / tau, dim=-1)
-            if width != ls.shape[-1]:
-                ls = F.log_softmax(up(flat_s[ii, :width]) / tau, dim=-1)
+        def student(ii: Tensor, lt: Tensor) -> Tensor:
+            ls = F.log_softmax(up(flat_s[ii, : lt.shape[-1]]) / tau, dim=-1)  # [c, width]
             return divergence(kcfg.divergence, ls, lt, kcfg.skew, kcfg.adaptive_mu).sum().reshape(1)
 
-        total = chunked_sum(
-            chunk, idx.numel(), self.cfg.token_chunk, 1, logits.device, self.cfg.chunk_checkpoint
-        )
+        def chunk(a: int, b: int) -> Tensor:
+            ii = idx[a:b]
+            with torch.no_grad():
+                zt = up(inputs.teacher_head(flat_t[ii]))  # [c, V_T]
+                lt = F.log_softmax(zt[:, : flat_s.shape[-1]] / tau, dim=-1)  # [c, min(V_S, V_T)]
+            if self.cfg.chunk_checkpoint and torch.is_grad_enabled():
+                out = checkpoint(student, ii, lt, use_reentrant=False)
+                assert isinstance(out, Tensor)
+                return out
+            return student(ii, lt)
+
+        total = chunked_sum(chunk, idx.numel(), self.cfg.token_chunk, 1, logits.device, False)
         kd = total[0] / token_denominator(inputs.num_tokens)
         return kd, {"kd": kd.detach()}

@@ -17,13 +17,16 @@ import json
 import os
 import re
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from cot2align.losses.base import KDTerm, LossContext, LossInputs
 from cot2align.losses.config import LossConfig
@@ -410,6 +413,45 @@ def _role_ids(tokenizer: object) -> dict[str, int]:
     return out
 
 
+class _TargetKLSum(torch.autograd.Function):
+    """sum over chunks of rows idx of flat_s of KL(q || softmax(flat_s[idx] / tau)), q from a callback.
+
+    Forward, per chunk: log q [c, V] = target(a, b) (no grad; entries -inf where q = 0) and the
+    KL value; q is kept for backward (the teacher side's one [tokens, V] tensor), so the
+    callback (the frozen teacher head) runs once. Backward recomputes softmax(z / tau) per
+    chunk: d KL / dz = (sum(q) softmax(z / tau) - q) / tau.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, flat_s: Tensor, idx: Tensor, target: Callable[[int, int], Tensor], tau: float, chunk: int
+    ) -> Tensor:
+        total = torch.zeros((), dtype=up(flat_s[:0]).dtype, device=flat_s.device)
+        kept: list[Tensor] = []
+        for a in range(0, idx.numel(), chunk):
+            b = min(a + chunk, idx.numel())
+            ls = F.log_softmax(up(flat_s[idx[a:b]]) / tau, dim=-1)  # [c, V]
+            lq = target(a, b).to(ls.dtype)  # [c, V]
+            q = lq.exp()
+            total = total + torch.where(q > 0, q * (lq.clamp(min=-1e30) - ls), 0.0).sum()
+            kept.append(q)
+        ctx.save_for_backward(flat_s, idx, *kept)
+        ctx.tau, ctx.chunk = tau, chunk
+        return total
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        flat_s, idx, *kept = ctx.saved_tensors
+        grad = torch.zeros_like(flat_s)  # [B*N_s, V]: the gradient autograd needs anyway
+        for k, q in enumerate(kept):
+            ii = idx[k * ctx.chunk : k * ctx.chunk + q.shape[0]]
+            p = F.softmax(up(flat_s[ii]) / ctx.tau, dim=-1)  # [c, V]
+            dz = (q.sum(-1, keepdim=True) * p - q) * (grad_out / ctx.tau)
+            grad.index_copy_(0, ii, dz.to(grad.dtype))
+        return grad, None, None, None, None
+
+
 # ----------------------------------------------------------------------------- the loss
 class MinED(KDTerm):
     """MinED KD (Wan et al. 2024, as used by DSKD) for models with different tokenizers.
@@ -439,11 +481,14 @@ class MinED(KDTerm):
     The id map (teacher vocab -> student vocab) is built once from the tokenizers in `ctx`
     and cached to cfg.mined.id_map_cache or <ctx.cache_dir>/mined_id_map_<hash>.json.
 
-    Memory: aligned positions are processed in chunks of cfg.token_chunk with one [chunk, V_S]
-    student log-prob tensor, one [chunk, V_T] teacher log-prob tensor and the mapped
-    [chunk, V_S] target (recomputed in backward under cfg.chunk_checkpoint); one-hot
-    positions need only a log-sum-exp per row. No full [tokens, V] tensor besides
-    inputs.student_logits.
+    Memory and cost: aligned positions are processed in chunks of cfg.token_chunk with one
+    [chunk, V_S] student log-prob tensor and one [chunk, V_T] teacher log-prob tensor at a
+    time; the mapped targets q are KEPT for backward: one [aligned, V_S] tensor (the teacher
+    side's one [tokens, vocab] tensor, in the student vocabulary), so the frozen teacher head
+    runs once per step instead of again in backward; backward recomputes only the student
+    softmax per chunk. One-hot positions need only a log-sum-exp per row (recomputed under
+    cfg.chunk_checkpoint). Besides q, no full [tokens, V] tensor except inputs.student_logits
+    (owned by the trainer) and, in backward, its gradient.
     """
 
     def __init__(self, cfg: LossConfig, ctx: LossContext) -> None:
@@ -489,14 +534,19 @@ class MinED(KDTerm):
         return [(i, j) for i, j in pairs if 0 <= t_targets[j] < len(self.id_map) and self.id_map[t_targets[j]] >= 0]
 
     def mapped_log_target(self, teacher_logits: Tensor, student_vocab: int) -> Tensor:
-        """log q [c, V_S] from teacher logits [c, V_T] (step 3); -inf outside the map's image."""
-        lt = F.log_softmax(up(teacher_logits) / self.cfg.temperature, dim=-1)  # [c, V_T]
-        keep = (self.map_teacher < lt.shape[-1]) & (self.map_student < student_vocab)
-        src = lt[:, self.map_teacher[keep]]  # [c, M]
+        """log q [c, V_S] from teacher logits [c, V_T] (step 3); -inf outside the map's image.
+
+        max_u log p_u = max_u z_u / tau - logsumexp(z / tau): the teacher's normaliser is one
+        constant per row and cancels in the renormalisation over the student vocabulary, so only
+        the M mapped teacher columns are read ([c, M], no [c, V_T] log-softmax).
+        """
+        z = teacher_logits
+        keep = (self.map_teacher < z.shape[-1]) & (self.map_student < student_vocab)
+        src = up(z[:, self.map_teacher[keep]]) / self.cfg.temperature  # [c, M]
         dst = self.map_student[keep][None, :].expand_as(src)
-        m = torch.full((lt.shape[0], student_vocab), float("-inf"), device=lt.device, dtype=lt.dtype)
+        m = torch.full((z.shape[0], student_vocab), float("-inf"), device=z.device, dtype=src.dtype)
         m = m.scatter_reduce(1, dst, src, reduce="amax", include_self=True)
-        return m - torch.logsumexp(m, dim=-1, keepdim=True)
+        return F.log_softmax(m, dim=-1)
 
     def forward(self, inputs: LossInputs) -> tuple[Tensor, dict[str, Tensor]]:
         """MinED scalar and its parts; see the class docstring."""
@@ -528,15 +578,11 @@ class MinED(KDTerm):
         t_idx = torch.tensor(kd_t, dtype=torch.long, device=dev)
         tau = self.cfg.temperature
 
-        def kd_chunk(a: int, b: int) -> Tensor:
-            ls = F.log_softmax(up(flat_s[s_idx[a:b]]) / tau, dim=-1)  # [c, V_S]
+        def target(a: int, b: int) -> Tensor:
             with torch.no_grad():
-                lq = self.mapped_log_target(inputs.teacher_head(flat_t[t_idx[a:b]]), v_s)  # [c, V_S]
-            p = lq.exp()
-            diff = torch.where(p > 0, lq.clamp(min=-1e30) - ls, torch.zeros_like(ls))
-            return (p * diff).sum().reshape(1)
+                return self.mapped_log_target(inputs.teacher_head(flat_t[t_idx[a:b]]), v_s)  # [c, V_S]
 
-        kd_sum = chunked_sum(kd_chunk, len(kd_s), self.cfg.token_chunk, 1, dev, self.cfg.chunk_checkpoint)[0]
+        kd_sum = _TargetKLSum.apply(flat_s, s_idx, target, tau, self.cfg.token_chunk)
         hot_idx = hot.reshape(-1).nonzero().squeeze(1)
         y = s_view.targets.reshape(-1)
 
