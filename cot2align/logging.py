@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -42,10 +43,23 @@ class LoggingConfig(ConfigBase):
         require(self.heatmap_every >= 0, f"{prefix}.heatmap_every", f"must be >= 0 (0 = off), got {self.heatmap_every}")
 
 
+class _CurrentStderr(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever sys.stderr is at each record (not the stream of the first call, which a
+    test harness or a redirect may have closed since)."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
 def setup_console_logging(level: int = logging.INFO) -> None:
     """One-line console format for the library's logger."""
     if not log.handlers:
-        h = logging.StreamHandler()
+        h = _CurrentStderr()
         h.setFormatter(logging.Formatter("[%(asctime)s %(levelname)s] %(message)s", "%H:%M:%S"))
         log.addHandler(h)
         log.propagate = False

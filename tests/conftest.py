@@ -6,6 +6,12 @@ import os
 from pathlib import Path
 
 import pytest
+import submitit  # noqa: F401  # see below
+
+# submitit configures logging when first imported (logging.config.dictConfig), which closes every
+# logging handler that exists by then. absl's handler (imported with rouge-score) closes its stream
+# on close; inside a test that stream is pytest's capture, so a test importing submitit after a
+# rouge-score test broke pytest's teardown. Importing submitit here, first, avoids that.
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
