@@ -32,5 +32,5 @@ quick=()
   python launcher/submit.py --dry-run --config configs/llama70b-to-1b-8nodes.yaml | sed -n '/^# Plan/,/^# sbatch/p' | sed '$d'
   echo
   echo "load at end: $(cut -d' ' -f1-3 /proc/loadavg)"
-} 2>/dev/null | tee "$OUT"
+} 2>/dev/null | grep --line-buffered -v "real_accelerator.py" | tee "$OUT"
 echo "wrote $OUT"
