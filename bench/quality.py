@@ -32,13 +32,16 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+STD_EVAL: dict[str, Any] = {"eval": {"prompt": "std"}}
+"""Students trained without rationales answer the standard prompt (the CoT rows use the CoT prompt)."""
+
 ROWS: dict[str, dict[str, Any]] = {
     # baselines on the standard data
-    "sft": {"loss": {"name": "sft"}, "data": {"use_cot": False}},
-    "uld": {"loss": {"name": "uld"}, "data": {"use_cot": False}},
-    "mined": {"loss": {"name": "mined"}, "data": {"use_cot": False}},
-    "dskd": {"loss": {"name": "dskd"}, "data": {"use_cot": False}},
-    "multilevel_ot": {"loss": {"name": "multilevel_ot"}, "data": {"use_cot": False}},
+    "sft": {"loss": {"name": "sft"}, "data": {"use_cot": False}, **STD_EVAL},
+    "uld": {"loss": {"name": "uld"}, "data": {"use_cot": False}, **STD_EVAL},
+    "mined": {"loss": {"name": "mined"}, "data": {"use_cot": False}, **STD_EVAL},
+    "dskd": {"loss": {"name": "dskd"}, "data": {"use_cot": False}, **STD_EVAL},
+    "multilevel_ot": {"loss": {"name": "multilevel_ot"}, "data": {"use_cot": False}, **STD_EVAL},
     # the same baselines trained on the teacher's rationales (CoT data only, no Cross-CoT OT)
     "sft + CoT": {"loss": {"name": "sft"}, "data": {"use_cot": True}},
     "uld + CoT": {"loss": {"name": "uld"}, "data": {"use_cot": True}},
