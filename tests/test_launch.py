@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import yaml
+from jobs import tiny_job_config, tiny_teacher
 
 from cot2align import launch
 from cot2align.config import REPO_ROOT, load_config
@@ -338,27 +339,8 @@ def test_rank_entry_of_the_hand_written_script(monkeypatch: pytest.MonkeyPatch, 
 def test_local_world_through_submitit(tiny_task: dict[str, Path], tmp_path: Path, no_slurm: None,
                                       capsys: pytest.CaptureFixture[str]) -> None:
     """Two ranks (teacher + student) as submitit LocalExecutor tasks running the real run_rank."""
-    from cot2align.models import TinyModelConfig, build_tiny_model, load_tokenizer
-
-    teacher = tmp_path / "teacher"
-    tok = load_tokenizer(tiny_task["tok_teacher"])
-    build_tiny_model(TinyModelConfig(arch="llama", layers=2, hidden=32, heads=4, kv_heads=2, intermediate=64),
-                     tok, seed=2).save_pretrained(teacher, safe_serialization=True)
-    tok.save_pretrained(teacher)
-    cfg = {
-        "run": {"output_dir": str(tmp_path / "runs"), "name": "local", "work_dir": str(tmp_path / "work")},
-        "data": {"train_file": str(tiny_task["train"]), "dev_file": str(tiny_task["dev"]),
-                 "test_file": str(tiny_task["test"]), "max_length": 96, "max_prompt_length": 40},
-        "cot": {"enabled": False},
-        "teacher": {"path": str(teacher), "tokenizer": str(tiny_task["tok_teacher"])},
-        "student": {"tokenizer": str(tiny_task["tok_student"])},
-        "embedded": {"student_model": {"arch": "gpt2", "layers": 1, "hidden": 24, "heads": 2, "kv_heads": 2,
-                                       "intermediate": 48}},
-        "train": {"max_steps": 2, "micro_batch_size": 2},
-        "eval": {"dev_limit": 2, "max_new_tokens": 4, "seeds": [1]},
-        "logging": {"wandb_mode": "disabled", "progress": False},
-        "runtime": {"timeout_s": 120, "startup_timeout_s": 300},
-    }
+    teacher = tiny_teacher(tiny_task, tmp_path / "teacher")
+    cfg = tiny_job_config(tiny_task, teacher, tmp_path / "runs", "local")
     f = tmp_path / "local.yaml"
     f.write_text(yaml.safe_dump(cfg))
     rc = launch.main(["--local", "--world-size", "2", "--config", str(f)])

@@ -20,6 +20,7 @@ import psutil
 import pytest
 import torch
 import yaml
+from jobs import tiny_job_config, tiny_teacher
 
 from cot2align import launch
 from cot2align.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -69,21 +70,10 @@ def test_a_crash_mid_save_leaves_the_previous_checkpoint(tmp_path: Path, monkeyp
 
 
 def _config(tiny_task: dict[str, Path], teacher: Path, out: Path, name: str) -> dict[str, Any]:
-    return {
-        "run": {"output_dir": str(out), "name": name, "work_dir": str(out / "work"), "seed": 5, "resume": True},
-        "data": {"train_file": str(tiny_task["train"]), "dev_file": str(tiny_task["dev"]),
-                 "test_file": str(tiny_task["test"]), "max_length": 96, "max_prompt_length": 40},
-        "cot": {"enabled": False},
-        "teacher": {"path": str(teacher), "tokenizer": str(tiny_task["tok_teacher"])},
-        "student": {"tokenizer": str(tiny_task["tok_student"])},
-        "embedded": {"student_model": {"arch": "gpt2", "layers": 1, "hidden": 24, "heads": 2, "kv_heads": 2,
-                                       "intermediate": 48}},
-        "loss": {"name": "cot2align"},
-        "train": {"max_steps": STEPS, "micro_batch_size": 2, "lr": 1e-2, "min_lr": 1e-4},
-        "eval": {"dev_limit": 2, "max_new_tokens": 4, "seeds": [1]},
-        "logging": {"wandb_mode": "offline", "progress": False, "log_every": 1},
-        "runtime": {"mode": "served", "teacher_backend": "hf", "timeout_s": 120, "startup_timeout_s": 300},
-    }
+    return tiny_job_config(
+        tiny_task, teacher, out, name, run={"seed": 5, "resume": True}, loss={"name": "cot2align"},
+        train={"max_steps": STEPS, "lr": 1e-2, "min_lr": 1e-4}, logging={"wandb_mode": "offline", "log_every": 1},
+        runtime={"mode": "served", "teacher_backend": "hf"})
 
 
 def _losses(run_dir: Path) -> dict[int, float]:
@@ -106,14 +96,9 @@ def _tasks() -> list[psutil.Process]:
 @pytest.mark.slow
 def test_preempted_job_requeues_and_matches_the_uninterrupted_run(tiny_task: dict[str, Path], tmp_path: Path,
                                                                    no_slurm: None) -> None:
-    from cot2align.models import TinyModelConfig, build_tiny_model, load_tokenizer
     from cot2align.runtime import launch_local
 
-    teacher = tmp_path / "teacher"
-    tok = load_tokenizer(tiny_task["tok_teacher"])
-    build_tiny_model(TinyModelConfig(arch="llama", layers=2, hidden=32, heads=4, kv_heads=2, intermediate=64),
-                     tok, seed=2).save_pretrained(teacher, safe_serialization=True)
-    tok.save_pretrained(teacher)
+    teacher = tiny_teacher(tiny_task, tmp_path / "teacher")
 
     # the reference: the same served world, never interrupted
     ref_cfg = Config().merged(_config(tiny_task, teacher, tmp_path / "ref", "ref"))
