@@ -23,10 +23,10 @@ Evaluation and export need whole weights on the first student: `full_weights`
 (collective over the students) gathers them one module at a time into a full copy of
 the student kept on the first student only. Each gather is a collective, so every
 student must call the same modules in the same order in each micro-batch: true when all
-micro-batches of a step have the same formats (a step where one student's micro-batch
-has "aux" rows and another's has none breaks it; DeepSpeed then reports the students'
-disagreement, or the mismatched gathers fail after the process groups' timeout,
-runtime.startup_timeout_s).
+micro-batches of a step have the same formats. A step where one student's micro-batch has
+"aux" rows and another's has none would break it (mismatched gathers hang until the process
+groups' timeout), so `check_lockstep_formats` refuses such a run before training, naming the
+step.
 """
 
 from __future__ import annotations
