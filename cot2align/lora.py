@@ -3,7 +3,7 @@
 `train-teacher` wraps the teacher with `apply_lora` before handing it to the one training
 loop (`cot2align.train.train`): only the adapter matrices require grad, so the loop's
 optimizer, checkpoints and resume cover them without knowing about LoRA. The loop's
-exports of a peft model are adapter folders; `merge_adapter_export` folds the best one
+exports of a peft model are adapter folders; `export_merged` folds the best one
 into the base weights and saves a plain HF checkpoint (no peft needed to load it).
 """
 
