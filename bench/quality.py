@@ -149,8 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     pinned = prepare(base)
     teacher = summarise(evaluate_model(base, Path(pinned["teacher"]["path"])))
     prep_s = time.perf_counter() - t0
-    for row in args.rows:
-        for seed in seeds:
+    for seed in seeds:  # seed-major: a partial sweep covers every row
+        for row in args.rows:
             if (row, seed) in done:
                 continue
             name = f"{base.run.name}/{row.replace(' ', '_').replace('(', '').replace(')', '')}/seed{seed}"
