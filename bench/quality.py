@@ -149,6 +149,19 @@ def main(argv: list[str] | None = None) -> int:
     pinned = prepare(base)
     teacher = summarise(evaluate_model(base, Path(pinned["teacher"]["path"])))
     prep_s = time.perf_counter() - t0
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+
+    def write_summary() -> str:
+        """The table so far (also after every run: an interrupted sweep keeps its table)."""
+        md = table(records, teacher)
+        summary = {"rows": [r for r in ROWS if any(x["row"] == r for x in records)], "records": records,
+                   "teacher": teacher, "prepare_s": prep_s, "wall_s": time.perf_counter() - t0,
+                   "machine": machine, "config": args.config, "overrides": overrides, "table": md}
+        out.with_suffix(".json").write_text(json.dumps(summary, indent=2))
+        if args.doc:
+            Path(args.doc).write_text(f"{md}\n")
+        return md
+
     for seed in seeds:  # seed-major: a partial sweep covers every row
         for row in args.rows:
             if (row, seed) in done:
@@ -163,17 +176,10 @@ def main(argv: list[str] | None = None) -> int:
             records.append(rec)
             with log_path.open("a") as f:
                 f.write(json.dumps(rec) + "\n")
+            write_summary()
             print(f"{row} seed {seed}: EM {rec['exact_match']:.1f} ROUGE-L {rec['rouge_l']:.1f} "
                   f"({rec['wall_s']:.0f} s)", flush=True)
-    md = table(records, teacher)
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads as configured"
-    summary = {"rows": [r for r in ROWS if any(x["row"] == r for x in records)], "records": records,
-               "teacher": teacher, "prepare_s": prep_s, "wall_s": time.perf_counter() - t0, "machine": machine,
-               "config": args.config, "overrides": overrides, "table": md}
-    out.with_suffix(".json").write_text(json.dumps(summary, indent=2))
-    print(md)
-    if args.doc:
-        Path(args.doc).write_text(f"{md}\n")
+    print(write_summary())
     return 0
 
 
