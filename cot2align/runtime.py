@@ -235,7 +235,7 @@ def _student(cfg: Config, topo: Topology, transport: Any, device: torch.device, 
     from cot2align.train import DataParallel, train
 
     s_tok, t_tok, samples, p = _data(cfg)
-    dp = DataParallel(size=topo.dp, rank=topo.student_index(), group=topo.student_group())
+    dp = DataParallel(size=topo.dp, rank=topo.student_index(), group=topo.student_group(), device=device)
     student = _student_model(cfg, s_tok)
     # transformers writes checkpoints only on global rank 0 of an initialised world, which here is
     # a teacher rank: let the first student (the only one that exports) write them.

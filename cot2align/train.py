@@ -13,7 +13,7 @@ import math
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal, NamedTuple, Protocol
@@ -306,6 +306,8 @@ class DataParallel:
     size: int = 1
     rank: int = 0
     group: Any = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    """Where collectives' tensors live (the rank's GPU under nccl)."""
 
     def sum(self, parts: dict[str, float]) -> dict[str, float]:
         """Sum per-replica values over the replicas (keys may differ between replicas)."""
@@ -321,11 +323,9 @@ class DataParallel:
 
     def any(self, flag: bool) -> bool:
         """Whether `flag` is set on any replica (collective over the replicas)."""
-        if self.size == 1:
-            return flag
-        t = torch.tensor([int(flag)])
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
-        return bool(t.item())
+        from cot2align.transport import any_rank
+
+        return flag if self.size == 1 else any_rank(flag, self.group, self.device)
 
 
 def response_tokens(samples: list[Sample], idx: list[int]) -> int:

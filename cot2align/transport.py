@@ -153,6 +153,14 @@ class Request:
                    dp=v[8], seed=v[9], layers=tuple(v[12 : 12 + v[10]]))
 
 
+def any_rank(flag: bool, group: Any, device: torch.device) -> bool:
+    """Whether `flag` is set on any rank of `group` (an all-reduce of one int on `device`: CPU for
+    gloo, the rank's GPU for nccl)."""
+    t = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return bool(t.item())
+
+
 def pack(hidden: dict[int, Tensor], mask: Tensor, layers: Sequence[int], dtype: torch.dtype) -> Tensor:
     """Response states of `layers` packed for the wire.
 

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from cot2align.data.dataset import Sample, SeqBatch, collate
@@ -42,6 +41,7 @@ from cot2align.transport import (
     PendingHeader,
     Request,
     Transport,
+    any_rank,
     checksum,
     pack,
 )
@@ -154,11 +154,7 @@ class _StopCheck:
 
     def __call__(self) -> bool:
         flag = any(p.ready() for p in self.control.values())
-        if self.group is None:
-            return flag
-        t = torch.tensor([int(flag)], device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
-        return bool(t.item())
+        return flag if self.group is None else any_rank(flag, self.group, self.device)
 
 
 IDLE_WAIT_S = 366 * 24 * 3600.0
