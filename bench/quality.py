@@ -56,10 +56,17 @@ ROWS: dict[str, dict[str, Any]] = {
     "cot2align w/o cross pairs": {"loss": {"name": "cot2align", "base": "dskd", "ot": {"cross_pairs": False}}},
     "cot2align one layer": {"loss": {"name": "cot2align", "base": "dskd",
                                      "ot": {"student_layers": [-1], "teacher_layers": [-1]}}},
-    "cot2align eps 1": {"loss": {"name": "cot2align", "base": "dskd", "ot": {"sinkhorn": {"epsilon": 1.0}}}},
+    **{f"cot2align eps {eps:g}": {"loss": {"name": "cot2align", "base": "dskd", "ot": {"sinkhorn": {"epsilon": eps}}}}
+       for eps in (1.0, 3.0, 30.0)},
 }
 """Row name -> config overrides (merged over the sweep's config). The reference epsilon is 10
 (the default of loss.ot.sinkhorn.epsilon), so `cot2align (dskd)` is the epsilon-10 row."""
+
+EPSILON_ROWS: dict[float, str] = {1.0: "cot2align eps 1", 3.0: "cot2align eps 3",
+                                  10.0: "cot2align (dskd)", 30.0: "cot2align eps 30"}
+"""The epsilon grid: every grid row runs with the sweep's first seed; the tuned epsilon is the one
+with the best dev exact match there (never the test numbers; ties go to the reference, 10), and
+only the tuned row and the reference row run the other seeds."""
 
 
 def prepare(cfg: Any) -> dict[str, Any]:
@@ -89,6 +96,32 @@ def summarise(res: dict[str, Any]) -> dict[str, float]:
             "held_out_steps": float(longest) if longest is not None else float("nan")}
 
 
+def best_dev_em(run_dir: Path) -> float:
+    """The best dev exact match a run logged (the checkpoint it evaluated on test); nan if none."""
+    path = run_dir / "metrics.jsonl"
+    values = [json.loads(x).get("dev/exact_match") for x in path.read_text().splitlines()] if path.exists() else []
+    values = [float(v) for v in values if v is not None]
+    return max(values) if values else float("nan")
+
+
+def tuned_epsilon(records: list[dict[str, Any]], seed: int) -> float | None:
+    """The grid epsilon with the best dev EM at `seed` (ties: the reference 10); None until all ran."""
+    dev = {eps: [r["dev_em"] for r in records if r["row"] == row and r["seed"] == seed]
+           for eps, row in EPSILON_ROWS.items()}
+    if not all(dev.values()):
+        return None
+    best = max(v[0] for v in dev.values())
+    return 10.0 if dev[10.0][0] == best else max(dev, key=lambda e: dev[e][0])
+
+
+def wanted(row: str, seed: int, first_seed: int, records: list[dict[str, Any]]) -> bool:
+    """Whether the sweep runs (row, seed): grid-only epsilon rows run the first seed, or when tuned."""
+    if row not in EPSILON_ROWS.values() or row == EPSILON_ROWS[10.0] or seed == first_seed:
+        return True
+    eps = tuned_epsilon(records, first_seed)
+    return eps is not None and EPSILON_ROWS[eps] == row
+
+
 def _mean_std(values: list[float]) -> str:
     if not values:
         return "-"
@@ -97,20 +130,33 @@ def _mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
 
 
-def table(records: list[dict[str, Any]], teacher: dict[str, float] | None) -> str:
+def table(records: list[dict[str, Any]], teacher: dict[str, float] | None, first_seed: int) -> str:
     """Markdown: one line per row, mean +- std over its seeds."""
-    lines = ["| method | seeds | test EM | ROUGE-L | EM held-out longer | minutes / run |", "|---|---|---|---|---|---|"]
+    lines = ["| method | seeds | test EM | ROUGE-L | EM held-out longer | best dev EM | minutes / run |",
+             "|---|---|---|---|---|---|---|"]
     if teacher:
         lines.append(f"| teacher | - | {teacher['exact_match']:.1f} | {teacher['rouge_l']:.1f} | "
-                     f"{teacher['held_out_em']:.1f} | - |")
+                     f"{teacher['held_out_em']:.1f} | - | - |")
     for row in ROWS:
         rs = [r for r in records if r["row"] == row]
         if not rs:
             continue
-        col = {k: [r[k] for r in rs] for k in ("exact_match", "rouge_l", "held_out_em", "wall_s")}
+        col = {k: [r[k] for r in rs] for k in ("exact_match", "rouge_l", "held_out_em", "dev_em", "wall_s")}
         lines.append(f"| {row} | {len(rs)} | {_mean_std(col['exact_match'])} | {_mean_std(col['rouge_l'])} | "
-                     f"{_mean_std(col['held_out_em'])} | {statistics.mean(col['wall_s']) / 60:.1f} |")
+                     f"{_mean_std(col['held_out_em'])} | {_mean_std(col['dev_em'])} | "
+                     f"{statistics.mean(col['wall_s']) / 60:.1f} |")
+    eps = tuned_epsilon(records, first_seed)
+    if eps is not None:
+        lines += ["", f"Tuned epsilon (best dev EM of seed {first_seed} over the grid "
+                      f"{[f'{e:g}' for e in sorted(EPSILON_ROWS)]}): {eps:g}, row `{EPSILON_ROWS[eps]}`; "
+                      f"the reference is 10, row `{EPSILON_ROWS[10.0]}`. The other grid rows ran seed "
+                      f"{first_seed} only."]
     return "\n".join(lines)
+
+
+def run_name(base: Any, row: str, seed: int) -> str:
+    """run.name of one (row, seed) run: `<sweep name>/<row>/seed<k>`."""
+    return f"{base.run.name}/{row.replace(' ', '_').replace('(', '').replace(')', '')}/seed{seed}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -143,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     log_path = out.with_suffix(".jsonl")
     records = [json.loads(x) for x in log_path.read_text().splitlines()] if log_path.exists() else []
+    for r in records:  # records from before dev EM was kept: read it back from the run's metrics
+        r.setdefault("dev_em", best_dev_em(base.run_dir.parent / run_name(base, r["row"], r["seed"])))
     done = {(r["row"], r["seed"]) for r in records}
 
     t0 = time.perf_counter()
@@ -153,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def write_summary() -> str:
         """The table so far (also after every run: an interrupted sweep keeps its table)."""
-        md = table(records, teacher)
+        md = table(records, teacher, seeds[0])
         summary = {"rows": [r for r in ROWS if any(x["row"] == r for x in records)], "records": records,
                    "teacher": teacher, "prepare_s": prep_s, "wall_s": time.perf_counter() - t0,
                    "machine": machine, "config": args.config, "overrides": overrides, "table": md}
@@ -164,15 +212,15 @@ def main(argv: list[str] | None = None) -> int:
 
     for seed in seeds:  # seed-major: a partial sweep covers every row
         for row in args.rows:
-            if (row, seed) in done:
+            if (row, seed) in done or not wanted(row, seed, seeds[0], records):
                 continue
-            name = f"{base.run.name}/{row.replace(' ', '_').replace('(', '').replace(')', '')}/seed{seed}"
+            name = run_name(base, row, seed)
             cfg = base.merged(pinned).merged(ROWS[row]).merged({"run": {"seed": seed, "name": name}})
             cfg.validate()
             t = time.perf_counter()
             res = distill(cfg)
             rec = {"row": row, "seed": seed, **summarise(evaluate_model(cfg, res.export_dir)),
-                   "steps": res.steps, "wall_s": time.perf_counter() - t}
+                   "dev_em": best_dev_em(cfg.run_dir), "steps": res.steps, "wall_s": time.perf_counter() - t}
             records.append(rec)
             with log_path.open("a") as f:
                 f.write(json.dumps(rec) + "\n")
