@@ -133,7 +133,7 @@ def _mean_std(values: list[float]) -> str:
 def table(records: list[dict[str, Any]], teacher: dict[str, float] | None, first_seed: int) -> str:
     """Markdown: one line per row, mean +- std over its seeds."""
     lines = ["| method | seeds | test EM | ROUGE-L | EM held-out longer | test EM greedy | best dev EM (greedy) "
-             "| minutes / run |", "|---|---|---|---|---|---|---|---|"]
+             "| median minutes / run |", "|---|---|---|---|---|---|---|---|"]
     if teacher:
         lines.append(f"| teacher | - | {teacher['exact_match']:.1f} | {teacher['rouge_l']:.1f} | "
                      f"{teacher['held_out_em']:.1f} | {teacher['greedy_em']:.1f} | - | - |")
@@ -144,7 +144,7 @@ def table(records: list[dict[str, Any]], teacher: dict[str, float] | None, first
         col = {k: [r[k] for r in rs] for k in ("exact_match", "rouge_l", "held_out_em", "greedy_em", "dev_em", "wall_s")}
         lines.append(f"| {row} | {len(rs)} | {_mean_std(col['exact_match'])} | {_mean_std(col['rouge_l'])} | "
                      f"{_mean_std(col['held_out_em'])} | {_mean_std(col['greedy_em'])} | {_mean_std(col['dev_em'])} | "
-                     f"{statistics.mean(col['wall_s']) / 60:.1f} |")
+                     f"{statistics.median(col['wall_s']) / 60:.1f} |")
     eps = tuned_epsilon(records, first_seed)
     if eps is not None:
         lines += ["", f"Tuned epsilon (best dev EM of seed {first_seed} over the grid "
