@@ -17,7 +17,8 @@ _spec.loader.exec_module(quality)
 
 
 def _grid(dev: dict[float, float], seed: int = 1) -> list[dict]:
-    return [{"row": quality.EPSILON_ROWS[eps], "seed": seed, "dev_em": v} for eps, v in dev.items()]
+    """Dev EM records of the whole epsilon grid at `seed`: 5.0 unless given."""
+    return [{"row": row, "seed": seed, "dev_em": dev.get(eps, 5.0)} for eps, row in quality.EPSILON_ROWS.items()]
 
 
 def test_tuned_epsilon_is_best_dev_and_ties_go_to_reference() -> None:
@@ -25,14 +26,15 @@ def test_tuned_epsilon_is_best_dev_and_ties_go_to_reference() -> None:
     assert quality.tuned_epsilon(_grid({1.0: 7.0, 3.0: 6.0, 10.0: 7.0, 30.0: 2.0}), 1) == 10.0
     # another seed's dev numbers do not count; an incomplete grid tunes nothing
     assert quality.tuned_epsilon(_grid({1.0: 9.0, 3.0: 1.0, 10.0: 1.0, 30.0: 1.0}, seed=2), 1) is None
-    partial = _grid({1.0: 5.0, 3.0: 7.5, 10.0: 7.0, 30.0: 6.5})[:3]
-    assert quality.tuned_epsilon(partial, 1) is None
+    grid = _grid({3.0: 7.5})
+    assert quality.tuned_epsilon(grid, 1) == 3.0
+    assert quality.tuned_epsilon([r for r in grid if r["row"] != "cot2align eps 30"], 1) is None
 
 
 def test_only_the_tuned_and_reference_grid_rows_run_the_later_seeds() -> None:
-    records = _grid({1.0: 5.0, 3.0: 7.5, 10.0: 7.0, 30.0: 6.5})
+    records = _grid({0.1: 7.5, 10.0: 7.0})
     runs = {row for row in quality.ROWS if quality.wanted(row, 2, 1, records)}
-    assert runs == set(quality.ROWS) - {"cot2align eps 1", "cot2align eps 30"}
+    assert runs == set(quality.ROWS) - set(quality.EPSILON_ROWS.values()) | {"cot2align eps 0.1", "cot2align (dskd)"}
     assert all(quality.wanted(row, 1, 1, []) for row in quality.ROWS)  # the first seed runs the whole grid
     # before the grid finished, the later seeds skip every non-reference grid row
     assert not quality.wanted("cot2align eps 3", 2, 1, records[:2])
