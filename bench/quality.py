@@ -8,9 +8,11 @@ Stage 1 (once, cached under run.work_dir): the data, the teacher SFT and the tea
 rationales, with the config's run.seed. Stage 2: for every row and seed, the same student is
 trained with the row's loss and data settings (same steps, batch, lr schedule and dev-based
 best-checkpoint selection for every row), then evaluated on the test split (exact match of the
-final answer and ROUGE-L, mean over the eval seeds; the held-out longer problems separately).
-The seed of a row changes only the student's initialisation and data order: the teacher,
-its rationales and the data stay fixed (stage 2 points every run at stage 1's files).
+final answer and ROUGE-L, mean over the eval seeds; the held-out longer problems separately;
+one greedy pass besides). The seed of a row changes only the student's initialisation and data
+order: the teacher, its rationales and the data stay fixed (stage 2 points every run at stage
+1's files). The Sinkhorn epsilon is tuned on dev over a grid (see EPSILON_ROWS); nothing else is
+tuned, for any row.
 
 Each finished (row, seed) is appended to `<out>.jsonl`, so an interrupted sweep resumes where
 it stopped; the table (mean +- std over seeds) goes to `<out>.json` and, with --doc, to a
