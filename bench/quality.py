@@ -37,6 +37,9 @@ sys.path.insert(0, str(REPO))
 STD_EVAL: dict[str, Any] = {"eval": {"prompt": "std"}}
 """Students trained without rationales answer the standard prompt (the CoT rows use the CoT prompt)."""
 
+EPSILON_GRID: tuple[float, ...] = (0.03, 0.1, 0.3, 1.0, 3.0, 30.0)
+"""Sinkhorn epsilons tried besides the reference 10 (see EPSILON_ROWS)."""
+
 ROWS: dict[str, dict[str, Any]] = {
     # baselines on the standard data
     "sft": {"loss": {"name": "sft"}, "data": {"use_cot": False}, **STD_EVAL},
@@ -59,17 +62,16 @@ ROWS: dict[str, dict[str, Any]] = {
     "cot2align one layer": {"loss": {"name": "cot2align", "base": "dskd",
                                      "ot": {"student_layers": [-1], "teacher_layers": [-1]}}},
     **{f"cot2align eps {eps:g}": {"loss": {"name": "cot2align", "base": "dskd", "ot": {"sinkhorn": {"epsilon": eps}}}}
-       for eps in (0.03, 0.1, 0.3, 1.0, 3.0, 30.0)},
+       for eps in EPSILON_GRID},
 }
 """Row name -> config overrides (merged over the sweep's config). The reference epsilon is 10
 (the default of loss.ot.sinkhorn.epsilon), so `cot2align (dskd)` is the epsilon-10 row."""
 
-EPSILON_ROWS: dict[float, str] = {eps: f"cot2align eps {eps:g}" for eps in (0.03, 0.1, 0.3, 1.0, 3.0, 30.0)}
-EPSILON_ROWS[10.0] = "cot2align (dskd)"
-"""The epsilon grid (costs lie in [0, 1]: eps >= 1 gives a nearly uniform plan, eps <= 0.1 a real
-alignment; see docs/benchmarks.md): every grid row runs with the sweep's first seed; the tuned epsilon is the one
-with the best dev exact match there (never the test numbers; ties go to the reference, 10), and
-only the tuned row and the reference row run the other seeds."""
+EPSILON_ROWS: dict[float, str] = {10.0: "cot2align (dskd)", **{e: f"cot2align eps {e:g}" for e in EPSILON_GRID}}
+"""Epsilon -> row. Costs lie in [0, 1], so eps >= 1 gives a nearly uniform plan and eps <= 0.1 a
+real alignment (docs/benchmarks.md). Every grid row runs the sweep's first seed; the tuned epsilon
+is the one with the best dev exact match there (never the test numbers; ties go to the
+reference, 10), and only the tuned row and the reference row run the other seeds."""
 
 
 def prepare(cfg: Any) -> dict[str, Any]:
