@@ -101,14 +101,6 @@ def summarise(res: dict[str, Any]) -> dict[str, float]:
             "held_out_steps": float(longest) if longest is not None else float("nan")}
 
 
-def best_dev_em(run_dir: Path) -> float:
-    """The best dev exact match a run logged (the checkpoint it evaluated on test); nan if none."""
-    path = run_dir / "metrics.jsonl"
-    values = [json.loads(x).get("dev/exact_match") for x in path.read_text().splitlines()] if path.exists() else []
-    values = [float(v) for v in values if v is not None]
-    return max(values) if values else float("nan")
-
-
 def tuned_epsilon(records: list[dict[str, Any]], seed: int) -> float | None:
     """The grid epsilon with the best dev EM at `seed` (ties: the reference 10); None until all ran."""
     dev = {eps: [r["dev_em"] for r in records if r["row"] == row and r["seed"] == seed]
@@ -213,13 +205,6 @@ def main(argv: list[str] | None = None) -> int:
     pinned = prepare(base)
     teacher_dir = Path(pinned["teacher"]["path"])
     teacher = {**summarise(evaluate_model(base, teacher_dir)), "greedy_em": greedy_em(base, teacher_dir)}
-    for r in records:  # records from before dev / greedy EM were kept: recompute from the run's folder
-        run_dir = base.run_dir.parent / run_name(base, r["row"], r["seed"])
-        r.setdefault("dev_em", best_dev_em(run_dir))
-        if "greedy_em" not in r:
-            model = run_dir / "best" if (run_dir / "best").exists() else run_dir / "final"
-            r["greedy_em"] = greedy_em(run_config(base, pinned, r["row"], r["seed"]), model)
-            log_path.write_text("".join(json.dumps(x) + "\n" for x in records))
     done = {(r["row"], r["seed"]) for r in records}
     prep_s = time.perf_counter() - t0
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
@@ -243,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
             t = time.perf_counter()
             res = distill(cfg)
             rec = {"row": row, "seed": seed, **summarise(evaluate_model(cfg, res.export_dir)),
-                   "dev_em": best_dev_em(cfg.run_dir), "steps": res.steps, "wall_s": time.perf_counter() - t}
+                   "dev_em": float("nan") if res.best_dev is None else res.best_dev, "steps": res.steps,
+                   "wall_s": time.perf_counter() - t}
             rec["greedy_em"] = greedy_em(cfg, res.export_dir)  # not in wall_s (the first seed had no greedy pass)
             records.append(rec)
             with log_path.open("a") as f:

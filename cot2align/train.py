@@ -32,6 +32,7 @@ from cot2align.evaluate import EvalConfig, evaluate_examples
 from cot2align.logging import LoggingConfig, MetricsLogger, log
 from cot2align.losses.base import DistillLoss, LossInputs, LossOutput, ResponseView
 from cot2align.models import frozen, input_embed, output_head, resolve_layers, response_view
+from cot2align.transport import any_rank
 
 
 @dataclass
@@ -323,8 +324,6 @@ class DataParallel:
 
     def any(self, flag: bool) -> bool:
         """Whether `flag` is set on any replica (collective over the replicas)."""
-        from cot2align.transport import any_rank
-
         return flag if self.size == 1 else any_rank(flag, self.group, self.device)
 
 

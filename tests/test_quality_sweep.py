@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import json
 import statistics
 from pathlib import Path
 
@@ -39,14 +38,6 @@ def test_only_the_tuned_and_reference_grid_rows_run_the_later_seeds() -> None:
     # before the grid finished, the later seeds skip every non-reference grid row
     assert not quality.wanted("cot2align eps 3", 2, 1, records[:2])
     assert quality.wanted("cot2align (dskd)", 2, 1, [])
-
-
-def test_best_dev_em_reads_the_run_metrics(tmp_path: Path) -> None:
-    lines = [{"step": 10, "train/loss": 3.0}, {"step": 125, "dev/exact_match": 4.0},
-             {"step": 250, "dev/exact_match": 6.5}, {"step": 375, "dev/exact_match": 5.0}]
-    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
-    assert quality.best_dev_em(tmp_path) == 6.5
-    assert quality.best_dev_em(tmp_path / "missing") != quality.best_dev_em(tmp_path / "missing")  # nan
 
 
 def test_table_is_mean_and_std_over_seeds() -> None:
