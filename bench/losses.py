@@ -44,7 +44,7 @@ from torch import Tensor, nn  # noqa: E402
 from cot2align.configbase import ConfigError  # noqa: E402
 from cot2align.losses.base import LossContext, LossInputs, ResponseView  # noqa: E402
 from cot2align.losses.config import LossConfig, SinkhornConfig  # noqa: E402
-from cot2align.losses.ot import attention_cost  # noqa: E402
+from cot2align.losses.costs import attention_cost  # noqa: E402
 from cot2align.losses.registry import build_loss, loss_names  # noqa: E402
 from cot2align.losses.sinkhorn import batched_ot, sinkhorn  # noqa: E402
 

@@ -13,7 +13,8 @@ from torch import Tensor
 
 from cot2align.losses.base import LossContext, LossInputs, ResponseView
 from cot2align.losses.config import LossConfig, OTConfig, SinkhornConfig
-from cot2align.losses.ot import CrossCoTOT, attention_cost, cosine_cost, euclidean_cost
+from cot2align.losses.costs import attention_cost, cosine_cost, euclidean_cost
+from cot2align.losses.ot import CrossCoTOT
 from cot2align.losses.registry import build_loss
 from cot2align.losses.sinkhorn import batched_ot
 

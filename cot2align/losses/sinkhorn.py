@@ -32,7 +32,7 @@ Gradients with respect to C:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -40,11 +40,10 @@ import torch
 from torch import Tensor
 
 from cot2align.losses.config import SinkhornConfig
+from cot2align.losses.costs import COSTS, CostFn
 
 GradientMode = Literal["unroll", "envelope"]
 LogDomainMode = Literal["auto", "always", "never"]
-#: (X [P, n, d], Y [P, m, d], x_mask [P, n], y_mask [P, m]) -> cost [P, n, m]
-CostFn = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
 
 #: Largest max_ij (C_ij - min_i C_ij) / eps for which auto mode keeps the plain path:
 #: exp(-limit) and the scaling factors (up to ~exp(+-limit)) stay far from under/overflow.
@@ -450,7 +449,7 @@ def batched_ot(
     """OT values of many problems of different sizes, solved in size-sorted padded buckets.
 
     problems: either cost matrices C_i [n_i, m_i], or pairs (X_i [n_i, d], Y_i [m_i, d])
-    together with `cost` (a name from `cot2align.losses.ot.COSTS` or a CostFn), in which
+    together with `cost` (a name from `cot2align.losses.costs.COSTS` or a CostFn), in which
     case each bucket's cost is computed on the padded [B, n, d] / [B, m, d] states.
     Problems are sorted by n_i * m_i and cut into buckets of `cfg.bucket_size`, so the
     padding and the working set of each bucket stay small. Empty problems (n_i or m_i
@@ -473,8 +472,6 @@ def batched_ot(
         if cost is None:
             raise ValueError("batched_ot: (X, Y) pairs need a cost")
         if isinstance(cost, str):
-            from cot2align.losses.ot import COSTS
-
             cost_fn = COSTS[cost]
         else:
             cost_fn = cost
