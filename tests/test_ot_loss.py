@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import Tensor
 
+from cot2align.configbase import ConfigError
 from cot2align.losses.base import LossContext, LossInputs, ResponseView
 from cot2align.losses.config import LossConfig, OTConfig, SinkhornConfig
 from cot2align.losses.costs import attention_cost, cosine_cost, euclidean_cost
@@ -83,13 +84,23 @@ def pot_value(c: Tensor, eps: float, iters: int) -> Tensor:
     return ot.sinkhorn2(a, b, c, reg=eps, numItermax=iters, stopThr=0.0, warn=False)
 
 
+def pot_entropy_ratio(c: Tensor, eps: float, iters: int) -> float:
+    """H(P) / log(nm) of POT's plan after exactly `iters` iterations."""
+    a = torch.full((c.shape[0],), 1.0 / c.shape[0], dtype=c.dtype)
+    b = torch.full((c.shape[1],), 1.0 / c.shape[1], dtype=c.dtype)
+    p = ot.sinkhorn(a, b, c.detach(), reg=eps, numItermax=iters, stopThr=0.0, warn=False)
+    return float(-torch.special.xlogy(p, p).sum() / math.log(c.numel()))
+
+
 def reference_loss(module: CrossCoTOT, inputs: LossInputs, cfg: OTConfig) -> tuple[Tensor, dict[str, Tensor]]:
-    """Loop over examples, pairs and layers, one POT problem each."""
+    """Loop over examples, pairs and layers, one POT problem each; parts as CrossCoTOT names them, with the
+    plan entropy parts "entropy/<name>" = mean H(P) / log(nm) over the problems x rows / num_examples."""
     pairs = {("main", "main"): "main_main"}
     if cfg.cross_pairs and "aux" in inputs.student:
         pairs.update({("aux", "main"): "aux_main", ("main", "aux"): "main_aux"})
     total = torch.zeros((), dtype=F64)
     parts: dict[str, Tensor] = defaultdict(lambda: torch.zeros((), dtype=F64))
+    ratios: dict[str, list[float]] = defaultdict(list)
     rows = inputs.student["main"].mask.shape[0]
     for b in range(rows):
         for (sf, tf), name in pairs.items():
@@ -107,6 +118,11 @@ def reference_loss(module: CrossCoTOT, inputs: LossInputs, cfg: OTConfig) -> tup
                 total = total + val
                 parts[name] = parts[name] + val.detach()
                 parts[f"layer{ls}_{lt}"] = parts[f"layer{ls}_{lt}"] + val.detach()
+                ratio = pot_entropy_ratio(c, cfg.sinkhorn.epsilon, cfg.sinkhorn.iterations)
+                ratios[name].append(ratio)
+                ratios[f"layer{ls}_{lt}"].append(ratio)
+    for name, rs in ratios.items():
+        parts[f"entropy/{name}"] = torch.tensor(sum(rs) / len(rs) * rows / inputs.num_examples, dtype=F64)
     return total, dict(parts)
 
 
@@ -142,7 +158,9 @@ def test_cross_cot_ot_matches_reference_loop(cost: Any, gradient: Any) -> None:
     value, parts = module(inputs)
     ref, ref_parts = reference_loss(module, inputs, cfg)
     torch.testing.assert_close(value, ref.detach(), rtol=1e-9, atol=1e-12)
-    assert set(parts) == {"main_main", "aux_main", "main_aux", f"layer0_{T_FINAL}", f"layer{S_FINAL}_0"}
+    names = {"main_main", "aux_main", "main_aux", f"layer0_{T_FINAL}", f"layer{S_FINAL}_0"}
+    assert set(parts) == names | {f"entropy/{name}" for name in names}
+    assert set(ref_parts) == set(parts)
     for name, val in ref_parts.items():
         torch.testing.assert_close(parts[name], val, rtol=1e-9, atol=1e-12)
     assert all(float(v) > 0 for v in parts.values())
@@ -186,7 +204,7 @@ def test_cross_pairs_off_and_no_aux_views_use_main_main_only() -> None:
     module_cross = CrossCoTOT(cfg_cross, CTX).double()
     module_cross.load_state_dict(module.state_dict())
     value2, parts2 = module_cross(no_aux)
-    assert set(parts2) == {"main_main", "layer0_0", f"layer{S_FINAL}_{T_FINAL}"}
+    assert {k for k in parts2 if not k.startswith("entropy/")} == {"main_main", "layer0_0", f"layer{S_FINAL}_{T_FINAL}"}
     torch.testing.assert_close(value2, value, rtol=1e-12, atol=1e-14)
 
 
@@ -213,7 +231,8 @@ def test_no_solvable_problem_gives_zero_with_the_projector_in_the_graph() -> Non
     inputs = make_inputs(7, [(3, 0), (0, 4)], None)
     value, parts = module(inputs)
     assert float(value.detach()) == 0.0
-    assert set(parts) == {"main_main", "layer0_0", f"layer{S_FINAL}_{T_FINAL}"}
+    names = {"main_main", "layer0_0", f"layer{S_FINAL}_{T_FINAL}"}
+    assert set(parts) == names | {f"entropy/{name}" for name in names}
     assert all(float(v) == 0.0 for v in parts.values())
     value.backward()
     assert module.projector.weight.grad is not None and float(module.projector.weight.grad.abs().sum()) == 0.0
@@ -279,3 +298,83 @@ def test_batched_ot_accepts_a_cost_name() -> None:
     torch.testing.assert_close(by_name, by_fn, rtol=0.0, atol=0.0)
     ref = [pot_value(reference_cost("cosine", x, y), 0.5, 15) for x, y in pairs]
     torch.testing.assert_close(by_name, torch.stack(ref), rtol=1e-10, atol=1e-13)
+
+
+def _stack(problems: list[tuple[Tensor, Tensor]], factor: float) -> list[tuple[Tensor, Tensor]]:
+    return [(x * factor, y * factor) for x, y in problems]
+
+
+def _state_problems(seed: int, scale: float = 1.0) -> list[tuple[Tensor, Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [
+        (torch.randn(n, 5, generator=g, dtype=F64) * scale, torch.randn(m, 5, generator=g, dtype=F64) * scale)
+        for n, m in [(4, 6), (7, 3), (5, 5), (2, 8)]
+    ]
+
+
+@pytest.mark.parametrize("mode", ["mean", "spread"])
+def test_scaled_euclidean_cost_gives_a_plan_invariant_to_the_states_scale(mode: Any) -> None:
+    cfg = SinkhornConfig(epsilon=0.2, iterations=200, bucket_size=2)
+    problems = _state_problems(11)
+    base = batched_ot(problems, cfg, "euclidean", mode)
+    for factor in (1e-3, 7.0):
+        res = batched_ot(_stack(problems, factor), cfg, "euclidean", mode)
+        # euclidean cost and its scale both grow by `factor`: same plan, value in the cost's units
+        torch.testing.assert_close(res.values, base.values * factor, rtol=1e-9, atol=0)
+        assert res.entropy_ratio is not None and base.entropy_ratio is not None
+        torch.testing.assert_close(res.entropy_ratio, base.entropy_ratio, rtol=1e-9, atol=0)
+        raw = batched_ot(_stack(problems, factor), cfg, "euclidean")  # none: the plan depends on the scale
+        assert raw.entropy_ratio is not None
+        assert (raw.entropy_ratio - base.entropy_ratio).abs().max() > 1e-2
+
+
+def test_spread_scale_makes_the_flat_attention_cost_of_small_states_informative() -> None:
+    cfg = SinkhornConfig(epsilon=0.1, iterations=300, bucket_size=4)
+    problems = _state_problems(12, scale=1e-2)  # embedding-like: <x, y> / sqrt(d) ~ 1e-4, C ~ 1 - 1/m flat
+    raw = batched_ot(problems, cfg, "attention")
+    spread = batched_ot(problems, cfg, "attention", "spread")
+    smaller = batched_ot(_stack(problems, 0.1), cfg, "attention", "spread")
+    assert raw.entropy_ratio is not None and spread.entropy_ratio is not None and smaller.entropy_ratio is not None
+    assert float(raw.entropy_ratio.min()) > 1 - 1e-6  # the published raw cost: the product plan
+    assert float(spread.entropy_ratio.max()) < 0.97  # spread-scaled: the plan aligns positions
+    # in this (linear-softmax) regime the scaled cost no longer depends on the states' norm
+    torch.testing.assert_close(smaller.entropy_ratio, spread.entropy_ratio, rtol=1e-3, atol=0)
+
+
+@pytest.mark.parametrize("mode", ["mean", "spread"])
+def test_scaled_cost_values_and_gradients_equal_pot_at_the_scaled_epsilon(mode: Any) -> None:
+    """<P, C> with P solved at epsilon * s (s = mean or population std of C, a constant): POT's value and
+    its autograd gradient through the states."""
+    eps, iters = 0.3, 40
+    cfg = SinkhornConfig(epsilon=eps, iterations=iters, bucket_size=3)
+    problems = [(x.requires_grad_(True), y.requires_grad_(True)) for x, y in _state_problems(13)]
+    values = batched_ot(problems, cfg, "attention", mode).values
+    ours = torch.autograd.grad(values.sum(), [t for p in problems for t in p])
+    ref = []
+    for x, y in problems:
+        c = reference_cost("attention", x, y)
+        s = float(c.detach().mean() if mode == "mean" else c.detach().std(unbiased=False))
+        ref.append(pot_value(c, eps * s, iters))
+    torch.testing.assert_close(values, torch.stack(ref), rtol=1e-9, atol=0)
+    expected = torch.autograd.grad(torch.stack(ref).sum(), [t for p in problems for t in p])
+    for a, b in zip(ours, expected):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-12)
+
+
+def test_entropy_ratio_is_one_for_the_product_plan_and_lower_for_an_informative_epsilon() -> None:
+    problems = _state_problems(14)
+    wide = batched_ot(problems, SinkhornConfig(epsilon=1e6, iterations=5), "cosine")
+    sharp = batched_ot(problems, SinkhornConfig(epsilon=0.02, iterations=500), "cosine")
+    assert wide.entropy_ratio is not None and sharp.entropy_ratio is not None
+    torch.testing.assert_close(wide.entropy_ratio, torch.ones(4, dtype=F64), rtol=1e-6, atol=0)
+    assert float(sharp.entropy_ratio.max()) < 0.8
+    # against the plan itself, H = -sum P log P
+    for (x, y), ratio in zip(problems, sharp.entropy_ratio):
+        c = reference_cost("cosine", x, y)
+        assert abs(pot_entropy_ratio(c, 0.02, 500) - float(ratio)) < 1e-9
+
+
+def test_cost_scale_is_checked_by_key() -> None:
+    cfg = OTConfig(cost_scale="median")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="cost_scale"):
+        cfg.check("loss.ot")

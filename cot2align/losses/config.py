@@ -47,6 +47,9 @@ class OTConfig(ConfigBase):
 
     cost: Literal["attention", "cosine", "euclidean"] = "attention"
     """Cost between student positions and projected teacher positions."""
+    cost_scale: Literal["none", "mean", "spread"] = "none"
+    """Divide each problem's cost by its mean or standard deviation before Sinkhorn (the plan then ignores
+    the states' scale; a flat embedding-layer cost is stretched); none = the published raw cost."""
     student_layers: list[int] = field(default_factory=lambda: [0, -1])
     """Student layers for layer-wise OT (0 = embedding output, -1 = final-norm output)."""
     teacher_layers: list[int] = field(default_factory=lambda: [0, -1])
@@ -67,6 +70,11 @@ class OTConfig(ConfigBase):
             f"must have as many entries as student_layers ({len(self.student_layers)}), got {len(self.teacher_layers)}",
         )
         require(self.normalizer > 0, f"{prefix}.normalizer", f"must be > 0, got {self.normalizer}")
+        require(
+            self.cost_scale in ("none", "mean", "spread"),
+            f"{prefix}.cost_scale",
+            f"must be none, mean or spread, got {self.cost_scale!r}",
+        )
 
 
 @dataclass

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Literal
 
 import torch
 from torch import Tensor
 
 #: (X [P, n, d], Y [P, m, d], x_mask [P, n], y_mask [P, m]) -> cost [P, n, m]
 CostFn = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
+#: `loss.ot.cost_scale`: what each problem's cost is divided by before Sinkhorn (see `cost_scale`)
+CostScale = Literal["none", "mean", "spread"]
 
 
 def attention_cost(
@@ -60,3 +63,27 @@ COSTS: dict[str, CostFn] = {
     "cosine": cosine_cost,
     "euclidean": euclidean_cost,
 }
+
+
+def cost_scale(cost: Tensor, row_mask: Tensor, col_mask: Tensor, mode: CostScale) -> Tensor | None:
+    """Per-problem scale s [P] (detached, > 0) of cost [P, n, m] over its valid entries; None for "none".
+
+    mean: the mean cost; spread: the standard deviation of the cost. Solving C / s at epsilon is
+    solving C at epsilon * s, so "spread" makes the plan invariant to any affine change of the cost
+    (a flat cost, like the attention cost of small embedding states, is stretched to unit spread)
+    and "mean" to a rescaling of it. A problem whose scale is 0 (a constant cost) gets s = 1.
+    """
+    if mode == "none":
+        return None
+    if mode not in ("mean", "spread"):
+        raise ValueError(f"loss.ot.cost_scale: expected none, mean or spread, got {mode!r}")
+    with torch.no_grad():
+        c = cost.detach()
+        valid = (row_mask.unsqueeze(2) & col_mask.unsqueeze(1)).to(c.dtype)  # [P, n, m]
+        count = valid.sum((1, 2)).clamp_min(1.0)  # [P]
+        mean = (c * valid).sum((1, 2)) / count
+        if mode == "mean":
+            scale = mean.abs()
+        else:
+            scale = ((c - mean[:, None, None]).mul_(valid).square_().sum((1, 2)) / count).sqrt_()
+        return torch.where(scale > torch.finfo(c.dtype).tiny, scale, torch.ones_like(scale))

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from cot2align.losses.base import LossContext, LossInputs
 from cot2align.losses.config import OTConfig
-from cot2align.losses.costs import COSTS
+from cot2align.losses.costs import COSTS, cost_scale
 from cot2align.losses.sinkhorn import batched_ot, sinkhorn
 
 #: (student format, teacher format) -> part name; main-main first, always present.
@@ -66,7 +66,10 @@ class CrossCoTOT(nn.Module):
 
         Reads, for each used format and layer, student hidden [B, N_s, d_s] and teacher
         hidden [B, N_t, d_t] (any float dtype) with their masks [B, N]. Parts: one per pair
-        ("main_main", "aux_main", "main_aux") and one per layer pair ("layer{ls}_{lt}").
+        ("main_main", "aux_main", "main_aux") and one per layer pair ("layer{ls}_{lt}"), and the plan
+        entropy / log(nm) of each ("entropy/main_main", "entropy/layer0_0": 1 = the product plan, OT
+        aligns nothing; lower = sharper alignment), averaged over problems (summed over the micro-batches
+        of a global batch, a mean over it).
         """
         if self.record_plans:
             self.recorded = self.sample_states(inputs, 0)
@@ -98,13 +101,19 @@ class CrossCoTOT(nn.Module):
         if not problems:
             # keep the projector in the graph so data-parallel gradient reduction sees it
             zero = torch.stack([p.sum() for p in self.projector.parameters()]).sum() * 0.0
-            return zero, {name: zero.detach() for name in names}
-        values = batched_ot(problems, self.cfg.sinkhorn, COSTS[self.cfg.cost]).values * scale  # [P]
+            return zero, {key: zero.detach() for name in names for key in (name, f"entropy/{name}")}
+        res = batched_ot(problems, self.cfg.sinkhorn, COSTS[self.cfg.cost], self.cfg.cost_scale)
+        values = res.values * scale  # [P]
+        assert res.entropy_ratio is not None
         parts: dict[str, Tensor] = {}
         done = values.detach()
+        # plan entropy / log(nm) per pair and per layer: the mean over this micro-batch's problems, weighted
+        # by its share of the global batch, so that the trainer's sum over micro-batches and ranks is a mean
+        share = inputs.student["main"].mask.shape[0] / max(float(inputs.num_examples), 1.0)
         for name in names:
             sel = [i for i, key in enumerate(keys) if name in key]
             parts[name] = done[sel].sum() if sel else done.new_zeros(())
+            parts[f"entropy/{name}"] = res.entropy_ratio[sel].mean() * share if sel else done.new_zeros(())
         return values.sum(), parts
 
 
@@ -155,6 +164,8 @@ def transport_plans(module: CrossCoTOT, inputs: LossInputs | None = None, sample
         ones_x = torch.ones(1, x.shape[0], dtype=torch.bool, device=x.device)
         ones_y = torch.ones(1, y.shape[0], dtype=torch.bool, device=y.device)
         cost = COSTS[module.cfg.cost](x[None], y[None], ones_x, ones_y)  # [1, N_s, N_t]
+        s = cost_scale(cost, ones_x, ones_y, module.cfg.cost_scale)
+        cost = cost if s is None else cost / s[:, None, None]
         res = sinkhorn(cost, ones_x, ones_y, epsilon=sk.epsilon, max_iter=sk.iterations, tol=sk.tolerance,
                        check_every=sk.check_every, gradient=sk.gradient, log_domain=sk.log_domain)
         out[name] = res.plan[0].float().cpu()

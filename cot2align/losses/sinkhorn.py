@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from cot2align.losses.config import SinkhornConfig
-from cot2align.losses.costs import COSTS, CostFn
+from cot2align.losses.costs import COSTS, CostFn, CostScale, cost_scale
 
 GradientMode = Literal["unroll", "envelope"]
 LogDomainMode = Literal["auto", "always", "never"]
@@ -68,6 +68,9 @@ class SinkhornResult:
     backward_steps: list[int] = field(default_factory=list)
     dtype: torch.dtype = torch.float32
     """the dtype the iterations ran in (float64 for float32 costs too wide for plain float32)"""
+    entropy: Tensor | None = None
+    """[P] (detached): H(plan) = -sum P log P over the valid entries, from the scalings (no pass
+    over log P); log(n_p m_p) for the product plan, 0 for an empty problem"""
 
 
 @dataclass
@@ -81,6 +84,9 @@ class BatchedOTResult:
     bucket_shapes: list[tuple[int, int, int]] = field(default_factory=list)
     backward_steps: list[list[int]] = field(default_factory=list)
     dtypes: list[torch.dtype] = field(default_factory=list)
+    entropy_ratio: Tensor | None = None
+    """[P] (detached): H(plan) / log(n_p m_p), 1 for the product plan (and a 1 x 1 problem), lower the more
+    the plan aligns; 0 for empty problems"""
 
 
 def sinkhorn(
@@ -160,13 +166,14 @@ def sinkhorn(
             truncate_backward=truncate_backward,
         )
         res.plan, res.value = res.plan.float(), res.value.float()
+        res.entropy = None if res.entropy is None else res.entropy.float()
         return res
     if not use_log:
         k = log_k.exp_()
         if padded:
             k.mul_(rows).mul_(cols)
         steps: list[int] = []
-        plan, value, iters = _plain(
+        plan, value, iters, pot = _plain(
             cost,
             k,
             row_mask,
@@ -180,9 +187,32 @@ def sinkhorn(
             steps,
         )
         if log_domain == "never" or bool(torch.isfinite(value.detach()).all()):
-            return SinkhornResult(plan, value, iters, False, steps, k.dtype)
-    plan, value, iters = _log(cost, colmin, row_mask, col_mask, epsilon, max_iter, tol, check_every, gradient)
-    return SinkhornResult(plan, value, iters, True, dtype=cost.dtype)
+            u, v = pot
+            with torch.no_grad():
+                col_sums = torch.bmm(u, k).mul_(v)  # [P, 1, m]: column sums of the plan
+                log_u = torch.where(row_mask.unsqueeze(1), u, 1.0).log_()
+                log_v = torch.where(col_mask.unsqueeze(1), v, 1.0).log_()
+                a = _marginals(row_mask, col_mask, k.dtype)[0].unsqueeze(1)
+                entropy = _entropy(a, log_u, col_sums, log_v, colmin, value.detach(), epsilon)
+            return SinkhornResult(plan, value, iters, False, steps, k.dtype, entropy)
+    plan, value, iters, (log_u, log_v) = _log(
+        cost, colmin, row_mask, col_mask, epsilon, max_iter, tol, check_every, gradient
+    )
+    with torch.no_grad():
+        p = plan.detach()
+        entropy = _entropy(p.sum(2).unsqueeze(1), log_u, p.sum(1, keepdim=True), log_v, colmin, value.detach(), epsilon)
+    return SinkhornResult(plan, value, iters, True, dtype=cost.dtype, entropy=entropy)
+
+
+def _entropy(
+    row_sums: Tensor, log_u: Tensor, col_sums: Tensor, log_v: Tensor, colmin: Tensor, value: Tensor, epsilon: float
+) -> Tensor:
+    """H(P) [P] of P = diag(u) K diag(v), K = exp((colmin - C) / eps), from its row sums and log u [P, 1, n],
+    column sums and log v [P, 1, m], colmin [P, 1, m] and value <P, C> [P]:
+    H = -sum_i r_i log u_i - sum_j c_j (log v_j + colmin_j / eps) + <P, C> / eps (0 on padding)."""
+    rows = (row_sums * log_u).sum((1, 2))
+    cols = (col_sums * (log_v + colmin / epsilon)).sum((1, 2))
+    return value / epsilon - rows - cols
 
 
 def _marginals(row_mask: Tensor, col_mask: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -263,22 +293,26 @@ class _PlainUnrolled(torch.autograd.Function):
         truncate: bool,
         info: list[int],
         backward_steps: list[int],
-    ) -> tuple[Tensor, Tensor]:
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         kt, a, b, pad_row, pad_col = _scaling_inputs(k, row_mask, col_mask)
         u, v, done, hist = _plain_loop(k, kt, a, b, pad_row, pad_col, max_iter, tol, check_every, store=True)
         assert hist is not None
         plan = torch.mul(k, v).mul_(u.transpose(1, 2))  # [P, n, m]
         info.append(done)
+        u, v = u.clone(), v.clone()
+        ctx.mark_non_differentiable(u, v)
         ctx.epsilon = epsilon
         ctx.truncate = truncate
         ctx.backward_steps = backward_steps
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(cost, k, kt, plan, *hist)
-        return _inner(plan, cost), plan
+        return _inner(plan, cost), plan, u, v
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, g_value: Tensor | None, g_plan: Tensor | None) -> tuple[Tensor | None, ...]:
+    def backward(
+        ctx: Any, g_value: Tensor | None, g_plan: Tensor | None, *_scalings: Tensor | None
+    ) -> tuple[Tensor | None, ...]:
         cost, k, kt, plan, hu, hv, hr, hs = ctx.saved_tensors
         eps: float = ctx.epsilon
         num = cost.shape[0]
@@ -368,19 +402,20 @@ def _plain(
     gradient: GradientMode,
     truncate: bool,
     backward_steps: list[int],
-) -> tuple[Tensor, Tensor, int]:
-    """Plain-path plan [P, n, m], value [P], iterations; K [P, n, m] = exp(-(C - column min) / eps)."""
+) -> tuple[Tensor, Tensor, int, tuple[Tensor, Tensor]]:
+    """Plain-path plan [P, n, m], value [P], iterations and the final scalings u [P, 1, n], v [P, 1, m]
+    (detached); K [P, n, m] = exp(-(C - column min) / eps)."""
     if gradient == "unroll" and cost.requires_grad and torch.is_grad_enabled():
         info: list[int] = []
-        value, plan = _PlainUnrolled.apply(
+        value, plan, u, v = _PlainUnrolled.apply(
             cost, k, row_mask, col_mask, epsilon, max_iter, tol, check_every, truncate, info, backward_steps
         )
-        return plan, value, info[0]
+        return plan, value, info[0], (u, v)
     with torch.no_grad():
         kt, a, b, pad_row, pad_col = _scaling_inputs(k, row_mask, col_mask)
         u, v, done, _ = _plain_loop(k, kt, a, b, pad_row, pad_col, max_iter, tol, check_every, store=False)
         plan = torch.mul(k, v).mul_(u.transpose(1, 2))
-    return plan, _inner(plan, cost), done
+    return plan, _inner(plan, cost), done, (u, v)
 
 
 def _log(
@@ -393,8 +428,9 @@ def _log(
     tol: float,
     check_every: int,
     gradient: GradientMode,
-) -> tuple[Tensor, Tensor, int]:
-    """Log-domain plan [P, n, m], value [P], iterations; autograd unrolls it when gradient="unroll".
+) -> tuple[Tensor, Tensor, int, tuple[Tensor, Tensor]]:
+    """Log-domain plan [P, n, m], value [P], iterations and log u [P, 1, n], log v [P, 1, m] (detached,
+    0 on padding); autograd unrolls it when gradient="unroll".
 
     colmin [P, 1, m]: the (iterate-preserving) column shift, which keeps the potentials small.
     """
@@ -419,7 +455,9 @@ def _log(
             g = log_b - lse_rows
             f = log_a - torch.logsumexp(log_k + g.unsqueeze(1), dim=2)
         plan = torch.exp(log_k + f.unsqueeze(2) + g.unsqueeze(1))
-    return plan, _inner(plan, cost), done
+    log_u = torch.where(row_mask, f.detach(), 0.0).unsqueeze(1)
+    log_v = torch.where(col_mask, g.detach(), 0.0).unsqueeze(1)
+    return plan, _inner(plan, cost), done, (log_u, log_v)
 
 
 class _PadStack(torch.autograd.Function):
@@ -445,6 +483,7 @@ def batched_ot(
     problems: Sequence[Tensor] | Sequence[tuple[Tensor, Tensor]],
     cfg: SinkhornConfig,
     cost: str | CostFn | None = None,
+    scale: CostScale = "none",
 ) -> BatchedOTResult:
     """OT values of many problems of different sizes, solved in size-sorted padded buckets.
 
@@ -455,6 +494,9 @@ def batched_ot(
     padding and the working set of each bucket stay small. Empty problems (n_i or m_i
     = 0) are not solved and get 0. Returns values [P] in the input order, with gradients
     flowing to C_i (or X_i, Y_i) per `cfg.gradient`, plus per-bucket statistics.
+    scale: "none" solves C_i as given; "mean" / "spread" solve C_i / s_i at cfg.epsilon, s_i from
+    `cot2align.losses.costs.cost_scale` (held constant in the gradient), and report
+    s_i <P_i, C_i / s_i> = <P_i, C_i>: the value stays in the cost's units, only the plan changes.
     """
     mats: list[Tensor] = []
     xs: list[Tensor] = []
@@ -487,6 +529,7 @@ def batched_ot(
     )
     result = BatchedOTResult(values=torch.zeros(0, dtype=dtype, device=device))
     chunks: list[Tensor] = []
+    ratios: list[Tensor] = []
     for start in range(0, len(solved), cfg.bucket_size):
         idx = solved[start : start + cfg.bucket_size]
         n_max = max(sizes[i][0] for i in idx)
@@ -501,6 +544,9 @@ def batched_ot(
             c = cost_fn(x, y, row_mask, col_mask)
         else:
             c = _PadStack.apply(n_max, m_max, *(mats[i] for i in idx))
+        s = cost_scale(c, row_mask, col_mask, scale)
+        if s is not None:
+            c = c / s[:, None, None]
         res = sinkhorn(
             c,
             row_mask,
@@ -513,7 +559,10 @@ def batched_ot(
             log_domain=cfg.log_domain,
             truncate_backward=cfg.truncate_backward,
         )
-        chunks.append(res.value)
+        chunks.append(res.value if s is None else res.value * s.to(res.value.dtype))
+        assert res.entropy is not None
+        log_nm = (n_len * m_len).to(res.entropy.dtype).log()
+        ratios.append(torch.where(log_nm > 0, res.entropy / log_nm.clamp_min(1e-30), 1.0))
         result.iterations.append(res.iterations)
         result.log_domain.append(res.log_domain)
         result.bucket_shapes.append((len(idx), n_max, m_max))
@@ -522,9 +571,11 @@ def batched_ot(
     skipped = [i for i, (n, m) in enumerate(sizes) if n == 0 or m == 0]
     if skipped:
         chunks.append(torch.zeros(len(skipped), dtype=chunks[0].dtype if chunks else dtype, device=device))
+        ratios.append(torch.zeros(len(skipped), dtype=chunks[0].dtype, device=device))
     if chunks:
         placed = torch.tensor(solved + skipped, dtype=torch.long)
         inverse = torch.empty_like(placed)
         inverse[placed] = torch.arange(len(placed))
         result.values = torch.cat(chunks).index_select(0, inverse.to(device))
+        result.entropy_ratio = torch.cat([r.to(chunks[0].dtype) for r in ratios]).index_select(0, inverse.to(device))
     return result
