@@ -103,17 +103,18 @@ def make_costs(sz: Sizes, seed: int = 0) -> list[Tensor]:
 
 
 def reference_loop(costs: list[Tensor], eps: float, iters: int) -> Tensor:
-    """The per-sample loop of method.md: K = exp(-C/eps), u = a/(K v), v = b/(K^T u), autograd throughout."""
+    """The per-sample loop of method.md: K = exp(-C/eps), v = b/(K^T u), u = a/(K v) from u = 1 (POT's
+    order, so that unconverged iterates compare exactly), autograd throughout."""
     values = []
     for c in costs:
         n, m = c.shape
         k = torch.exp(-c / eps)
         a = c.new_full((n,), 1.0 / n)
         b = c.new_full((m,), 1.0 / m)
-        v = c.new_ones(m)
+        u = c.new_ones(n)
         for _ in range(iters):
-            u = a / (k @ v)
             v = b / (k.T @ u)
+            u = a / (k @ v)
         values.append(((u[:, None] * k * v[None, :]) * c).sum())
     return torch.stack(values)
 
@@ -309,6 +310,184 @@ def bench_eps(sz: Sizes) -> list[dict[str, Any]]:
         row["fb_ms_float32"] = statistics.median(times)
         rows.append(row)
     return rows
+
+
+# ----------------------------------------------------------------------------- OT term end to end
+
+#: the end-to-end settings: (label, epsilon, iterations, tolerance of our early-stopping row)
+E2E_SETTINGS = [("reference eps 10, 100 iterations", 10.0, 100, 1e-6), ("informative eps 0.1", 0.1, 100, 1e-6)]
+PAIR_FORMATS = (("main", "main"), ("aux", "main"), ("main", "aux"))
+
+
+def make_states(sz: Sizes, seed: int = 0) -> list[dict[tuple[str, int], tuple[Tensor, Tensor]]]:
+    """Per example: (format, layer) -> (student states X [n, d_s], projected teacher states Y [m, d_s])
+    (float64), the inputs of the OT term's 3 pairs x 2 layers; X and Y as `make_costs` draws them."""
+    g = torch.Generator().manual_seed(seed)
+
+    def length(mean: int) -> int:
+        return int(mean + torch.randint(-sz.spread, sz.spread + 1, (), generator=g))
+
+    out = []
+    for _ in range(sz.batch):
+        n = {f: length(sz.n_student) for f in ("main", "aux")}
+        m = {f: length(sz.n_teacher) for f in ("main", "aux")}
+        # <x, y> / sqrt(d) with std 3: softmax rows far from uniform, like make_costs
+        out.append(
+            {
+                (f, layer): (
+                    torch.randn(n[f], sz.d_student, generator=g, dtype=torch.float64) * 2.0,
+                    torch.randn(m[f], sz.d_student, generator=g, dtype=torch.float64) * 1.5,
+                )
+                for f in ("main", "aux")
+                for layer in range(2)
+            }
+        )
+    return out
+
+
+def state_problems(
+    states: list[dict[tuple[str, int], tuple[Tensor, Tensor]]], dtype: torch.dtype
+) -> tuple[list[Tensor], list[tuple[Tensor, Tensor]]]:
+    """Fresh leaves (every X and Y once, requires_grad) and the 48 (X, Y) problems sharing them the way
+    CrossCoTOT does: X of a format is used by every pair with that student format, Y likewise."""
+    leaves: list[Tensor] = []
+    problems: list[tuple[Tensor, Tensor]] = []
+    for ex in states:
+        xs = {k: v[0].to(dtype).requires_grad_(True) for k, v in ex.items()}
+        ys = {k: v[1].to(dtype).requires_grad_(True) for k, v in ex.items()}
+        leaves += [*xs.values(), *ys.values()]
+        for s_fmt, t_fmt in PAIR_FORMATS:
+            for layer in range(2):
+                problems.append((xs[(s_fmt, layer)], ys[(t_fmt, layer)]))
+    return leaves, problems
+
+
+def reference_end_to_end(problems: list[tuple[Tensor, Tensor]], eps: float, iters: int) -> Tensor:
+    """The per-sample loop end to end: each problem's attention cost from its states, then the
+    reference Sinkhorn loop, autograd throughout."""
+    return reference_loop([attention_cost(x, y) for x, y in problems], eps, iters)
+
+
+def e2e_methods(eps: float, iters: int, tol: float) -> dict[str, Callable[[list[tuple[Tensor, Tensor]]], Any]]:
+    """name -> fn(problems) -> (values [P], BatchedOTResult or None) of the end-to-end rows."""
+
+    def ours(**kw: Any) -> Callable[[list[tuple[Tensor, Tensor]]], Any]:
+        cfg = SinkhornConfig(**{"epsilon": eps, "iterations": iters, **kw})
+
+        def run(problems: list[tuple[Tensor, Tensor]]) -> Any:
+            res = batched_ot(problems, cfg, "attention")
+            return res.values, res
+
+        return run
+
+    return {
+        "reference loop (autograd)": lambda ps: (reference_end_to_end(ps, eps, iters), None),
+        "ours unroll": ours(),
+        "ours envelope": ours(gradient="envelope"),
+        f"ours unroll, early stop {tol:g}": ours(tolerance=tol),
+    }
+
+
+def cost_gflops(sz: Sizes, repeats: int = 3) -> float:
+    """Best fp32 GFLOP/s of the cost's own product, [8, n, d_s] x [8, d_s, m] (this process, these threads)."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(8, sz.n_student, sz.d_student, generator=g)
+    y = torch.randn(8, sz.d_student, sz.n_teacher, generator=g)
+    best = math.inf
+    for _ in range(repeats + 1):
+        t0 = time.perf_counter()
+        torch.bmm(x, y)
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * 8 * sz.n_student * sz.d_student * sz.n_teacher / best / 1e9
+
+
+def _e2e_forward_backward(fn: Callable[[list[tuple[Tensor, Tensor]]], Any], problems: list[Any]) -> None:
+    fn(problems)[0].sum().backward()
+
+
+def bench_end_to_end(sz: Sizes, threads: list[int], repeats: int) -> dict[str, Any]:
+    """The OT term end to end (states in, attention cost inside the timed region, forward + backward) against
+    the reference per-sample loop, the solver alone on the same costs, and the FLOP floor; per thread count."""
+    states = make_states(sz)
+    _, probs64 = state_problems(states, torch.float64)
+    sizes = [(x.shape[0], y.shape[0]) for x, y in probs64]
+    out: dict[str, Any] = {
+        "problems": len(sizes),
+        "mean_n": statistics.mean(n for n, _ in sizes),
+        "mean_m": statistics.mean(m for _, m in sizes),
+        "d": sz.d_student,
+        "cost_gflop": sum(6.0 * n * m * sz.d_student for n, m in sizes) / 1e9,
+        "settings": [],
+    }
+    for label, eps, iters, tol in E2E_SETTINGS:
+        methods = e2e_methods(eps, iters, tol)
+        setting: dict[str, Any] = {"label": label, "epsilon": eps, "iterations": iters, "methods": {}}
+        # equality in float64, against the reference loop (values and gradients w.r.t. every state)
+        ref_vals: Tensor | None = None
+        ref_grads: list[Tensor] = []
+        for name, fn in methods.items():
+            leaves, problems = state_problems(states, torch.float64)
+            vals, res = fn(problems)
+            grads = torch.autograd.grad(vals.sum(), leaves)
+            row: dict[str, Any] = {}
+            if ref_vals is None:
+                ref_vals, ref_grads = vals.detach(), list(grads)
+            row["max_rel_diff_values"] = ((vals.detach() - ref_vals).abs() / ref_vals.abs()).max().item()
+            # the envelope gradient is that of the entropic objective, not of <P, C>: not comparable
+            row["max_rel_diff_grad"] = None if "envelope" in name else max(
+                ((a - b).abs().max() / b.abs().max()).item() for a, b in zip(grads, ref_grads)
+            )
+            if res is not None:
+                row["iterations"] = sorted(set(res.iterations))
+                assert res.entropy_ratio is not None
+                row["plan_entropy_normalised"] = res.entropy_ratio.mean().item()
+            setting["methods"][name] = row
+        for nthreads in threads:
+            torch.set_num_threads(nthreads)
+            rates = []
+            timing: dict[str, list[float]] = {name: [] for name in methods}
+            solver: dict[str, list[float]] = {name: [] for name in methods if name.startswith("ours")}
+            loads = [os.getloadavg()[0]]
+            for _rep in range(repeats + 1):  # interleaved rounds; the first warms up
+                rates.append(cost_gflops(sz, repeats=1))
+                for name, fn in methods.items():
+                    _, problems = state_problems(states, torch.float32)
+                    timing[name].append(_time_once(_e2e_forward_backward, fn, problems)[0])
+                    if name in solver:  # the solver alone on the same (precomputed) costs
+                        with torch.no_grad():
+                            costs = [attention_cost(x, y) for x, y in problems]
+                        cfg = SinkhornConfig(
+                            epsilon=eps,
+                            iterations=iters,
+                            gradient="envelope" if "envelope" in name else "unroll",
+                            tolerance=tol if "early" in name else 0.0,
+                        )
+                        leaves = [c.requires_grad_(True) for c in costs]
+                        solver[name].append(_time_once(_batched_forward_backward, leaves, cfg)[0])
+                loads.append(os.getloadavg()[0])
+            gflops = max(rates)
+            best = {name: min(t[1:]) for name, t in timing.items()}
+            iters_run = {
+                name: max(setting["methods"][name].get("iterations", [iters])) for name in methods
+            }
+            per_thread: dict[str, Any] = {"threads": nthreads, "cost_gflops": gflops, "load_average": loads}
+            for name in methods:
+                # the floor: the cost's products (forward 2nmd, backward 4nmd) and the solver's forward
+                # matrix-vector products (4nm per iteration run), at this run's rate for the cost's product
+                flop = sum(6.0 * n * m * sz.d_student + 4.0 * n * m * iters_run[name] for n, m in sizes)
+                floor_ms = flop / (gflops * 1e9) * 1e3
+                per_thread[name] = {
+                    "fb_ms": best[name],
+                    "fb_ms_all": timing[name][1:],
+                    "x_reference": best[REFERENCE] / best[name],
+                    "floor_ms": floor_ms,
+                    "x_floor": best[name] / floor_ms,
+                    "solver_only_fb_ms": min(solver[name][1:]) if name in solver else None,
+                }
+            setting[f"threads_{nthreads}"] = per_thread
+        out["settings"].append(setting)
+    torch.set_num_threads(threads[0])
+    return out
 
 
 # ----------------------------------------------------------------------------- all losses
@@ -681,9 +860,50 @@ def _report_ot(out: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _report_e2e(e2e: dict[str, Any]) -> list[str]:
+    """The OT term end to end table."""
+    lines = [
+        "",
+        f"## OT term end to end: {e2e['problems']} problems, mean {e2e['mean_n']:.0f} x {e2e['mean_m']:.0f}, "
+        f"d = {e2e['d']}; states in, attention cost inside, forward + backward (float32, best of interleaved rounds)",
+        "",
+        "end to end = states X, Y -> cost -> Sinkhorn -> values, and the backward to X and Y; solver only = the "
+        "same solver on the costs computed beforehand (leaves); floor = the cost's products "
+        f"({e2e['cost_gflop']:.1f} GFLOP fwd+bwd) + the solver's forward matrix-vector products, at the rate of the "
+        "cost's own product measured in the same run; equality: float64 against the reference loop.",
+        "",
+        "| setting | threads | method | iterations | end to end ms | x reference | floor ms | x floor | "
+        "solver only ms | H(P)/log(nm) | rel diff values | rel diff grad | load |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for st in e2e["settings"]:
+        for key in sorted(k for k in st if k.startswith("threads_")):
+            th = st[key]
+            for name, eq in st["methods"].items():
+                r = th[name]
+                iters = ",".join(str(i) for i in eq.get("iterations", [st["iterations"]]))
+                solver = "" if r["solver_only_fb_ms"] is None else f"{r['solver_only_fb_ms']:.0f}"
+                ent = f"{eq['plan_entropy_normalised']:.3f}" if "plan_entropy_normalised" in eq else ""
+                load = f"{min(th['load_average']):.1f}-{max(th['load_average']):.1f}"
+                grad = "n/a (envelope)" if eq["max_rel_diff_grad"] is None else f"{eq['max_rel_diff_grad']:.1e}"
+                lines.append(
+                    f"| {st['label']} | {th['threads']} | {name} | {iters} | {r['fb_ms']:.0f} | "
+                    f"{r['x_reference']:.2f} | {r['floor_ms']:.0f} | {r['x_floor']:.2f} | {solver} | {ent} | "
+                    f"{eq['max_rel_diff_values']:.1e} | {grad} | {load} |"
+                )
+        rate = ", ".join(
+            f"{st[k]['cost_gflops']:.0f} GFLOP/s on {st[k]['threads']} thread(s)"
+            for k in sorted(k for k in st if k.startswith("threads_"))
+        )
+        lines.append(f"| {st['label']}: cost product rate | {rate} ||||||||||||")
+    return lines
+
+
 def report(out: dict[str, Any]) -> str:
     """Markdown tables of every section that ran."""
     lines = _report_ot(out) if out["ot_engine"] else ["(OT sections skipped: --skip-ot)"]
+    if out.get("ot_end_to_end"):
+        lines += _report_e2e(out["ot_end_to_end"])
     if not out["losses"]:
         return "\n".join(lines)
     gf = out["machine"]["matmul_gflops"]
@@ -738,6 +958,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "losses.json"))
     parser.add_argument("--skip-losses", action="store_true", help="only the OT engine sections")
+    parser.add_argument(
+        "--e2e-threads", default="1,2", help="thread counts of the OT end-to-end section (comma-separated)"
+    )
+    parser.add_argument("--e2e-repeats", type=int, default=3, help="timed rounds of the OT end-to-end section")
+    parser.add_argument("--only-e2e", action="store_true", help="only the OT end-to-end section")
     parser.add_argument("--skip-ot", action="store_true", help="only the 'all losses' section")
     parser.add_argument("--loss-timeout", type=float, default=300.0, help="seconds per loss in 'all losses'")
     parser.add_argument("--one-loss", help=argparse.SUPPRESS)
@@ -762,9 +987,15 @@ def main(argv: list[str] | None = None) -> None:
     }
     sections: dict[str, float] = {}
     t0 = time.perf_counter()
-    out["ot_engine"] = {} if args.skip_ot else bench_engine(sz)
-    out["eps_sweep"] = [] if args.skip_ot else bench_eps(sz)
+    out["ot_engine"] = {} if args.skip_ot or args.only_e2e else bench_engine(sz)
+    out["eps_sweep"] = [] if args.skip_ot or args.only_e2e else bench_eps(sz)
     sections["ot_engine_and_eps_sweep"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    threads = [int(t) for t in args.e2e_threads.split(",") if t]
+    out["ot_end_to_end"] = {} if args.skip_ot else bench_end_to_end(sz, threads, args.e2e_repeats)
+    sections["ot_end_to_end"] = time.perf_counter() - t0
+    if args.only_e2e:
+        args.skip_losses = True
     out["losses"] = []
     if not args.skip_losses:
         t0 = time.perf_counter()

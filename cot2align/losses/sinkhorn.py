@@ -539,8 +539,9 @@ def batched_ot(
         row_mask = torch.arange(n_max, device=device) < n_len[:, None]  # [B, n]
         col_mask = torch.arange(m_max, device=device) < m_len[:, None]  # [B, m]
         if cost_fn is not None:
-            x = torch.nn.utils.rnn.pad_sequence([xs[i] for i in idx], batch_first=True)  # [B, n, d]
-            y = torch.nn.utils.rnn.pad_sequence([ys[i] for i in idx], batch_first=True)  # [B, m, d]
+            # _PadStack's backward hands out views (pad_sequence's copies the whole padded gradient per problem)
+            x = _PadStack.apply(n_max, xs[idx[0]].shape[1], *(xs[i] for i in idx))  # [B, n, d]
+            y = _PadStack.apply(m_max, ys[idx[0]].shape[1], *(ys[i] for i in idx))  # [B, m, d]
             c = cost_fn(x, y, row_mask, col_mask)
         else:
             c = _PadStack.apply(n_max, m_max, *(mats[i] for i in idx))
