@@ -7,8 +7,8 @@ and returns C [..., n, m]. `COSTS` maps the `loss.ot.cost` names to them.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from typing import Literal
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -62,6 +62,86 @@ COSTS: dict[str, CostFn] = {
     "attention": attention_cost,
     "cosine": cosine_cost,
     "euclidean": euclidean_cost,
+}
+
+
+class _PackedAttentionCost(torch.autograd.Function):
+    """The attention costs of a bucket of problems, padded into one [B, n, m] tensor, from the unpadded states.
+
+    Each problem's product, softmax and their backward run on its own n_j x m_j block (no FLOPs on padding,
+    no padded copies of the states); a state shared by several problems of the bucket is read in place and
+    its gradient accumulated with one GEMM per problem (addmm into one buffer).
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, n_max: int, m_max: int, index: list[tuple[int, int]], num_x: int, *states: Tensor
+    ) -> Tensor:
+        xs, ys = states[:num_x], states[num_x:]
+        scale = 1.0 / math.sqrt(xs[0].shape[1])
+        out = xs[0].new_empty(len(index), n_max, m_max)
+        zero, one = xs[0].new_zeros(()), xs[0].new_ones(())
+        soft: list[Tensor] = []
+        for j, (ix, iy) in enumerate(index):
+            x, y = xs[ix], ys[iy]
+            n, m = x.shape[0], y.shape[0]
+            s = torch.softmax(torch.addmm(zero, x, y.t(), beta=0.0, alpha=scale), dim=1)  # [n, m]
+            torch.sub(one, s, out=out[j, :n, :m])
+            out[j, n:].fill_(1.0)  # padding: finite, ignored by the solver
+            out[j, :n, m:].fill_(1.0)
+            soft.append(s)
+        ctx.soft, ctx.index, ctx.num_x, ctx.scale = soft, index, num_x, scale
+        ctx.save_for_backward(*states)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        states = ctx.saved_tensors
+        grads: list[Tensor | None] = [None] * len(states)
+        need = ctx.needs_input_grad[4:]
+        for j, (ix, iy) in enumerate(ctx.index):
+            iy = ctx.num_x + iy
+            s = ctx.soft[j]
+            n, m = s.shape
+            # C = 1 - softmax(L): dL = -softmax_backward(dC); the sign and 1/sqrt(d) go into the GEMMs' alpha
+            dl = torch._softmax_backward_data(grad[j, :n, :m], s, 1, s.dtype)  # [n, m]
+            for i, a, b in ((ix, dl, states[iy]), (iy, dl.t(), states[ix])):
+                if need[i]:
+                    acc = grads[i]
+                    grads[i] = (
+                        torch.addmm(a.new_zeros(()), a, b, beta=0.0, alpha=-ctx.scale)
+                        if acc is None
+                        else acc.addmm_(a, b, alpha=-ctx.scale)
+                    )
+        return (None, None, None, None, *grads)
+
+
+def packed_attention_cost(problems: Sequence[tuple[Tensor, Tensor]], n_max: int, m_max: int) -> Tensor:
+    """`attention_cost` of problems (X_j [n_j, d], Y_j [m_j, d]) -> C [B, n_max, m_max], 1 on padding.
+
+    Equal to padding the states and calling `attention_cost` with masks (on the valid blocks), but each
+    problem's products run unpadded and states shared between problems (the same tensor object) are
+    read once and receive one accumulated gradient.
+    """
+    slots: dict[int, int] = {}
+    unique: list[list[Tensor]] = [[], []]
+    index: list[tuple[int, int]] = []
+    for x, y in problems:
+        pos = []
+        for side, t in enumerate((x, y)):
+            key = id(t) * 2 + side
+            if key not in slots:
+                slots[key] = len(unique[side])
+                unique[side].append(t)
+            pos.append(slots[key])
+        index.append((pos[0], pos[1]))
+    return _PackedAttentionCost.apply(n_max, m_max, index, len(unique[0]), *unique[0], *unique[1])
+
+
+#: costs with a packed form (unpadded states in, padded cost out), used by `batched_ot` for (X, Y) problems
+PACKED: dict[CostFn, Callable[[Sequence[tuple[Tensor, Tensor]], int, int], Tensor]] = {
+    attention_cost: packed_attention_cost,
 }
 
 

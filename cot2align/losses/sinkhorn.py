@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from cot2align.losses.config import SinkhornConfig
-from cot2align.losses.costs import COSTS, CostFn, CostScale, cost_scale
+from cot2align.losses.costs import COSTS, PACKED, CostFn, CostScale, cost_scale
 
 GradientMode = Literal["unroll", "envelope"]
 LogDomainMode = Literal["auto", "always", "never"]
@@ -538,7 +538,9 @@ def batched_ot(
         m_len = torch.tensor([sizes[i][1] for i in idx], device=device)
         row_mask = torch.arange(n_max, device=device) < n_len[:, None]  # [B, n]
         col_mask = torch.arange(m_max, device=device) < m_len[:, None]  # [B, m]
-        if cost_fn is not None:
+        if cost_fn is not None and cost_fn in PACKED:
+            c = PACKED[cost_fn]([(xs[i], ys[i]) for i in idx], n_max, m_max)
+        elif cost_fn is not None:
             # _PadStack's backward hands out views (pad_sequence's copies the whole padded gradient per problem)
             x = _PadStack.apply(n_max, xs[idx[0]].shape[1], *(xs[i] for i in idx))  # [B, n, d]
             y = _PadStack.apply(m_max, ys[idx[0]].shape[1], *(ys[i] for i in idx))  # [B, m, d]
