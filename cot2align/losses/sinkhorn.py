@@ -131,23 +131,28 @@ def sinkhorn(
     row_mask = row_mask & nonempty[:, None]
     col_mask = col_mask & nonempty[:, None]
     padded = not (bool(row_mask.all()) and bool(col_mask.all()))
+    lengths = _prefix_lengths(row_mask, col_mask) if padded else None
     with torch.no_grad():
         c = cost.detach()
         use_log = log_domain == "always"
         rows = row_mask.to(c.dtype).unsqueeze(2)  # [P, n, 1]
         cols = col_mask.to(c.dtype).unsqueeze(1)  # [P, 1, m]
-        if padded:
+        if padded and lengths is None:
             # masks are applied by multiplication (mask-fill is several times slower on CPU)
             inf_rows = torch.where(row_mask, 0.0, float("inf")).to(c.dtype).unsqueeze(2)
             colmin = (c + inf_rows).amin(dim=1, keepdim=True)  # [P, 1, m]
             colmin = torch.where(torch.isfinite(colmin), colmin, 0.0)
             log_k = (colmin - c).mul_(rows / epsilon).mul_(cols)  # [P, n, m], <= 0 valid, 0 padding
+            reach_t = -log_k.amin() if log_k.numel() > 0 else None
         else:
-            colmin = c.amin(dim=1, keepdim=True)
-            log_k = (colmin - c).mul_(1.0 / epsilon)
+            # valid entries form the leading n_p x m_p block of each problem: column ranges of the blocks,
+            # then log K = (colmin - C) / eps in one pass; padding is zeroed in K (strips, not a mask pass)
+            colmin, spread = _column_ranges(c, lengths)  # [P, 1, m], [P]
+            log_k = torch.add(colmin / epsilon, c, alpha=-1.0 / epsilon)
+            reach_t = spread.amax() / epsilon if spread.numel() > 0 else None
         promote = False
-        if log_domain == "auto" and log_k.numel() > 0:
-            reach = -log_k.amin().item()
+        if log_domain == "auto" and reach_t is not None:
+            reach = reach_t.item()
             use_log = reach > PLAIN_LIMIT[c.dtype]
             # plain float64 is still several times faster than the log domain
             promote = use_log and c.dtype == torch.float32 and reach <= PLAIN_LIMIT[torch.float64]
@@ -170,7 +175,9 @@ def sinkhorn(
         return res
     if not use_log:
         k = log_k.exp_()
-        if padded:
+        if lengths is not None:
+            _zero_padding(k, lengths)
+        elif padded:
             k.mul_(rows).mul_(cols)
         steps: list[int] = []
         plan, value, iters, pot = _plain(
@@ -202,6 +209,40 @@ def sinkhorn(
         p = plan.detach()
         entropy = _entropy(p.sum(2).unsqueeze(1), log_u, p.sum(1, keepdim=True), log_v, colmin, value.detach(), epsilon)
     return SinkhornResult(plan, value, iters, True, dtype=cost.dtype, entropy=entropy)
+
+
+def _prefix_lengths(row_mask: Tensor, col_mask: Tensor) -> list[tuple[int, int]] | None:
+    """[(n_p, m_p)] when every mask [P, n] / [P, m] is a prefix (valid entries first), else None."""
+    n_len, m_len = row_mask.sum(1), col_mask.sum(1)
+    if not (
+        bool((row_mask == (torch.arange(row_mask.shape[1], device=row_mask.device) < n_len[:, None])).all())
+        and bool((col_mask == (torch.arange(col_mask.shape[1], device=col_mask.device) < m_len[:, None])).all())
+    ):
+        return None
+    return list(zip(n_len.tolist(), m_len.tolist()))
+
+
+def _column_ranges(c: Tensor, lengths: list[tuple[int, int]] | None) -> tuple[Tensor, Tensor]:
+    """Column minima over the valid rows, colmin [P, 1, m] (0 on padding), and each problem's largest column
+    range max_j (max_i C_ij - min_i C_ij), spread [P], over the leading n_p x m_p blocks (all of C if None)."""
+    if lengths is None:
+        lo, hi = torch.aminmax(c, dim=1, keepdim=True)
+        return lo, (hi - lo).amax((1, 2))
+    colmin = c.new_zeros(c.shape[0], 1, c.shape[2])
+    spread = c.new_zeros(c.shape[0])
+    for p, (n, m) in enumerate(lengths):
+        if n > 0 and m > 0:
+            lo, hi = torch.aminmax(c[p, :n, :m], dim=0)
+            colmin[p, 0, :m] = lo
+            spread[p] = (hi - lo).max()
+    return colmin, spread
+
+
+def _zero_padding(k: Tensor, lengths: list[tuple[int, int]]) -> None:
+    """Set K [P, n, m] to 0 outside each problem's leading n_p x m_p block, in place."""
+    for p, (n, m) in enumerate(lengths):
+        k[p, n:].zero_()
+        k[p, :n, m:].zero_()
 
 
 def _entropy(
