@@ -296,19 +296,21 @@ def _plain_loop(
     hv = k.new_zeros(size, num, 1, m)
     hr = k.new_empty(size, num, 1, n)
     hs = k.new_empty(size, num, 1, m)
-    u = hu[0].copy_(a != 0)
-    v = hv[0]
+    # views made once: indexing the histories inside the loop costs a dispatch per use
+    lu, lv, lr, ls = hu.unbind(0), hv.unbind(0), hr.unbind(0), hs.unbind(0)
+    u = lu[0].copy_(a != 0)
+    v = lv[0]
     done = max_iter
     for t in range(max_iter):
-        s = torch.baddbmm(pad_col, u, k, out=hs[t if store else 0])
+        s = torch.baddbmm(pad_col, u, k, out=ls[t if store else 0])
         if tol > 0 and t > 0 and t % check_every == 0:
             err = (v * s).sub_(b).abs_().sum(-1).amax()
             if err.item() < tol:
                 done = t
                 break
-        v = torch.div(b, s, out=hv[t if store else 0])
-        r = torch.baddbmm(pad_row, v, kt, out=hr[t if store else 0])
-        u = torch.div(a, r, out=hu[t + 1 if store else (t + 1) % 2])
+        v = torch.div(b, s, out=lv[t if store else 0])
+        r = torch.baddbmm(pad_row, v, kt, out=lr[t if store else 0])
+        u = torch.div(a, r, out=lu[t + 1 if store else (t + 1) % 2])
     history = (hu[: done + 1], hv[:done], hr[:done], hs[:done]) if store else None
     return u, v, done, history
 
@@ -375,7 +377,9 @@ class _PlainUnrolled(torch.autograd.Function):
             if gv is not None:
                 grad.addcmul_(plan, gv)
             del g
-        u_bar = (w * hv[-1]).sum(-1).unsqueeze(1)  # [P, 1, n]
+        # a matrix-vector product; the column vector keeps the row's strides (transpose, no copy), the layout
+        # batched CPU GEMM handles at the row-vector speed
+        u_bar = torch.bmm(w, hv[-1].transpose(1, 2)).transpose(1, 2)  # [P, 1, n]
         v_bar = torch.bmm(hu[-1], w)  # [P, 1, m]
         if g_plan is None and gv is not None:
             u_bar.mul_(gv)
