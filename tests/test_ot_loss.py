@@ -14,7 +14,7 @@ from torch import Tensor
 from cot2align.configbase import ConfigError
 from cot2align.losses.base import LossContext, LossInputs, ResponseView
 from cot2align.losses.config import LossConfig, OTConfig, SinkhornConfig
-from cot2align.losses.costs import attention_cost, cosine_cost, euclidean_cost
+from cot2align.losses.costs import attention_cost, cosine_cost, euclidean_cost, packed_attention_cost
 from cot2align.losses.ot import CrossCoTOT
 from cot2align.losses.registry import build_loss
 from cot2align.losses.sinkhorn import batched_ot
@@ -378,3 +378,24 @@ def test_cost_scale_is_checked_by_key() -> None:
     cfg = OTConfig(cost_scale="median")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="cost_scale"):
         cfg.check("loss.ot")
+
+
+def test_packed_attention_cost_equals_the_padded_cost_with_shared_states() -> None:
+    """The packed form (per-problem products on unpadded states, shared states read once) against
+    `attention_cost` on padded states: the valid blocks and the gradients of every state."""
+    g = torch.Generator().manual_seed(15)
+    xs = [torch.randn(n, 5, generator=g, dtype=F64).requires_grad_(True) for n in (4, 6)]
+    ys = [torch.randn(m, 5, generator=g, dtype=F64).requires_grad_(True) for m in (3, 7)]
+    problems = [(xs[0], ys[0]), (xs[1], ys[0]), (xs[0], ys[1])]  # x0 and y0 shared, like Cross-CoT pairs
+    packed = packed_attention_cost(problems, 6, 7)
+    weights = torch.randn(3, 6, 7, generator=g, dtype=F64)
+    got = torch.autograd.grad((packed * weights).sum(), xs + ys)
+    total = torch.zeros((), dtype=F64)
+    for j, (x, y) in enumerate(problems):
+        c = reference_cost("attention", x, y)
+        torch.testing.assert_close(packed[j, : x.shape[0], : y.shape[0]], c, rtol=1e-13, atol=1e-14)
+        total = total + (c * weights[j, : x.shape[0], : y.shape[0]]).sum()
+    for a, b in zip(got, torch.autograd.grad(total, xs + ys)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
+    for j, rows, cols in ((0, 4, 3), (1, 6, 3), (2, 4, 7)):  # padding is 1
+        assert bool((packed[j, rows:] == 1).all()) and bool((packed[j, :, cols:] == 1).all())
