@@ -22,6 +22,7 @@ import queue
 import socket
 import time
 import traceback
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -126,6 +127,25 @@ def _wire_dtype(cfg: RuntimeConfig, device: torch.device) -> torch.dtype:
 
 
 # --------------------------------------------------------------------------- one rank
+def rank_threads(local_world: int, environ: Mapping[str, str] | None = None,
+                 affinity: set[int] | None = None) -> int:
+    """Torch threads of a CPU rank: what its task was given, never more than the CPUs it may run on.
+
+    OMP_NUM_THREADS when set, else SLURM_CPUS_PER_TASK (Slurm's --cpus-per-task), else the task's
+    CPU affinity shared by the `local_world` ranks of this node; capped at the affinity's size.
+    `environ` / `affinity` default to this process's (os.environ, os.sched_getaffinity).
+    """
+    env = os.environ if environ is None else environ
+    if affinity is None:
+        affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+    cpus = max(1, len(affinity))
+    for var in ("OMP_NUM_THREADS", "SLURM_CPUS_PER_TASK"):
+        given = env.get(var, "").strip()
+        if given.isdigit() and int(given) >= 1:
+            return min(int(given), cpus)
+    return max(1, cpus // max(1, local_world))
+
+
 def run_rank(cfg: Config) -> Any:
     """Entry point of every process of the world (RANK, WORLD_SIZE, MASTER_ADDR/PORT from the
     environment). Returns the rank's result: a TrainResult on students, ServeStats on teachers."""
@@ -133,9 +153,8 @@ def run_rank(cfg: Config) -> Any:
     backend = _backend(cfg.runtime)
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    elif not cfg.train.threads:  # share the cores of this node between its processes
-        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // per_node))
+    elif not cfg.train.threads:
+        torch.set_num_threads(rank_threads(int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))))
     dist.init_process_group(backend, rank=rank, world_size=world,
                             timeout=timedelta(seconds=cfg.runtime.startup_timeout_s))
     try:
