@@ -238,6 +238,8 @@ class Prepared:
     plan: Plan | None
     plan_note: str
     run_dir: Path
+    partition: Partition | None = None
+    """The Slurm partition as sinfo reported it (None: not asked, e.g. a local world or a dry run without Slurm)."""
 
     @property
     def world_size(self) -> int:
@@ -335,7 +337,8 @@ def sbatch_parameters(prep: Prepared) -> dict[str, Any]:
         "job_name": s.job_name or cfg.run.name,
         "nodes": cfg.cluster.nodes,
         "ntasks_per_node": cfg.cluster.gpus_per_node,
-        "gpus_per_node": cfg.cluster.gpus_per_node if s.request_gpus else None,
+        "gpus_per_node": cfg.cluster.gpus_per_node if s.request_gpus and (prep.partition is None or prep.partition.gpus)
+        else None,  # a CPU partition is never asked for GPUs
         "cpus_per_task": s.cpus_per_task,
         "time": s.minutes,
         "signal_delay_s": s.signal_delay_s,
@@ -367,6 +370,112 @@ def render_sbatch(prep: Prepared) -> str:
 def slurm_available() -> bool:
     """sbatch and srun on PATH."""
     return shutil.which("sbatch") is not None and shutil.which("srun") is not None
+
+
+@dataclass
+class Partition:
+    """A Slurm partition as `sinfo` reports it; per-node figures are the smallest node's."""
+
+    name: str
+    """Partition name."""
+    nodes: int
+    """Nodes in the partition."""
+    cpus: int
+    """CPUs per node."""
+    gpus: int
+    """GPUs per node (gres gpu; 0 = a CPU partition)."""
+    memory_mb: int
+    """Memory per node in MB."""
+
+
+def _gres_gpus(gres: str) -> int:
+    """GPUs in a gres string: 'gpu:8', 'gpu:h100:8(S:0-1)', 'gpu:a100:4,gpu:v100:2', '(null)' -> 8, 8, 6, 0."""
+    total = 0
+    for item in gres.split(","):
+        parts = re.sub(r"\(.*?\)", "", item).strip().split(":")
+        if parts[0] == "gpu":
+            total += int(parts[-1]) if len(parts) > 1 and parts[-1].isdigit() else 1
+    return total
+
+
+def parse_sinfo(text: str, partition: str) -> Partition | None:
+    """The partition `partition` ('' = the default, marked '*') in `sinfo -h -N -o '%P|%c|%G|%m'` output."""
+    rows = [line.split("|") for line in text.splitlines() if line.count("|") == 3]
+    if not partition:
+        partition = next((r[0].rstrip("*") for r in rows if r[0].endswith("*")), "")
+    mine = [r for r in rows if r[0].rstrip("*") == partition]
+    if not mine:
+        return None
+    return Partition(name=partition, nodes=len(mine), cpus=min(int(r[1]) for r in mine),
+                     gpus=min(_gres_gpus(r[2]) for r in mine),
+                     memory_mb=min(int(re.sub(r"\D", "", r[3]) or 0) for r in mine))
+
+
+def query_partition(partition: str) -> Partition | None:
+    """`sinfo` about `partition` ('' = the cluster's default); None when sinfo fails or does not know it."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["sinfo", "-h", "-N", "-o", "%P|%c|%G|%m"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return parse_sinfo(out.stdout, partition) if out.returncode == 0 else None
+
+
+def _mem_mb(value: str) -> int | None:
+    """--mem in MB ('480G' -> 491520, '0' = all of the node -> None)."""
+    m = re.fullmatch(r"(\d+)([KMGT]?)B?", value.strip().upper())
+    if not m or int(m.group(1)) == 0:
+        return None
+    return int(m.group(1)) * {"K": 1 / 1024, "": 1, "M": 1, "G": 1024, "T": 1024**2}[m.group(2)]  # type: ignore[return-value]
+
+
+def fit_to_partition(cfg: Config, part: Partition, given: set[str]) -> Config:
+    """On a CPU partition, the keys the user did not give follow its nodes: one task per node
+    (`cluster.gpus_per_node`; node CPUs // cpus_per_task when --cpus-per-task is given) using
+    all of the node's CPUs (`launch.slurm.cpus_per_task`). A GPU partition keeps the config."""
+    if part.gpus > 0:
+        return cfg
+    cpt = cfg.launch.slurm.cpus_per_task
+    tasks = cfg.cluster.gpus_per_node
+    if "cluster.gpus_per_node" not in given:
+        tasks = max(1, part.cpus // cpt) if "launch.slurm.cpus_per_task" in given else 1
+    if "launch.slurm.cpus_per_task" not in given:
+        cpt = max(1, part.cpus // tasks)
+    return cfg.merged({"cluster": {"gpus_per_node": tasks}, "launch": {"slurm": {"cpus_per_task": cpt}}})
+
+
+def partition_problems(cfg: Config, part: Partition) -> list[str]:
+    """What of the job's request does not fit partition `part` (Slurm would leave it PENDING forever)."""
+    s, c = cfg.launch.slurm, cfg.cluster
+    where = f"partition {part.name!r} (sinfo)"
+    out = []
+    if c.nodes > part.nodes:
+        out.append(f"cluster.nodes (--nodes) = {c.nodes}, but {where} has {part.nodes} node(s)")
+    if s.cpus_per_task * c.gpus_per_node > part.cpus:
+        out.append(f"launch.slurm.cpus_per_task (--cpus-per-task) = {s.cpus_per_task} x {c.gpus_per_node} task(s) "
+                   f"per node (cluster.gpus_per_node) = {s.cpus_per_task * c.gpus_per_node} CPUs, but the nodes of "
+                   f"{where} have {part.cpus}: use --cpus-per-task {max(1, part.cpus // c.gpus_per_node)} "
+                   "or fewer tasks per node")
+    if s.request_gpus and 0 < part.gpus < c.gpus_per_node:
+        out.append(f"cluster.gpus_per_node (--gpus-per-node) = {c.gpus_per_node}, but the nodes of {where} "
+                   f"have {part.gpus} GPU(s)")
+    mem = _mem_mb(s.mem) if s.mem else None
+    if mem is not None and mem > part.memory_mb:
+        out.append(f"launch.slurm.mem (--mem) = {s.mem}, but the nodes of {where} have {part.memory_mb} MB")
+    return out
+
+
+def given_keys(config: str | None, overrides: list[str], flags: dict[str, Any]) -> set[str]:
+    """Dotted keys the user set: in the YAML file (and its `base` chain), the overrides, the flags."""
+    from cot2align.config import DEFAULT_CONFIG, _read_chain
+
+    def dotted(d: dict[str, Any], prefix: str = "") -> set[str]:
+        return {k for key, v in d.items()
+                for k in (dotted(v, f"{prefix}{key}.") if isinstance(v, dict) and v else {f"{prefix}{key}"})}
+
+    return (dotted(_read_chain(Path(config) if config else DEFAULT_CONFIG)) | dotted(flags)
+            | {o.split("=", 1)[0].strip() for o in overrides})
 
 
 # ----------------------------------------------------------------------------- actions
@@ -591,8 +700,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {no_slurm_message(cfg.cluster.nodes)}", file=sys.stderr)
             return 2
         prep: Prepared | None = None
+        part = query_partition(cfg.launch.slurm.partition) if slurm and not args.prepare else None
+        if part is not None:
+            cfg = fit_to_partition(cfg, part, given_keys(config, args.overrides, flags))
+        elif slurm and not args.prepare:
+            print(f"warning: sinfo does not list partition {cfg.launch.slurm.partition or '(default)'!r}: "
+                  "the request is not checked against it", file=sys.stderr)
         if cluster_run:
             prep = prepare(cfg)
+            prep.partition = part
+            problems = partition_problems(prep.cfg, part) if part is not None else []
+            if problems:
+                raise ConfigError("the job does not fit " + "; ".join(problems))
         elif args.world_size:
             prep = prepare(cfg, args.world_size)
     except ConfigError as e:

@@ -12,13 +12,13 @@
 # unprivileged ports from $COT2ALIGN_SLURM_PORT (default 16817: slurmctld, then one per node).
 # Node names resolve through /etc/hosts (127.0.0.1; added when missing). No cgroups:
 # proctrack/linuxproc and task/none. Each node declares $COT2ALIGN_SLURM_CPUS CPUs (default: this
-# machine's cores) and one partition "local" (OverSubscribe=FORCE) holds them all.
+# machine's cores / N, at least 1) and one partition "local" (OverSubscribe=FORCE) holds them all.
 # `start` is idempotent: a running cluster of the same size is left alone; another size restarts it.
 set -euo pipefail
 
 DIR="${COT2ALIGN_SLURM_DIR:-/tmp/cot2align-slurm}"
 PORT="${COT2ALIGN_SLURM_PORT:-16817}"
-CPUS="${COT2ALIGN_SLURM_CPUS:-$(nproc)}"
+CPUS="${COT2ALIGN_SLURM_CPUS:-}"  # per node; default: this machine's cores shared by the N nodes
 PARTITION="local"
 CONF="$DIR/slurm.conf"
 MUNGE_SOCKET="$DIR/munge/munge.socket"
@@ -42,6 +42,7 @@ need_packages() {
 
 write_conf() {  # $1 = N
   local n="$1" mem
+  [ -n "$CPUS" ] || CPUS=$(( $(nproc) / n > 0 ? $(nproc) / n : 1 ))
   mem=$(( $(awk '/^MemTotal:/ {print $2}' /proc/meminfo) / 1024 ))
   cat > "$CONF" <<EOF
 # Written by slurm/local-cluster.sh: $n nodes on this machine, everything under $DIR.

@@ -1,0 +1,294 @@
+"""A real Slurm scheduler in the loop: jobs go through real sbatch / srun / scancel / scontrol.
+
+The `slurm_cluster` fixture starts a 4-node local cluster once per test session
+(`slurm/local-cluster.sh start 4`: slurmctld + 4 slurmd on this machine, state in a temporary
+directory) and stops it afterwards. Every job is the same tiny served run (2 hf teacher replicas
++ 2 DeepSpeed students, fp32, gloo) on 4 nodes x 1 task; its per-step losses are compared with
+the same config run as a local world of 4 ranks (`--local --world-size 4`), which does not touch
+Slurm. Skipped, with the reason, where the packages are not installed (`apt-get install -y
+slurm-wlm munge`, root) - scripts/test.sh installs them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+import yaml
+from jobs import tiny_job_config, tiny_teacher
+
+from cot2align import launch
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPT = REPO / "slurm" / "local-cluster.sh"
+NODES = 4
+STEPS = 24
+TIMEOUT_S = 20.0
+"""runtime.timeout_s of the jobs: how long a rank waits for a silent peer."""
+TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
+
+slurm = pytest.mark.slurm
+
+
+# ----------------------------------------------------------------------------- the cluster
+
+
+def _missing_packages() -> list[str]:
+    return [c for c in ("slurmctld", "slurmd", "munged", "mungekey", "sbatch", "srun", "scontrol", "sinfo")
+            if shutil.which(c) is None]
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """A running 4-node local cluster for the session; yields the environment that reaches it."""
+    missing = _missing_packages()
+    if missing:
+        pytest.skip(f"Slurm is not installed here (missing {', '.join(missing)}): "
+                    "apt-get install -y slurm-wlm munge (as root; scripts/test.sh does it)")
+    if os.geteuid() != 0:
+        pytest.skip("the local Slurm cluster runs its daemons as root (slurm/local-cluster.sh); not root here")
+    state = tmp_path_factory.mktemp("slurm")
+    env = {**os.environ, "COT2ALIGN_SLURM_DIR": str(state),
+           "COT2ALIGN_SLURM_PORT": os.environ.get("COT2ALIGN_TEST_SLURM_PORT", "26817")}
+    started = subprocess.run(["bash", str(SCRIPT), "start", str(NODES)], env=env, capture_output=True, text=True,
+                             timeout=120)
+    assert started.returncode == 0, f"local cluster did not start:\n{started.stdout}\n{started.stderr}"
+    conf = re.search(r"export SLURM_CONF=(\S+)", started.stdout)
+    assert conf, started.stdout
+    try:
+        yield {"SLURM_CONF": conf.group(1), "COT2ALIGN_SLURM_DIR": str(state)}
+    finally:
+        subprocess.run(["bash", str(SCRIPT), "stop"], env=env, capture_output=True, timeout=120)
+
+
+@pytest.fixture
+def on_slurm(slurm_cluster: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """This test's environment reaches the cluster: SLURM_CONF, the worktree on PYTHONPATH."""
+    for k, v in slurm_cluster.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p))
+    return {**os.environ}
+
+
+def _job(job_id: str) -> dict[str, str]:
+    """`scontrol show job` as key -> value (JobState, Restarts, NodeList, ...)."""
+    out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    return dict(tok.split("=", 1) for tok in out.stdout.split() if "=" in tok)
+
+
+def _wait(job_id: str, timeout_s: float, until: set[str] = TERMINAL) -> dict[str, str]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        info = _job(job_id)
+        if info["JobState"] in until:
+            return info
+        if time.monotonic() > deadline:
+            subprocess.run(["scancel", job_id], timeout=30)
+            raise AssertionError(f"job {job_id} still {info['JobState']} after {timeout_s:.0f} s: {info}")
+        time.sleep(1)
+
+
+def _submit(cfg_file: Path, *flags: str) -> str:
+    """`python launcher/submit.py --config F --nodes 4 --gpus-per-node 1 ...`; returns the job id."""
+    out = subprocess.run([sys.executable, str(REPO / "launcher" / "submit.py"), "--config", str(cfg_file),
+                          "--nodes", str(NODES), "--gpus-per-node", "1", *flags],
+                         capture_output=True, text=True, timeout=120, cwd=cfg_file.parent)
+    assert out.returncode == 0, f"submit failed:\n{out.stdout}\n{out.stderr}"
+    m = re.search(r"submitted Slurm job (\d+)", out.stdout)
+    assert m, out.stdout
+    return m.group(1)
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    """step -> train/loss from metrics.jsonl; a step logged twice is an error."""
+    out: dict[int, float] = {}
+    f = run_dir / "metrics.jsonl"
+    for line in f.read_text().splitlines() if f.is_file() else []:
+        row = json.loads(line)
+        if "train/loss" in row:
+            assert row["step"] not in out, f"step {row['step']} was trained twice"
+            out[row["step"]] = row["train/loss"]
+    return out
+
+
+def _wait_for_step(run_dir: Path, job_id: str, step: int, timeout_s: float = 300) -> None:
+    deadline = time.monotonic() + timeout_s
+    while max(_losses(run_dir), default=0) < step:
+        assert time.monotonic() < deadline, f"job {job_id} did not reach step {step}: {_job(job_id)}"
+        assert _job(job_id)["JobState"] not in TERMINAL, f"job {job_id} ended before step {step}: {_job(job_id)}"
+        time.sleep(0.2)
+
+
+def _rank_process(logs: Path, rank: int) -> psutil.Process:
+    """The process of global rank `rank` of the job whose submitit folder is `logs` (started by slurmd)."""
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            cmd = p.info["cmdline"] or []
+            if any("submitit.core._submit" in a for a in cmd) and str(logs) in cmd \
+                    and p.environ().get("SLURM_PROCID") == str(rank):
+                return p
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    raise AssertionError(f"no process of rank {rank} under {logs}")
+
+
+def _logs(run_dir: Path, job_id: str) -> str:
+    return "".join(p.read_text(errors="replace") for p in sorted((run_dir / "logs").glob(f"{job_id}_*_log.*")))
+
+
+# ----------------------------------------------------------------------------- the tiny job
+
+
+def _job_config(tiny_task: dict[str, Path], teacher: Path, out: Path, name: str, **sections: Any) -> dict[str, Any]:
+    cfg = tiny_job_config(
+        tiny_task, teacher, out, name, run={"seed": 5, "resume": True}, loss={"name": "cot2align"},
+        train={"max_steps": STEPS, "lr": 1e-2, "min_lr": 1e-4, "save_every": 8},
+        logging={"wandb_mode": "offline", "log_every": 1},
+        runtime={"mode": "served", "teacher_backend": "hf", "timeout_s": TIMEOUT_S, "startup_timeout_s": 120},
+        student={"parallel": {"dp": 2}},
+        launch={"fixed": ["tp", "pp", "replicas", "dp"],
+                "slurm": {"cpus_per_task": 1, "time": "10:00", "signal_delay_s": 30}})
+    cfg["teacher"]["parallel"] = {"tp": 1, "pp": 1, "replicas": 2}
+    for key, values in sections.items():
+        cfg[key] = {**cfg.get(key, {}), **values}
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def job(tiny_task: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The tiny teacher and a writer of job configs: `job["write"](name, **sections) -> (file, run_dir)`."""
+    root = tmp_path_factory.mktemp("slurm_jobs")
+    teacher = tiny_teacher(tiny_task, root / "teacher")
+
+    def write(name: str, **sections: Any) -> tuple[Path, Path]:
+        f = root / f"{name}.yaml"
+        f.write_text(yaml.safe_dump(_job_config(tiny_task, teacher, root / "runs", name, **sections)))
+        return f, root / "runs" / name
+
+    return {"write": write, "root": root}
+
+
+@pytest.fixture(scope="module")
+def reference(job: dict[str, Any]) -> dict[int, float]:
+    """Per-step losses of the tiny job as a local world of 4 ranks (no Slurm)."""
+    f, run_dir = job["write"]("local")
+    assert launch.main(["--local", "--world-size", str(NODES), "--config", str(f)]) == 0
+    losses = _losses(run_dir)
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    return losses
+
+
+def _assert_same_losses(run_dir: Path, reference: dict[int, float]) -> None:
+    got = _losses(run_dir)
+    assert sorted(got) == list(range(1, STEPS + 1)), "every step trained exactly once"
+    assert [got[s] for s in range(1, STEPS + 1)] == pytest.approx([reference[s] for s in range(1, STEPS + 1)],
+                                                                  rel=1e-5, abs=0)
+
+
+# ----------------------------------------------------------------------------- the tests
+
+
+@slurm
+def test_submit_on_4_nodes_completes_and_matches_the_local_world(
+        on_slurm: dict[str, str], job: dict[str, Any], reference: dict[int, float]) -> None:
+    f, run_dir = job["write"]("four")
+    job_id = _submit(f)
+    info = _wait(job_id, 400)
+    assert info["JobState"] == "COMPLETED", info
+    assert info["NumNodes"] == str(NODES) and info["NumTasks"] == str(NODES)
+    assert info["NodeList"] == f"node[1-{NODES}]"
+    # 4 tasks on 4 nodes form one world: rank k is task k on node k (submitit's view of its Slurm task)
+    for rank in range(NODES):
+        out = (run_dir / "logs" / f"{job_id}_{rank}_log.out").read_text()
+        assert f"node={rank}({NODES}), global_rank={rank}({NODES})" in out, out[:2000]
+    assert (run_dir / "final" / "model.safetensors").is_file()
+    run_id = (run_dir / "wandb_id.txt").read_text().strip()
+    assert [p.name.endswith(run_id) for p in (run_dir / "wandb").glob("offline-run-*")] == [True]
+    assert (run_dir / "job_ids.txt").read_text().split() == [job_id]
+    _assert_same_losses(run_dir, reference)
+
+
+@slurm
+def test_usr2_mid_run_checkpoints_requeues_and_resumes_with_the_same_losses(
+        on_slurm: dict[str, str], job: dict[str, Any], reference: dict[int, float]) -> None:
+    f, run_dir = job["write"]("preempted")
+    job_id = _submit(f)
+    _wait_for_step(run_dir, job_id, 3)
+    subprocess.run(["scancel", "--signal=USR2", job_id], check=True, timeout=30)  # as Slurm does on preemption
+    info = _wait(job_id, 400)
+    assert info["JobState"] == "COMPLETED" and int(info["Restarts"]) == 1, info
+    stops = sorted(int(p.name.split("_")[-1]) for p in (run_dir / "checkpoints").glob("step_*"))
+    assert stops[-1] == STEPS and any(3 <= s < STEPS and s % 8 for s in stops), stops  # saved at the stop
+    assert "Requeued job" in _logs(run_dir, job_id)
+    _assert_same_losses(run_dir, reference)
+    run_id = (run_dir / "wandb_id.txt").read_text().strip()
+    attempts = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert len(attempts) == 2 and all(p.name.endswith(run_id) for p in attempts)  # one W&B run, continued
+
+
+@slurm
+def test_time_limit_signal_requeues_and_finishes_in_two_allocations(
+        on_slurm: dict[str, str], job: dict[str, Any]) -> None:
+    # 2 minutes per allocation, SIGUSR2 100 s before the end (Slurm checks limits every ~30 s): the
+    # first allocation stops at a step boundary 20-50 s in; the second one trains the rest
+    steps = 400
+    f, run_dir = job["write"]("timed", train={"max_steps": steps, "save_every": 0},
+                              launch={"fixed": ["tp", "pp", "replicas", "dp"],
+                                      "slurm": {"cpus_per_task": 1, "time": "2:00", "signal_delay_s": 100,
+                                                "max_requeues": 3}})
+    job_id = _submit(f)
+    info = _wait(job_id, 500)
+    assert info["JobState"] == "COMPLETED" and int(info["Restarts"]) >= 1, info
+    got = _losses(run_dir)
+    assert sorted(got) == list(range(1, steps + 1))
+    assert "Requeued job" in _logs(run_dir, job_id)
+
+
+@slurm
+@pytest.mark.parametrize("rank,role", [(1, "teacher"), (3, "student")])
+def test_a_killed_rank_ends_the_job_and_the_log_names_it(
+        on_slurm: dict[str, str], job: dict[str, Any], rank: int, role: str) -> None:
+    f, run_dir = job["write"](f"killed_{role}", train={"max_steps": 200})
+    job_id = _submit(f)
+    _wait_for_step(run_dir, job_id, 2)
+    _rank_process(run_dir / "logs", rank).send_signal(signal.SIGKILL)
+    killed = time.monotonic()
+    info = _wait(job_id, 3 * TIMEOUT_S + 60)
+    assert time.monotonic() - killed < 2 * TIMEOUT_S + 60, "the job outlived the ranks' deadline"
+    assert info["JobState"] in ("FAILED", "CANCELLED"), info
+    logs = _logs(run_dir, job_id)
+    assert f"{role} rank {rank} " in logs, logs[-4000:]
+    other = 0 if role == "teacher" else 2  # the rank of the same role that did not die is not blamed
+    assert not re.search(rf"{role} rank {other} \([^)]*\) failed", logs), logs[-4000:]
+
+
+@slurm
+def test_sbatch_script_by_hand_runs_the_same_job(
+        on_slurm: dict[str, str], job: dict[str, Any], reference: dict[int, float]) -> None:
+    f, run_dir = job["write"]("by_hand")
+    out = subprocess.run(["sbatch", "--parsable", f"--nodes={NODES}", "--ntasks-per-node=1", "--cpus-per-task=1",
+                          "--gpus-per-node=0", "--time=10:00", f"--output={job['root']}/by_hand-%j.out",
+                          str(REPO / "slurm" / "cot2align.sbatch"), str(f)],
+                         capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    job_id = out.stdout.strip().split(";")[0]
+    info = _wait(job_id, 400)
+    batch = (job["root"] / f"by_hand-{job_id}.out").read_text()
+    assert info["JobState"] == "COMPLETED", f"{info}\n{batch}"
+    assert f"run dir: {run_dir}" in batch
+    assert sorted(p.name for p in (run_dir / "logs").glob(f"{job_id}_*_log.out")) == \
+        [f"{job_id}_{t}_log.out" for t in range(NODES)]
+    assert (run_dir / "final" / "model.safetensors").is_file()
+    _assert_same_losses(run_dir, reference)
