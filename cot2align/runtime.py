@@ -22,7 +22,7 @@ import queue
 import socket
 import time
 import traceback
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from cot2align.configbase import ConfigBase, require
+from cot2align.transport import blame, check_in
 
 if TYPE_CHECKING:
     from cot2align.config import Config
@@ -162,6 +163,9 @@ def run_rank(cfg: Config) -> Any:
             _prepare(cfg)
         dist.barrier()
         return run_world(cfg)
+    except Exception as e:  # peers of a failed collective learn that this rank is alive and why it fails
+        check_in(rank, f"{type(e).__name__}: {str(e).splitlines()[0][:400] if str(e) else ''}")
+        raise
     finally:
         dist.destroy_process_group()
 
@@ -231,6 +235,17 @@ def _teacher(cfg: Config, topo: Topology, transport: Any, device: torch.device) 
                  request_timeout_s=cfg.runtime.startup_timeout_s)
 
 
+def _blaming(topo: Topology, transport: Any, fn: Callable[[], Any]) -> Any:
+    """fn() on a student; a failed collective of the students names the student that died (if one did)."""
+    try:
+        return fn()
+    except Exception as e:
+        reported = blame(e, topo.student_ranks, topo.rank, transport.describe)
+        if reported is e:
+            raise
+        raise reported from e
+
+
 class _Silent:
     """Metrics logger of the students other than the first (train() logs on the first only)."""
 
@@ -293,14 +308,14 @@ def _student(cfg: Config, topo: Topology, transport: Any, device: torch.device, 
     logger = MetricsLogger(run_dir, cfg.logging, logged, name=cfg.run.name) if main else _Silent()
     t0 = time.perf_counter()
     try:
-        res = train(run_dir=run_dir, student=student, student_tok=s_tok, loss_fn=loss_fn,
+        res = _blaming(topo, transport, lambda: train(run_dir=run_dir, student=student, student_tok=s_tok, loss_fn=loss_fn,
                     teacher=teacher if needs_teacher else None, samples=samples,
                     pad_ids={"student": s_tok.pad_token_id, "teacher": t_tok.pad_token_id}, cfg=tc,
                     projector_lr=cfg.loss.projector_lr, needs_aux=needs_aux, seed=cfg.run.seed,
                     logger=cast(MetricsLogger, logger), log_cfg=cfg.logging,
                     dev=load_split(p.dev, cfg.data) if main else None, eval_cfg=cfg.eval if main else None,
                     resume=cfg.run.resume, make_stepper=make_stepper, data_parallel=dp, device=device,
-                    should_stop=lambda: stop_request.requested)
+                    should_stop=lambda: stop_request.requested))
         if not needs_teacher:  # the replica waits for this student's last word
             if res.interrupted:
                 teacher.stop(res.steps)

@@ -229,9 +229,10 @@ def test_usr2_mid_run_checkpoints_requeues_and_resumes_with_the_same_losses(
     subprocess.run(["scancel", "--signal=USR2", job_id], check=True, timeout=30)  # as Slurm does on preemption
     info = _wait(job_id, 400)
     assert info["JobState"] == "COMPLETED" and int(info["Restarts"]) == 1, info
-    stops = sorted(int(p.name.split("_")[-1]) for p in (run_dir / "checkpoints").glob("step_*"))
-    assert stops[-1] == STEPS and any(3 <= s < STEPS and s % 8 for s in stops), stops  # saved at the stop
-    assert "Requeued job" in _logs(run_dir, job_id)
+    logs = _logs(run_dir, job_id)
+    stopped = {int(n) for n in re.findall(rf"stopped at step (\d+) of {STEPS} on request", logs)}
+    assert len(stopped) == 1 and 3 <= min(stopped) < STEPS, stopped  # every student at the same step boundary
+    assert "Requeued job" in logs
     _assert_same_losses(run_dir, reference)
     run_id = (run_dir / "wandb_id.txt").read_text().strip()
     attempts = sorted((run_dir / "wandb").glob("offline-run-*"))
@@ -269,9 +270,10 @@ def test_a_killed_rank_ends_the_job_and_the_log_names_it(
     assert time.monotonic() - killed < 2 * TIMEOUT_S + 60, "the job outlived the ranks' deadline"
     assert info["JobState"] in ("FAILED", "CANCELLED"), info
     logs = _logs(run_dir, job_id)
-    assert f"{role} rank {rank} " in logs, logs[-4000:]
-    other = 0 if role == "teacher" else 2  # the rank of the same role that did not die is not blamed
-    assert not re.search(rf"{role} rank {other} \([^)]*\) failed", logs), logs[-4000:]
+    named = re.findall(r"(teacher|student) rank (\d+) \([^)]*\) (died or hangs|is unreachable)", logs)
+    assert (role, str(rank), "died or hangs") in named or (role, str(rank), "is unreachable") in named, logs[-4000:]
+    # no other rank is said to have died (ranks that exit after the failure may look unreachable)
+    assert {(r, n) for r, n, how in named if how == "died or hangs"} <= {(role, str(rank))}, named
 
 
 @slurm

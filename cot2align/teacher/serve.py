@@ -42,6 +42,7 @@ from cot2align.transport import (
     Request,
     Transport,
     any_rank,
+    blame,
     checksum,
     pack,
 )
@@ -238,9 +239,12 @@ def serve(*, topo: Topology, transport: Transport, states: HiddenStates, samples
                 transport.send(student, DataHeader(kind=END))
         transport.flush()
         stats.stopped_at = _last_words(control, request_timeout_s, transport)
-    except Exception as e:
+    except Exception as e:  # a collective of the replica failed: name the rank that died, if one did
+        reported = blame(e, topo.teacher_ranks(replica), topo.rank, transport.describe)
         for student in students:
-            transport.send_error(student, f"{type(e).__name__}: {e}")
+            transport.send_error(student, reported)
+        if reported is not e:
+            raise reported from e
         raise
     stats.messages, stats.bytes_sent = transport.messages_sent, transport.bytes_sent
     stats.seconds = time.perf_counter() - t0
