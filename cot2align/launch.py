@@ -299,8 +299,11 @@ class RankTask:
         """Export RANK / WORLD_SIZE / MASTER_ADDR / ... of this task and run `run_rank`; return its result."""
         from submitit.helpers import TorchDistributedEnvironment
 
+        # a rendezvous address / port set for the job (slurm/env.sh, launch.slurm.setup) is kept
+        kept = {k: os.environ[k] for k in ("MASTER_ADDR", "MASTER_PORT") if os.environ.get(k)}
         # all GPUs of the node stay visible: run_rank selects cuda:LOCAL_RANK
         TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+        os.environ.update(kept)
         from cot2align.config import Config
         from cot2align.logging import setup_console_logging
         from cot2align.preemption import stop_request, stopped_early

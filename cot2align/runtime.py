@@ -128,6 +128,25 @@ def _wire_dtype(cfg: RuntimeConfig, device: torch.device) -> torch.dtype:
 
 
 # --------------------------------------------------------------------------- one rank
+class RendezvousError(RuntimeError):
+    """The rendezvous address (MASTER_ADDR) is missing or does not resolve on this node."""
+
+
+def check_master_addr(addr: str) -> None:
+    """Fail at once, naming `addr` and how to set it, where MASTER_ADDR does not resolve (gloo and
+    nccl would otherwise stall on repeated name look-ups)."""
+    how = ("set MASTER_ADDR to an address every node reaches (e.g. `export MASTER_ADDR=10.0.0.1` in "
+           "slurm/env.sh or launch.slurm.setup; the launcher keeps it), or make the node names resolve "
+           "(DNS or /etc/hosts)")
+    if not addr:
+        raise RendezvousError(f"MASTER_ADDR is not set: {how}")
+    try:
+        socket.getaddrinfo(addr, None, type=socket.SOCK_STREAM)
+    except OSError as e:
+        raise RendezvousError(f"the rendezvous address MASTER_ADDR={addr!r} (the job's first node) does not "
+                              f"resolve on {socket.gethostname()} ({e}): {how}") from None
+
+
 def rank_threads(local_world: int, environ: Mapping[str, str] | None = None,
                  affinity: set[int] | None = None) -> int:
     """Torch threads of a CPU rank: what its task was given, never more than the CPUs it may run on.
@@ -151,6 +170,7 @@ def run_rank(cfg: Config) -> Any:
     """Entry point of every process of the world (RANK, WORLD_SIZE, MASTER_ADDR/PORT from the
     environment). Returns the rank's result: a TrainResult on students, ServeStats on teachers."""
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    check_master_addr(os.environ.get("MASTER_ADDR", ""))
     backend = _backend(cfg.runtime)
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))

@@ -261,7 +261,14 @@ def test_time_limit_signal_requeues_and_finishes_in_two_allocations(
 @pytest.mark.parametrize("rank,role", [(1, "teacher"), (3, "student")])
 def test_a_killed_rank_ends_the_job_and_the_log_names_it(
         on_slurm: dict[str, str], job: dict[str, Any], rank: int, role: str) -> None:
-    f, run_dir = job["write"](f"killed_{role}", train={"max_steps": 200})
+    # the teacher case: a megatron teacher split over tp 2 (ranks 0, 1); rank 1 dies inside the
+    # replica's collectives, and its students hear it from rank 0, which must not be blamed
+    sections: dict[str, Any] = {"train": {"max_steps": 200}}
+    if role == "teacher":
+        sections["runtime"] = {"mode": "served", "teacher_backend": "megatron", "timeout_s": TIMEOUT_S,
+                               "startup_timeout_s": 120}
+        sections["teacher"] = {"parallel": {"tp": 2, "pp": 1, "replicas": 1}}
+    f, run_dir = job["write"](f"killed_{role}", **sections)
     job_id = _submit(f)
     _wait_for_step(run_dir, job_id, 2)
     _rank_process(run_dir / "logs", rank).send_signal(signal.SIGKILL)
@@ -294,3 +301,117 @@ def test_sbatch_script_by_hand_runs_the_same_job(
         [f"{job_id}_{t}_log.out" for t in range(NODES)]
     assert (run_dir / "final" / "model.safetensors").is_file()
     _assert_same_losses(run_dir, reference)
+
+
+# ----------------------------------------------------------------------------- without a cluster
+
+SINFO = """gpu*|64|gpu:h100:8(S:0-1)|1031000
+gpu*|64|gpu:h100:4(S:0)|1031000
+cpu|2|(null)|24105
+cpu|4|(null)|24105
+"""
+
+
+def test_sinfo_is_read_per_partition_with_the_smallest_node() -> None:
+    assert launch.parse_sinfo(SINFO, "") == launch.Partition("gpu", nodes=2, cpus=64, gpus=4, memory_mb=1031000)
+    assert launch.parse_sinfo(SINFO, "cpu") == launch.Partition("cpu", nodes=2, cpus=2, gpus=0, memory_mb=24105)
+    assert launch.parse_sinfo(SINFO, "nope") is None
+    assert launch._gres_gpus("gpu:a100:4,gpu:v100:2,shard:8") == 6
+
+
+def _cfg(**flags: Any) -> Any:
+    from cot2align.config import Config
+
+    return Config().merged({"cluster": {"nodes": 4, **flags.pop("cluster", {})}, **flags})
+
+
+def test_a_request_that_does_not_fit_the_partition_is_named() -> None:
+    cpu = launch.Partition("local", nodes=4, cpus=2, gpus=0, memory_mb=1000)
+    assert launch.partition_problems(_cfg(cluster={"gpus_per_node": 1},
+                                          launch={"slurm": {"cpus_per_task": 2}}), cpu) == []
+    problems = launch.partition_problems(
+        _cfg(cluster={"nodes": 8, "gpus_per_node": 1}, launch={"slurm": {"cpus_per_task": 8, "mem": "2G"}}), cpu)
+    assert len(problems) == 3
+    assert "cluster.nodes (--nodes) = 8" in problems[0] and "has 4 node(s)" in problems[0]
+    assert "launch.slurm.cpus_per_task (--cpus-per-task) = 8" in problems[1] and "--cpus-per-task 2" in problems[1]
+    assert "launch.slurm.mem (--mem) = 2G" in problems[2]
+    gpu = launch.Partition("gpu", nodes=4, cpus=64, gpus=4, memory_mb=10**6)
+    assert "have 4 GPU(s)" in launch.partition_problems(_cfg(cluster={"gpus_per_node": 8}), gpu)[0]
+
+
+def test_cpu_partitions_get_one_task_per_node_and_no_gpu_request(tmp_path: Path) -> None:
+    cpu = launch.Partition("local", nodes=8, cpus=2, gpus=0, memory_mb=1000)
+    fitted = launch.fit_to_partition(_cfg(), cpu, set())
+    assert (fitted.cluster.gpus_per_node, fitted.launch.slurm.cpus_per_task) == (1, 2)
+    given = launch.fit_to_partition(_cfg(launch={"slurm": {"cpus_per_task": 1}}), cpu, {"launch.slurm.cpus_per_task"})
+    assert (given.cluster.gpus_per_node, given.launch.slurm.cpus_per_task) == (2, 1)
+    kept = launch.fit_to_partition(_cfg(cluster={"gpus_per_node": 3}), cpu, {"cluster.gpus_per_node"})
+    assert kept.cluster.gpus_per_node == 3
+    gpu = launch.Partition("gpu", nodes=8, cpus=64, gpus=8, memory_mb=10**6)
+    assert launch.fit_to_partition(_cfg(), gpu, set()).cluster.gpus_per_node == 8
+    # the sbatch script asks for GPUs only where the partition has them
+    cfg = _cfg(run={"output_dir": str(tmp_path)}, launch={"plan": False})
+    prep = launch.Prepared(cfg, None, "", tmp_path, partition=gpu)
+    assert launch.sbatch_parameters(prep)["gpus_per_node"] == 8
+    prep.partition = cpu
+    assert "gpus_per_node" not in launch.sbatch_parameters(prep)
+
+
+def test_given_keys_come_from_the_yaml_the_overrides_and_the_flags(tmp_path: Path) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_text("cluster: {gpus_per_node: 2}\nlaunch: {slurm: {time: '1:00'}}\n")
+    keys = launch.given_keys(str(f), ["train.lr=0.1"], {"launch": {"slurm": {"cpus_per_task": 3}}})
+    assert {"cluster.gpus_per_node", "launch.slurm.time", "train.lr", "launch.slurm.cpus_per_task"} <= keys
+    assert "cluster.nodes" not in keys
+
+
+def test_rank_threads_follow_what_the_task_was_given() -> None:
+    from cot2align.runtime import rank_threads
+
+    cpus = set(range(8))
+    assert rank_threads(4, {}, cpus) == 2  # the node's CPUs shared by its ranks
+    assert rank_threads(4, {"SLURM_CPUS_PER_TASK": "3"}, cpus) == 3
+    assert rank_threads(4, {"SLURM_CPUS_PER_TASK": "3", "OMP_NUM_THREADS": "1"}, cpus) == 1
+    assert rank_threads(1, {"SLURM_CPUS_PER_TASK": "16"}, {0, 1}) == 2  # never more than the affinity
+    assert rank_threads(8, {}, {5}) == 1
+
+
+def test_an_unresolvable_rendezvous_address_fails_at_once_naming_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cot2align.config import Config
+    from cot2align.runtime import RendezvousError, run_rank
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("MASTER_PORT", "29999")
+    monkeypatch.setenv("MASTER_ADDR", "no-such-node.invalid")
+    t0 = time.monotonic()
+    with pytest.raises(RendezvousError, match=r"MASTER_ADDR='no-such-node.invalid'.*export MASTER_ADDR="):
+        run_rank(Config())
+    assert time.monotonic() - t0 < 30  # not the stall of the process group's own look-ups
+    monkeypatch.delenv("MASTER_ADDR")
+    with pytest.raises(RendezvousError, match="MASTER_ADDR is not set"):
+        run_rank(Config())
+
+
+def test_a_failed_collective_blames_the_peer_that_never_checked_in(tmp_path: Path) -> None:
+    import torch.distributed as dist
+
+    from cot2align.transport import CHECK_IN_KEY, PeerDied, PeerError, blame
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        def describe(r: int) -> str:
+            return f"teacher rank {r} (tp {r})"
+
+        err = blame(RuntimeError("Connection closed by peer"), [0, 1], 0, describe, wait_s=0.5)
+        assert isinstance(err, PeerDied) and err.ranks == [1]
+        assert str(err).startswith("teacher rank 1 (tp 1) died or hangs")
+        # a peer that checked in with its own culprit is quoted, not blamed
+        dist.distributed_c10d._get_default_store().set(f"{CHECK_IN_KEY}2",
+                                                       "PeerError: student rank 3 (dp 1) is unreachable")
+        err = blame(RuntimeError("Connection closed by peer"), [0, 2], 0, describe, wait_s=0.5)
+        assert type(err) is PeerError and "teacher rank 2 (tp 2) failed first: PeerError: student rank 3" in str(err)
+        named = PeerError("student rank 3 (dp 1) is unreachable")
+        assert blame(named, [0, 1], 0, describe, wait_s=0.5) is named  # already names its peer
+    finally:
+        dist.destroy_process_group()
