@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     import submitit
 
     from cot2align.config import Config
+    from cot2align.modelspec import ModelSpec
     from cot2align.plan import Plan, WorkloadSpec
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -180,20 +181,36 @@ def workload_for(cfg: Config) -> WorkloadSpec:
 
 
 def _model_ref(explicit: str, path: str, role: str) -> tuple[str | None, str]:
-    """(what the planner reads for `role`, or None and why not)."""
+    """(what the planner reads for `role`: a config.json / preset, '' = the embedded tiny model;
+    or None and why not)."""
     from cot2align.modelspec import resolve_model_config
 
     if explicit:
         return explicit, ""
     if not path:
-        return None, (f"{role}.path is empty (the embedded tiny model); set launch.{role}_config to a "
-                      "config.json or a configs/models/ preset to plan")
+        return "", ""  # the embedded tiny model: see embedded_model_spec
     try:
         resolve_model_config(path)
     except ConfigError:
         return None, (f"{role}.path {path!r} has no config.json on this machine; set launch.{role}_config "
                       "to a config.json or a configs/models/ preset to plan")
     return path, ""
+
+
+def embedded_model_spec(cfg: Config, role: Literal["teacher", "student"]) -> ModelSpec:
+    """The planner's view of the embedded tiny model of `role` (`embedded.<role>_model`, its tokenizer's vocab)."""
+    from cot2align.modelspec import model_spec_from_hf_config
+
+    tiny = getattr(cfg.embedded, f"{role}_model")
+    vocab = getattr(cfg.embedded, f"{role}_tokenizer").vocab_size
+    if tiny.arch == "gpt2":
+        hf: dict[str, Any] = {"model_type": "gpt2", "n_embd": tiny.hidden, "n_layer": tiny.layers, "n_head": tiny.heads,
+                              "n_inner": tiny.intermediate, "vocab_size": vocab, "n_positions": tiny.max_positions}
+    else:
+        hf = {"model_type": tiny.arch, "hidden_size": tiny.hidden, "num_hidden_layers": tiny.layers,
+              "num_attention_heads": tiny.heads, "num_key_value_heads": tiny.kv_heads,
+              "intermediate_size": tiny.intermediate, "vocab_size": vocab, "tie_word_embeddings": False}
+    return model_spec_from_hf_config(hf, f"embedded {role}")
 
 
 def plan_for(cfg: Config) -> tuple[Plan | None, str]:
@@ -217,7 +234,9 @@ def plan_for(cfg: Config) -> tuple[Plan | None, str]:
                                     for k in SIZE_KEYS}
     if cfg.runtime.teacher_backend == "hf":  # one rank per replica
         fixed["tp"], fixed["pp"] = 1, 1
-    t, s, wl = load_model_spec(teacher), load_model_spec(student), workload_for(cfg)
+    t = load_model_spec(teacher) if teacher else embedded_model_spec(cfg, "teacher")
+    s = load_model_spec(student) if student else embedded_model_spec(cfg, "student")
+    wl = workload_for(cfg)
     return plan(t, s, cfg.cluster, wl, fixed, SIZE_KEYS), ""
 
 

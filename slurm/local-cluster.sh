@@ -13,6 +13,7 @@
 # Node names resolve through /etc/hosts (127.0.0.1; added when missing). No cgroups:
 # proctrack/linuxproc and task/none. Each node declares $COT2ALIGN_SLURM_CPUS CPUs (default: this
 # machine's cores / N, at least 1) and one partition "local" (OverSubscribe=FORCE) holds them all.
+# cred_expire=20 (default 120): a requeued job waits that long before it starts again.
 # `start` is idempotent: a running cluster of the same size is left alone; another size restarts it.
 set -euo pipefail
 
@@ -53,7 +54,7 @@ SlurmdPort=$((PORT + 1))
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
-AuthInfo=socket=$MUNGE_SOCKET
+AuthInfo=socket=$MUNGE_SOCKET,cred_expire=20
 CredType=cred/munge
 StateSaveLocation=$DIR/state
 SlurmdSpoolDir=$DIR/spool/%n

@@ -242,19 +242,35 @@ def test_usr2_mid_run_checkpoints_requeues_and_resumes_with_the_same_losses(
 @slurm
 def test_time_limit_signal_requeues_and_finishes_in_two_allocations(
         on_slurm: dict[str, str], job: dict[str, Any]) -> None:
-    # 2 minutes per allocation, SIGUSR2 100 s before the end (Slurm checks limits every ~30 s): the
-    # first allocation stops at a step boundary 20-50 s in; the second one trains the rest
-    steps = 400
+    # 2 minutes per allocation and SIGUSR2 105 s before its end: Slurm checks time limits every
+    # ~30 s, so the signal comes 15-45 s in, while the ~60 s of training still run; the ranks stop
+    # at a step boundary, rank 0 requeues the job. The second allocation gets a longer limit (else
+    # its own signal would stop it 15-45 s in as well) and trains the rest.
+    steps = 240
     f, run_dir = job["write"]("timed", train={"max_steps": steps, "save_every": 0},
                               launch={"fixed": ["tp", "pp", "replicas", "dp"],
-                                      "slurm": {"cpus_per_task": 1, "time": "2:00", "signal_delay_s": 100,
-                                                "max_requeues": 3}})
+                                      "slurm": {"cpus_per_task": 1, "time": "2:00", "signal_delay_s": 105}})
     job_id = _submit(f)
-    info = _wait(job_id, 500)
-    assert info["JobState"] == "COMPLETED" and int(info["Restarts"]) >= 1, info
-    got = _losses(run_dir)
-    assert sorted(got) == list(range(1, steps + 1))
-    assert "Requeued job" in _logs(run_dir, job_id)
+    assert _requeued(job_id, 300), f"the time limit's signal did not requeue the job: {_job(job_id)}"
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "TimeLimit=10:00"], check=True, timeout=30)
+    info = _wait(job_id, 400)
+    assert info["JobState"] == "COMPLETED" and int(info["Restarts"]) == 1, info
+    logs = _logs(run_dir, job_id)
+    assert re.search(rf"stopped at step \d+ of {steps} on request", logs) and "Requeued job" in logs
+    assert sorted(_losses(run_dir)) == list(range(1, steps + 1))  # every step once, across the two
+
+
+def _requeued(job_id: str, timeout_s: float) -> bool:
+    """Wait until the job was requeued once (Restarts=1); False when it ended first."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        info = _job(job_id)
+        if int(info.get("Restarts", "0")) >= 1:
+            return True
+        if info["JobState"] in TERMINAL:
+            return False
+        time.sleep(0.5)
+    return False
 
 
 @slurm
