@@ -305,6 +305,16 @@ def prepare(cfg: Config, world_size: int | None = None) -> Prepared:
 # ----------------------------------------------------------------------------- the job
 
 
+MASTER_ADDR_OVERRIDE = "COT2ALIGN_MASTER_ADDR"
+"""Environment variable that replaces the rendezvous address derived from the job's first node name."""
+
+
+def use_master_addr_override() -> None:
+    """MASTER_ADDR = $COT2ALIGN_MASTER_ADDR when set (where node names do not resolve; see slurm/env.sh)."""
+    if os.environ.get(MASTER_ADDR_OVERRIDE):
+        os.environ["MASTER_ADDR"] = os.environ[MASTER_ADDR_OVERRIDE]
+
+
 class RankTask:
     """One task of the job = one rank of the served world; submitit requeues it on preemption/time-out."""
 
@@ -318,11 +328,9 @@ class RankTask:
         """Export RANK / WORLD_SIZE / MASTER_ADDR / ... of this task and run `run_rank`; return its result."""
         from submitit.helpers import TorchDistributedEnvironment
 
-        # a rendezvous address / port set for the job (slurm/env.sh, launch.slurm.setup) is kept
-        kept = {k: os.environ[k] for k in ("MASTER_ADDR", "MASTER_PORT") if os.environ.get(k)}
         # all GPUs of the node stay visible: run_rank selects cuda:LOCAL_RANK
         TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
-        os.environ.update(kept)
+        use_master_addr_override()
         from cot2align.config import Config
         from cot2align.logging import setup_console_logging
         from cot2align.preemption import stop_request, stopped_early
@@ -726,7 +734,7 @@ def main(argv: list[str] | None = None) -> int:
         if part is not None:
             cfg = fit_to_partition(cfg, part, given_keys(config, args.overrides, flags))
         elif slurm and not args.prepare:
-            print(f"warning: sinfo does not list partition {cfg.launch.slurm.partition or '(default)'!r}: "
+            print(f"warning: sinfo did not report partition {cfg.launch.slurm.partition or '(the default)'}: "
                   "the request is not checked against it", file=sys.stderr)
         if cluster_run:
             prep = prepare(cfg)
@@ -780,6 +788,7 @@ def rank_main(argv: list[str]) -> int:
     if "SLURM_JOB_ID" in os.environ:
         os.environ.setdefault("SUBMITIT_EXECUTOR", "slurm")
         TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+        use_master_addr_override()
     from cot2align.preemption import stop_request, stopped_early
 
     stop_request.install()  # the batch script passes SIGUSR2 on to every rank

@@ -135,9 +135,9 @@ class RendezvousError(RuntimeError):
 def check_master_addr(addr: str) -> None:
     """Fail at once, naming `addr` and how to set it, where MASTER_ADDR does not resolve (gloo and
     nccl would otherwise stall on repeated name look-ups)."""
-    how = ("set MASTER_ADDR to an address every node reaches (e.g. `export MASTER_ADDR=10.0.0.1` in "
-           "slurm/env.sh or launch.slurm.setup; the launcher keeps it), or make the node names resolve "
-           "(DNS or /etc/hosts)")
+    how = ("set COT2ALIGN_MASTER_ADDR to an address every node reaches (e.g. `export "
+           "COT2ALIGN_MASTER_ADDR=10.0.0.1` in slurm/env.sh or launch.slurm.setup; it replaces the node "
+           "name), or make the node names resolve (DNS or /etc/hosts)")
     if not addr:
         raise RendezvousError(f"MASTER_ADDR is not set: {how}")
     try:

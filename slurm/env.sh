@@ -33,10 +33,11 @@ export TORCH_NCCL_ASYNC_ERROR_HANDLING="${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}"  
 # export NCCL_P2P_DISABLE=1              # only if intra-node peer-to-peer hangs (slow)
 # export TORCH_DISTRIBUTED_DEBUG=DETAIL  # collective mismatch diagnostics (slow)
 
-# --- rendezvous: the first node of the allocation (its name must resolve on every node; a rank
-# fails at once naming it when it does not). Both jobs (the launcher's and slurm/cot2align.sbatch)
-# use MASTER_ADDR / MASTER_PORT as set here: where node names do not resolve, set the address:
-# export MASTER_ADDR=10.0.0.1
+# --- rendezvous: the first node of the allocation. The launcher's submitit job derives the same
+# address itself (and takes MASTER_PORT from here when set); slurm/cot2align.sbatch needs both.
+# The node name must resolve on every node (a rank fails at once naming it when it does not);
+# where it does not, give the address: it replaces the name in both jobs.
+# export COT2ALIGN_MASTER_ADDR=10.0.0.1
 if [ -n "${SLURM_JOB_NODELIST:-}" ] && [ -z "${MASTER_ADDR:-}" ] && command -v scontrol >/dev/null 2>&1; then
   MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
   export MASTER_ADDR

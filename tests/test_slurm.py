@@ -401,7 +401,7 @@ def test_an_unresolvable_rendezvous_address_fails_at_once_naming_it(monkeypatch:
     monkeypatch.setenv("MASTER_PORT", "29999")
     monkeypatch.setenv("MASTER_ADDR", "no-such-node.invalid")
     t0 = time.monotonic()
-    with pytest.raises(RendezvousError, match=r"MASTER_ADDR='no-such-node.invalid'.*export MASTER_ADDR="):
+    with pytest.raises(RendezvousError, match=r"MASTER_ADDR='no-such-node.invalid'.*export COT2ALIGN_MASTER_ADDR="):
         run_rank(Config())
     assert time.monotonic() - t0 < 30  # not the stall of the process group's own look-ups
     monkeypatch.delenv("MASTER_ADDR")
