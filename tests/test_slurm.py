@@ -1,7 +1,7 @@
 """A real Slurm scheduler in the loop: jobs go through real sbatch / srun / scancel / scontrol.
 
 The `slurm_cluster` fixture starts a 4-node local cluster once per test session
-(`slurm/local-cluster.sh start 4`: slurmctld + 4 slurmd on this machine, state in a temporary
+(`slurm/local-cluster.sh start 4`: slurmctld + 4 slurmd of 2 CPUs each on this machine, state in a temporary
 directory) and stops it afterwards. Every job is the same tiny served run (2 hf teacher replicas
 + 2 DeepSpeed students, fp32, gloo) on 4 nodes x 1 task; its per-step losses are compared with
 the same config run as a local world of 4 ranks (`--local --world-size 4`), which does not touch
@@ -59,7 +59,7 @@ def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str
     if os.geteuid() != 0:
         pytest.skip("the local Slurm cluster runs its daemons as root (slurm/local-cluster.sh); not root here")
     state = tmp_path_factory.mktemp("slurm")
-    env = {**os.environ, "COT2ALIGN_SLURM_DIR": str(state),
+    env = {**os.environ, "COT2ALIGN_SLURM_DIR": str(state), "COT2ALIGN_SLURM_CPUS": "2",
            "COT2ALIGN_SLURM_PORT": os.environ.get("COT2ALIGN_TEST_SLURM_PORT", "26817")}
     started = subprocess.run(["bash", str(SCRIPT), "start", str(NODES)], env=env, capture_output=True, text=True,
                              timeout=120)
@@ -100,10 +100,10 @@ def _wait(job_id: str, timeout_s: float, until: set[str] = TERMINAL) -> dict[str
         time.sleep(1)
 
 
-def _submit(cfg_file: Path, *flags: str) -> str:
-    """`python launcher/submit.py --config F --nodes 4 --gpus-per-node 1 ...`; returns the job id."""
+def _submit(cfg_file: Path, nodes: int = NODES, tasks_per_node: int = 1) -> str:
+    """`python launcher/submit.py --config F --nodes 4 --gpus-per-node 1`; returns the job id."""
     out = subprocess.run([sys.executable, str(REPO / "launcher" / "submit.py"), "--config", str(cfg_file),
-                          "--nodes", str(NODES), "--gpus-per-node", "1", *flags],
+                          "--nodes", str(nodes), "--gpus-per-node", str(tasks_per_node)],
                          capture_output=True, text=True, timeout=120, cwd=cfg_file.parent)
     assert out.returncode == 0, f"submit failed:\n{out.stdout}\n{out.stderr}"
     m = re.search(r"submitted Slurm job (\d+)", out.stdout)
@@ -277,15 +277,18 @@ def _requeued(job_id: str, timeout_s: float) -> bool:
 @pytest.mark.parametrize("rank,role", [(1, "teacher"), (3, "student")])
 def test_a_killed_rank_ends_the_job_and_the_log_names_it(
         on_slurm: dict[str, str], job: dict[str, Any], rank: int, role: str) -> None:
-    # the teacher case: a megatron teacher split over tp 2 (ranks 0, 1); rank 1 dies inside the
-    # replica's collectives, and its students hear it from rank 0, which must not be blamed
+    # the teacher case: a megatron teacher split over tp 2 (ranks 0, 1 on the first of 2 nodes x 2
+    # tasks); rank 1 dies inside the replica's collectives, and its students hear it from rank 0,
+    # which must not be blamed
     sections: dict[str, Any] = {"train": {"max_steps": 200}}
+    nodes, tasks = NODES, 1
     if role == "teacher":
         sections["runtime"] = {"mode": "served", "teacher_backend": "megatron", "timeout_s": TIMEOUT_S,
                                "startup_timeout_s": 120}
         sections["teacher"] = {"parallel": {"tp": 2, "pp": 1, "replicas": 1}}
+        nodes, tasks = 2, 2
     f, run_dir = job["write"](f"killed_{role}", **sections)
-    job_id = _submit(f)
+    job_id = _submit(f, nodes, tasks)
     _wait_for_step(run_dir, job_id, 2)
     _rank_process(run_dir / "logs", rank).send_signal(signal.SIGKILL)
     killed = time.monotonic()
