@@ -151,9 +151,10 @@ def _logs(run_dir: Path, job_id: str) -> str:
 # ----------------------------------------------------------------------------- the tiny job
 
 
-def _job_config(tiny_task: dict[str, Path], teacher: Path, out: Path, name: str, **sections: Any) -> dict[str, Any]:
+def _job_config(tiny_task: dict[str, Path], teacher_dir: Path, out: Path, name: str,
+                **sections: Any) -> dict[str, Any]:
     cfg = tiny_job_config(
-        tiny_task, teacher, out, name, run={"seed": 5, "resume": True}, loss={"name": "cot2align"},
+        tiny_task, teacher_dir, out, name, run={"seed": 5, "resume": True}, loss={"name": "cot2align"},
         train={"max_steps": STEPS, "lr": 1e-2, "min_lr": 1e-4, "save_every": 8},
         logging={"wandb_mode": "offline", "log_every": 1},
         runtime={"mode": "served", "teacher_backend": "hf", "timeout_s": TIMEOUT_S, "startup_timeout_s": 120},
@@ -300,6 +301,10 @@ def test_a_killed_rank_ends_the_job_and_the_log_names_it(
     assert (role, str(rank), "died or hangs") in named or (role, str(rank), "is unreachable") in named, logs[-4000:]
     # no other rank is said to have died (ranks that exit after the failure may look unreachable)
     assert {(r, n) for r, n, how in named if how == "died or hangs"} <= {(role, str(rank))}, named
+    if role == "teacher":  # the students hear of it from teacher rank 0, which they do not blame
+        students = "".join((run_dir / "logs" / f"{job_id}_{t}_log.err").read_text(errors="replace") for t in (2, 3))
+        assert "teacher rank 1 (replica 0, pp 0, tp 1) died or hangs" in students, students[-4000:]
+        assert "reported by teacher rank 0 (replica 0, pp 0, tp 0)" in students
 
 
 @slurm
