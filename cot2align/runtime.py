@@ -216,7 +216,9 @@ def run_world(cfg: Config, run_dir: Path | None = None) -> Any:
 
     device = _device(dist.get_backend())
     transport = Transport(describe=lambda r: describe_rank(topo, r), device=device,
-                          send_timeout_s=cfg.runtime.startup_timeout_s)
+                          send_timeout_s=cfg.runtime.startup_timeout_s,
+                          peers_of=lambda r: (topo.teacher_ranks(topo.teacher_coord(r).replica)
+                                              if topo.role(r) == "teacher" else [r]))
     if topo.role() == "teacher":
         return _teacher(cfg, topo, transport, device)
     return _student(cfg, topo, transport, device, run_dir or cfg.run_dir)

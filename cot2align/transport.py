@@ -108,8 +108,10 @@ def blame(error: Exception, group: Sequence[int], rank: int, describe: Callable[
     dead, said = silent_peers(group, rank, f"{type(error).__name__}: {first}", wait_s)
     if dead:
         names = ", ".join(describe(r) for r in dead)
-        return PeerDied(dead, f"{names} died or hangs: no word from it within {wait_s:.0f} s after a collective "
-                              f"of {describe(rank)} with it failed ({type(error).__name__}: {first}); see its log")
+        verdict = PeerDied(dead, f"{names} died or hangs: no word from it within {wait_s:.0f} s after a collective "
+                                 f"of {describe(rank)} with it failed ({type(error).__name__}: {first}); see its log")
+        check_in(rank, f"PeerDied: {verdict}")
+        return verdict
     named = {r: why for r, why in said.items() if why.startswith(("PeerError", "PeerDied", "DesyncError"))}
     if named:
         return PeerError(f"a collective of {describe(rank)} failed ({type(error).__name__}: {first}) because "
@@ -270,6 +272,11 @@ class Transport:
 
     describe: Callable[[int], str]
     device: torch.device
+    peers_of: Callable[[int], Sequence[int]] = lambda rank: [rank]
+    """The ranks that compute together with `rank` (its teacher replica); a closed connection to
+    `rank` may come from any of them."""
+    blame_wait_s: float = 10.0
+    """How long a rank that lost a connection waits for the others to check in (see `silent_peers`)."""
     max_in_flight: int = 2
     send_timeout_s: float = 1800.0
     bytes_sent: int = 0
@@ -368,8 +375,20 @@ class Transport:
             raise self._unreachable(peer, e) from e
 
     def _unreachable(self, peer: int, error: Exception) -> PeerError:
-        return PeerError(f"{self.describe(peer)} is unreachable (connection closed: the rank probably died): "
-                         f"{str(error).splitlines()[0][:300]}")
+        """A closed connection while talking to `peer`: name who died. gloo fails every pending operation
+        of a process when any of its connections closes, so the culprit is found among `peer` and the
+        ranks that compute with it (`peers_of`): those that never check in (see `silent_peers`)."""
+        first = str(error).splitlines()[0][:300]
+        me = dist.get_rank() if dist.is_initialized() else -1
+        group = [me, *(r for r in self.peers_of(peer) if r != me)]
+        dead, said = silent_peers(group, me, f"PeerError: the connection to {self.describe(peer)} closed", self.blame_wait_s)
+        if dead:
+            return PeerDied(dead, f"{', '.join(self.describe(r) for r in dead)} died or hangs: no word from it within "
+                                  f"{self.blame_wait_s:.0f} s after {self.describe(me)} lost its connection ({first}); "
+                                  "see its log")
+        if peer in said:
+            return PeerError(f"{self.describe(peer)} failed: {said[peer]}")
+        return PeerError(f"{self.describe(peer)} is unreachable (connection closed: the rank probably died): {first}")
 
     def _wait(self, work: Any, peer: int, deadline: float, timeout_message: Callable[[], str]) -> None:
         """Wait for `work` until `deadline`; timeouts and closed connections raise PeerError."""
