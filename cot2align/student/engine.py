@@ -42,8 +42,9 @@ from torch import Tensor, nn
 
 from cot2align.configbase import ConfigError
 from cot2align.data.sampler import GlobalBatchSampler
+from cot2align.distributed.parallel import DataParallel
 from cot2align.losses.base import LossOutput
-from cot2align.train import DataParallel, FullWeights, TrainConfig, build_optimizer, lr_lambda
+from cot2align.optim import FullWeights, TrainConfig, build_optimizer, lr_lambda
 
 
 def disable_shm_comm() -> None:

@@ -28,9 +28,10 @@ import pytest
 import yaml
 from jobs import tiny_job_config, tiny_teacher
 
-from cot2align import launch
+from cot2align.launch import layout, slurm
+from cot2align.launch import submit as launch
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "slurm" / "local-cluster.sh"
 NODES = 4
 STEPS = 24
@@ -38,7 +39,7 @@ TIMEOUT_S = 20.0
 """runtime.timeout_s of the jobs: how long a rank waits for a silent peer."""
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 
-slurm = pytest.mark.slurm
+needs_cluster = pytest.mark.slurm
 
 
 # ----------------------------------------------------------------------------- the cluster
@@ -201,7 +202,7 @@ def _assert_same_losses(run_dir: Path, reference: dict[int, float]) -> None:
 # ----------------------------------------------------------------------------- the tests
 
 
-@slurm
+@needs_cluster
 def test_submit_on_4_nodes_completes_and_matches_the_local_world(
         on_slurm: dict[str, str], job: dict[str, Any], reference: dict[int, float]) -> None:
     f, run_dir = job["write"]("four")
@@ -221,7 +222,7 @@ def test_submit_on_4_nodes_completes_and_matches_the_local_world(
     _assert_same_losses(run_dir, reference)
 
 
-@slurm
+@needs_cluster
 def test_usr2_mid_run_checkpoints_requeues_and_resumes_with_the_same_losses(
         on_slurm: dict[str, str], job: dict[str, Any], reference: dict[int, float]) -> None:
     f, run_dir = job["write"]("preempted")
@@ -240,7 +241,7 @@ def test_usr2_mid_run_checkpoints_requeues_and_resumes_with_the_same_losses(
     assert len(attempts) == 2 and all(p.name.endswith(run_id) for p in attempts)  # one W&B run, continued
 
 
-@slurm
+@needs_cluster
 def test_time_limit_signal_requeues_and_finishes_in_two_allocations(
         on_slurm: dict[str, str], job: dict[str, Any]) -> None:
     # 2 minutes per allocation and SIGUSR2 105 s before its end: Slurm checks time limits every
@@ -274,7 +275,7 @@ def _requeued(job_id: str, timeout_s: float) -> bool:
     return False
 
 
-@slurm
+@needs_cluster
 @pytest.mark.parametrize("rank,role", [(1, "teacher"), (3, "student")])
 def test_a_killed_rank_ends_the_job_and_the_log_names_it(
         on_slurm: dict[str, str], job: dict[str, Any], rank: int, role: str) -> None:
@@ -307,7 +308,7 @@ def test_a_killed_rank_ends_the_job_and_the_log_names_it(
         assert "reported by teacher rank 0 (replica 0, pp 0, tp 0)" in students
 
 
-@slurm
+@needs_cluster
 def test_sbatch_script_by_hand_runs_the_same_job(
         on_slurm: dict[str, str], job: dict[str, Any], reference: dict[int, float]) -> None:
     f, run_dir = job["write"]("by_hand")
@@ -337,10 +338,10 @@ cpu|4|(null)|24105
 
 
 def test_sinfo_is_read_per_partition_with_the_smallest_node() -> None:
-    assert launch.parse_sinfo(SINFO, "") == launch.Partition("gpu", nodes=2, cpus=64, gpus=4, memory_mb=1031000)
-    assert launch.parse_sinfo(SINFO, "cpu") == launch.Partition("cpu", nodes=2, cpus=2, gpus=0, memory_mb=24105)
-    assert launch.parse_sinfo(SINFO, "nope") is None
-    assert launch._gres_gpus("gpu:a100:4,gpu:v100:2,shard:8") == 6
+    assert slurm.parse_sinfo(SINFO, "") == slurm.Partition("gpu", nodes=2, cpus=64, gpus=4, memory_mb=1031000)
+    assert slurm.parse_sinfo(SINFO, "cpu") == slurm.Partition("cpu", nodes=2, cpus=2, gpus=0, memory_mb=24105)
+    assert slurm.parse_sinfo(SINFO, "nope") is None
+    assert slurm._gres_gpus("gpu:a100:4,gpu:v100:2,shard:8") == 6
 
 
 def _cfg(**flags: Any) -> Any:
@@ -349,36 +350,39 @@ def _cfg(**flags: Any) -> Any:
     return Config().merged({"cluster": {"nodes": 4, **flags.pop("cluster", {})}, **flags})
 
 
+def _problems(cfg: Any, part: slurm.Partition) -> list[str]:
+    return slurm.partition_problems(cfg.launch.slurm, cfg.cluster, part)
+
+
 def test_a_request_that_does_not_fit_the_partition_is_named() -> None:
-    cpu = launch.Partition("local", nodes=4, cpus=2, gpus=0, memory_mb=1000)
-    assert launch.partition_problems(_cfg(cluster={"gpus_per_node": 1},
-                                          launch={"slurm": {"cpus_per_task": 2}}), cpu) == []
-    problems = launch.partition_problems(
+    cpu = slurm.Partition("local", nodes=4, cpus=2, gpus=0, memory_mb=1000)
+    assert _problems(_cfg(cluster={"gpus_per_node": 1}, launch={"slurm": {"cpus_per_task": 2}}), cpu) == []
+    problems = _problems(
         _cfg(cluster={"nodes": 8, "gpus_per_node": 1}, launch={"slurm": {"cpus_per_task": 8, "mem": "2G"}}), cpu)
     assert len(problems) == 3
     assert "cluster.nodes (--nodes) = 8" in problems[0] and "has 4 node(s)" in problems[0]
     assert "launch.slurm.cpus_per_task (--cpus-per-task) = 8" in problems[1] and "--cpus-per-task 2" in problems[1]
     assert "launch.slurm.mem (--mem) = 2G" in problems[2]
-    gpu = launch.Partition("gpu", nodes=4, cpus=64, gpus=4, memory_mb=10**6)
-    assert "have 4 GPU(s)" in launch.partition_problems(_cfg(cluster={"gpus_per_node": 8}), gpu)[0]
+    gpu = slurm.Partition("gpu", nodes=4, cpus=64, gpus=4, memory_mb=10**6)
+    assert "have 4 GPU(s)" in _problems(_cfg(cluster={"gpus_per_node": 8}), gpu)[0]
 
 
 def test_cpu_partitions_get_one_task_per_node_and_no_gpu_request(tmp_path: Path) -> None:
-    cpu = launch.Partition("local", nodes=8, cpus=2, gpus=0, memory_mb=1000)
-    fitted = launch.fit_to_partition(_cfg(), cpu, set())
+    cpu = slurm.Partition("local", nodes=8, cpus=2, gpus=0, memory_mb=1000)
+    fitted = layout.fit_to_partition(_cfg(), cpu, set())
     assert (fitted.cluster.gpus_per_node, fitted.launch.slurm.cpus_per_task) == (1, 2)
-    given = launch.fit_to_partition(_cfg(launch={"slurm": {"cpus_per_task": 1}}), cpu, {"launch.slurm.cpus_per_task"})
+    given = layout.fit_to_partition(_cfg(launch={"slurm": {"cpus_per_task": 1}}), cpu, {"launch.slurm.cpus_per_task"})
     assert (given.cluster.gpus_per_node, given.launch.slurm.cpus_per_task) == (2, 1)
-    kept = launch.fit_to_partition(_cfg(cluster={"gpus_per_node": 3}), cpu, {"cluster.gpus_per_node"})
+    kept = layout.fit_to_partition(_cfg(cluster={"gpus_per_node": 3}), cpu, {"cluster.gpus_per_node"})
     assert kept.cluster.gpus_per_node == 3
-    gpu = launch.Partition("gpu", nodes=8, cpus=64, gpus=8, memory_mb=10**6)
-    assert launch.fit_to_partition(_cfg(), gpu, set()).cluster.gpus_per_node == 8
+    gpu = slurm.Partition("gpu", nodes=8, cpus=64, gpus=8, memory_mb=10**6)
+    assert layout.fit_to_partition(_cfg(), gpu, set()).cluster.gpus_per_node == 8
     # the sbatch script asks for GPUs only where the partition has them
     cfg = _cfg(run={"output_dir": str(tmp_path)}, launch={"plan": False})
-    prep = launch.Prepared(cfg, None, "", tmp_path, partition=gpu)
-    assert launch.sbatch_parameters(prep)["gpus_per_node"] == 8
+    prep = layout.Prepared(cfg, None, "", tmp_path, partition=gpu)
+    assert prep.sbatch_parameters()["gpus_per_node"] == 8
     prep.partition = cpu
-    assert "gpus_per_node" not in launch.sbatch_parameters(prep)
+    assert "gpus_per_node" not in prep.sbatch_parameters()
 
 
 def test_given_keys_come_from_the_yaml_the_overrides_and_the_flags(tmp_path: Path) -> None:
@@ -390,7 +394,7 @@ def test_given_keys_come_from_the_yaml_the_overrides_and_the_flags(tmp_path: Pat
 
 
 def test_rank_threads_follow_what_the_task_was_given() -> None:
-    from cot2align.runtime import rank_threads
+    from cot2align.distributed.world import rank_threads
 
     cpus = set(range(8))
     assert rank_threads(4, {}, cpus) == 2  # the node's CPUs shared by its ranks
@@ -402,7 +406,8 @@ def test_rank_threads_follow_what_the_task_was_given() -> None:
 
 def test_an_unresolvable_rendezvous_address_fails_at_once_naming_it(monkeypatch: pytest.MonkeyPatch) -> None:
     from cot2align.config import Config
-    from cot2align.runtime import RendezvousError, run_rank
+    from cot2align.distributed.world import RendezvousError
+    from cot2align.recipes.served import run_rank
 
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -420,7 +425,7 @@ def test_an_unresolvable_rendezvous_address_fails_at_once_naming_it(monkeypatch:
 def test_a_failed_collective_blames_the_peer_that_never_checked_in(tmp_path: Path) -> None:
     import torch.distributed as dist
 
-    from cot2align.transport import CHECK_IN_KEY, PeerDied, PeerError, blame
+    from cot2align.distributed.transport import CHECK_IN_KEY, PeerDied, PeerError, blame
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
