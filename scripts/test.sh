@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install -q -c constraints.txt -e '.[dev]'
-# A real Slurm for tests/test_slurm.py (its fixture starts a 4-node local cluster, slurm/local-cluster.sh,
+# A real Slurm for tests/launch/test_slurm.py (its fixture starts a 4-node local cluster, slurm/local-cluster.sh,
 # and stops it); without root or the packages those tests are skipped with the reason.
 if ! command -v slurmctld >/dev/null 2>&1 && [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q slurm-wlm munge >/dev/null 2>&1 \
