@@ -9,6 +9,7 @@ set (the same environment a Slurm task exports), so what runs here is what runs 
 from __future__ import annotations
 
 import os
+import pickle
 import queue
 import socket
 import time
@@ -32,7 +33,9 @@ def _worker(target: Callable[[Any], Any], arg: Any, rank: int, world: int, port:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
     try:
-        results.put((rank, target(arg), None))
+        # by value: torch's queue would share tensors through file descriptors that vanish when this
+        # process exits before the supervisor has read them
+        results.put((rank, pickle.dumps(target(arg)), None))
     except BaseException as e:
         results.put((rank, None, f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
 
@@ -80,7 +83,7 @@ def spawn_world(target: Callable[[Any], Any], arg: Any, world: int, essential: S
                         grace = min(grace, time.monotonic() + grace_s)
                 continue
             if error is None:
-                done[rank] = result
+                done[rank] = pickle.loads(result)
             else:
                 failures[rank] = error
                 grace = min(grace, time.monotonic() + grace_s)
