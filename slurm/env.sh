@@ -35,6 +35,9 @@ export TORCH_NCCL_ASYNC_ERROR_HANDLING="${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}"  
 
 # --- rendezvous: the first node of the allocation. The launcher's submitit job derives the same
 # address itself (and takes MASTER_PORT from here when set); slurm/cot2align.sbatch needs both.
+# The node name must resolve on every node (a rank fails at once naming it when it does not);
+# where it does not, give the address: it replaces the name in both jobs.
+# export COT2ALIGN_MASTER_ADDR=10.0.0.1
 if [ -n "${SLURM_JOB_NODELIST:-}" ] && [ -z "${MASTER_ADDR:-}" ] && command -v scontrol >/dev/null 2>&1; then
   MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
   export MASTER_ADDR

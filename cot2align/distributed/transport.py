@@ -49,6 +49,76 @@ class PeerError(RuntimeError):
     """A peer sent nothing before the deadline, closed its connection, or reported a failure."""
 
 
+class PeerDied(PeerError):
+    """Peers of a failed collective did not answer afterwards: they died (or hang); `ranks` names them."""
+
+    def __init__(self, ranks: list[int], message: str) -> None:
+        self.ranks = ranks
+        super().__init__(message)
+
+
+DIED_PREFIX = "died:"
+"""An ERROR message that starts with `died:<rank>,<rank>:` blames those ranks, not its sender."""
+CHECK_IN_KEY = "cot2align/after_failure/"
+
+
+def check_in(rank: int, reason: str) -> None:
+    """Record in the world's rendezvous store that `rank` fails knowingly, and why (best effort)."""
+    try:
+        dist.distributed_c10d._get_default_store().set(f"{CHECK_IN_KEY}{rank}", reason[:500])
+    except Exception:  # no world, or the store (on global rank 0's node) is gone
+        pass
+
+
+def silent_peers(group: Sequence[int], rank: int, reason: str,
+                 wait_s: float = 10.0) -> tuple[list[int], dict[int, str]]:
+    """After a collective over `group` failed on `rank`: (the peers that never checked in within
+    `wait_s`, what the others said).
+
+    Every rank that fails checks in through the world's rendezvous store with its reason (this
+    function, and `check_in` on every rank that raises): a peer that never does died or hangs.
+    When the store itself is gone (it lives on global rank 0's node), rank 0 is the silent one.
+    """
+    peers = [r for r in group if r != rank]
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        store.set(f"{CHECK_IN_KEY}{rank}", reason[:500])
+        deadline = time.monotonic() + wait_s
+        while True:
+            silent = [r for r in peers if not store.check([f"{CHECK_IN_KEY}{r}"])]
+            if not silent or time.monotonic() > deadline:
+                said = {r: store.get(f"{CHECK_IN_KEY}{r}").decode(errors="replace") for r in peers if r not in silent}
+                return silent, said
+            time.sleep(0.1)
+    except Exception:  # the store (on rank 0) is unreachable: rank 0 is among the dead
+        return ([0] if 0 in peers else peers), {}
+
+
+def blame(error: Exception, group: Sequence[int], rank: int, describe: Callable[[int], str],
+          wait_s: float = 10.0) -> Exception:
+    """`error` of a collective over `group`, naming the peer at fault: `PeerDied` when peers died,
+    a PeerError quoting a peer that failed first and named its own culprit, else `error` itself.
+
+    Errors that already name their peer (PeerError, DesyncError) and errors other than the
+    collective's own (not RuntimeError) are returned unchanged.
+    """
+    if not isinstance(error, RuntimeError) or isinstance(error, (PeerError, DesyncError)) or len(group) < 2:
+        return error
+    first = str(error).splitlines()[0][:300] if str(error) else type(error).__name__
+    dead, said = silent_peers(group, rank, f"{type(error).__name__}: {first}", wait_s)
+    if dead:
+        names = ", ".join(describe(r) for r in dead)
+        verdict = PeerDied(dead, f"{names} died or hangs: no word from it within {wait_s:.0f} s after a collective "
+                                 f"of {describe(rank)} with it failed ({type(error).__name__}: {first}); see its log")
+        check_in(rank, f"PeerDied: {verdict}")
+        return verdict
+    named = {r: why for r, why in said.items() if why.startswith(("PeerError", "PeerDied", "DesyncError"))}
+    if named:
+        return PeerError(f"a collective of {describe(rank)} failed ({type(error).__name__}: {first}) because "
+                         + "; ".join(f"{describe(r)} failed first: {why}" for r, why in sorted(named.items())))
+    return error
+
+
 class DesyncError(RuntimeError):
     """A message does not match what the receiver expected (other step, samples or lengths)."""
 
@@ -202,6 +272,11 @@ class Transport:
 
     describe: Callable[[int], str]
     device: torch.device
+    peers_of: Callable[[int], Sequence[int]] = lambda rank: [rank]
+    """The ranks that compute together with `rank` (its teacher replica); a closed connection to
+    `rank` may come from any of them."""
+    blame_wait_s: float = 10.0
+    """How long a rank that lost a connection waits for the others to check in (see `silent_peers`)."""
     max_in_flight: int = 2
     send_timeout_s: float = 1800.0
     bytes_sent: int = 0
@@ -239,8 +314,12 @@ class Transport:
             self._wait(w, p.dst, deadline,
                        lambda: f"{self.describe(p.dst)} did not receive the {p.what} within {timeout_s:.0f} s")
 
-    def send_error(self, dst: int, message: str, timeout_s: float = 5.0) -> None:
-        """Best effort: tell `dst` why this rank fails (never raises)."""
+    def send_error(self, dst: int, message: str | Exception, timeout_s: float = 5.0) -> None:
+        """Best effort: tell `dst` why this rank fails (never raises). A `PeerDied` tells it who died."""
+        if isinstance(message, PeerDied):
+            message = f"{DIED_PREFIX}{','.join(map(str, message.ranks))}:{message}"
+        elif isinstance(message, Exception):
+            message = f"{type(message).__name__}: {message}"
         try:
             data = torch.tensor(list(message.encode()[:4000]), dtype=torch.uint8).to(self.device)
             header = DataHeader(kind=ERROR, rows=int(data.numel()))
@@ -260,7 +339,12 @@ class Transport:
         if header.kind == ERROR:
             text = torch.empty(header.rows, dtype=torch.uint8, device=self.device)
             self._recv(text, src, timeout_s, "the error message")
-            raise PeerError(f"{self.describe(src)} failed: {bytes(text.cpu().tolist()).decode(errors='replace')}")
+            message = bytes(text.cpu().tolist()).decode(errors="replace")
+            if message.startswith(DIED_PREFIX):  # the sender blames peers of its own that died
+                ranks, _, detail = message[len(DIED_PREFIX):].partition(":")
+                dead = [int(r) for r in ranks.split(",")]
+                raise PeerDied(dead, f"{detail.strip()} (reported by {self.describe(src)})")
+            raise PeerError(f"{self.describe(src)} failed: {message}")
         return header
 
     def recv_request(self, src: int, timeout_s: float) -> Request:
@@ -291,8 +375,20 @@ class Transport:
             raise self._unreachable(peer, e) from e
 
     def _unreachable(self, peer: int, error: Exception) -> PeerError:
-        return PeerError(f"{self.describe(peer)} is unreachable (connection closed: the rank probably died): "
-                         f"{str(error).splitlines()[0][:300]}")
+        """A closed connection while talking to `peer`: name who died. gloo fails every pending operation
+        of a process when any of its connections closes, so the culprit is found among `peer` and the
+        ranks that compute with it (`peers_of`): those that never check in (see `silent_peers`)."""
+        first = str(error).splitlines()[0][:300]
+        me = dist.get_rank() if dist.is_initialized() else -1
+        group = [me, *(r for r in self.peers_of(peer) if r != me)]
+        dead, said = silent_peers(group, me, f"PeerError: the connection to {self.describe(peer)} closed", self.blame_wait_s)
+        if dead:
+            return PeerDied(dead, f"{', '.join(self.describe(r) for r in dead)} died or hangs: no word from it within "
+                                  f"{self.blame_wait_s:.0f} s after {self.describe(me)} lost its connection ({first}); "
+                                  "see its log")
+        if peer in said:
+            return PeerError(f"{self.describe(peer)} failed: {said[peer]}")
+        return PeerError(f"{self.describe(peer)} is unreachable (connection closed: the rank probably died): {first}")
 
     def _wait(self, work: Any, peer: int, deadline: float, timeout_message: Callable[[], str]) -> None:
         """Wait for `work` until `deadline`; timeouts and closed connections raise PeerError."""

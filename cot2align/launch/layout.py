@@ -6,13 +6,13 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from cot2align.config import Config
 from cot2align.configbase import ConfigError
 from cot2align.distributed.topology import Topology
-from cot2align.launch.slurm import render_sbatch, sbatch_parameters
-from cot2align.modelspec import load_model_spec, resolve_model_config
+from cot2align.launch.slurm import Partition, render_sbatch, sbatch_parameters
+from cot2align.modelspec import ModelSpec, load_model_spec, model_spec_from_hf_config, resolve_model_config
 from cot2align.plan import Plan, WorkloadSpec, plan
 from cot2align.recipes.served import check_served
 
@@ -49,18 +49,47 @@ def workload_for(cfg: Config) -> WorkloadSpec:
 
 
 def _model_ref(explicit: str, path: str, role: str) -> tuple[str | None, str]:
-    """(what the planner reads for `role`, or None and why not)."""
+    """(what the planner reads for `role`: a config.json / preset, '' = the embedded tiny model;
+    or None and why not)."""
     if explicit:
         return explicit, ""
     if not path:
-        return None, (f"{role}.path is empty (the embedded tiny model); set launch.{role}_config to a "
-                      "config.json or a configs/models/ preset to plan")
+        return "", ""  # the embedded tiny model: see embedded_model_spec
     try:
         resolve_model_config(path)
     except ConfigError:
         return None, (f"{role}.path {path!r} has no config.json on this machine; set launch.{role}_config "
                       "to a config.json or a configs/models/ preset to plan")
     return path, ""
+
+
+def embedded_model_spec(cfg: Config, role: Literal["teacher", "student"]) -> ModelSpec:
+    """The planner's view of the embedded tiny model of `role` (`embedded.<role>_model`, its tokenizer's vocab)."""
+    tiny = getattr(cfg.embedded, f"{role}_model")
+    vocab = getattr(cfg.embedded, f"{role}_tokenizer").vocab_size
+    if tiny.arch == "gpt2":
+        hf: dict[str, Any] = {"model_type": "gpt2", "n_embd": tiny.hidden, "n_layer": tiny.layers, "n_head": tiny.heads,
+                              "n_inner": tiny.intermediate, "vocab_size": vocab, "n_positions": tiny.max_positions}
+    else:
+        hf = {"model_type": tiny.arch, "hidden_size": tiny.hidden, "num_hidden_layers": tiny.layers,
+              "num_attention_heads": tiny.heads, "num_key_value_heads": tiny.kv_heads,
+              "intermediate_size": tiny.intermediate, "vocab_size": vocab, "tie_word_embeddings": False}
+    return model_spec_from_hf_config(hf, f"embedded {role}")
+
+
+def fit_to_partition(cfg: Config, part: Partition, given: set[str]) -> Config:
+    """On a CPU partition, the keys the user did not give follow its nodes: one task per node
+    (`cluster.gpus_per_node`; node CPUs // cpus_per_task when --cpus-per-task is given) using
+    all of the node's CPUs (`launch.slurm.cpus_per_task`). A GPU partition keeps the config."""
+    if part.gpus > 0:
+        return cfg
+    cpt = cfg.launch.slurm.cpus_per_task
+    tasks = cfg.cluster.gpus_per_node
+    if "cluster.gpus_per_node" not in given:
+        tasks = max(1, part.cpus // cpt) if "launch.slurm.cpus_per_task" in given else 1
+    if "launch.slurm.cpus_per_task" not in given:
+        cpt = max(1, part.cpus // tasks)
+    return cfg.merged({"cluster": {"gpus_per_node": tasks}, "launch": {"slurm": {"cpus_per_task": cpt}}})
 
 
 def plan_for(cfg: Config) -> tuple[Plan | None, str]:
@@ -81,7 +110,9 @@ def plan_for(cfg: Config) -> tuple[Plan | None, str]:
                                     for k in SIZE_KEYS}
     if cfg.runtime.teacher_backend == "hf":  # one rank per replica
         fixed["tp"], fixed["pp"] = 1, 1
-    t, s, wl = load_model_spec(teacher), load_model_spec(student), workload_for(cfg)
+    t = load_model_spec(teacher) if teacher else embedded_model_spec(cfg, "teacher")
+    s = load_model_spec(student) if student else embedded_model_spec(cfg, "student")
+    wl = workload_for(cfg)
     return plan(t, s, cfg.cluster, wl, fixed, SIZE_KEYS), ""
 
 
@@ -102,6 +133,8 @@ class Prepared:
     plan: Plan | None
     plan_note: str
     run_dir: Path
+    partition: Partition | None = None
+    """The Slurm partition as sinfo reported it (None: not asked, e.g. a local world or no Slurm)."""
 
     @property
     def world_size(self) -> int:
@@ -115,7 +148,7 @@ class Prepared:
 
     def sbatch_parameters(self) -> dict[str, Any]:
         """submitit SlurmExecutor parameters of this job (see `launch.slurm.sbatch_parameters`)."""
-        return sbatch_parameters(self.cfg.launch.slurm, self.cfg.cluster, self.cfg.run.name)
+        return sbatch_parameters(self.cfg.launch.slurm, self.cfg.cluster, self.cfg.run.name, self.partition)
 
     def sbatch_script(self) -> str:
         """The sbatch script submitit will write for this job."""

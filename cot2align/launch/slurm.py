@@ -11,6 +11,7 @@ import os
 import re
 import shlex
 import shutil
+import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,8 +122,86 @@ class LaunchConfig(ConfigBase):
     """Planner workload fields overriding those derived from the config, e.g. {flash_attention: false}."""
 
 
-def sbatch_parameters(s: SlurmConfig, cluster: ClusterSpec, job_name: str) -> dict[str, Any]:
-    """submitit SlurmExecutor parameters of the job: N nodes x G tasks, one GPU per task."""
+@dataclass
+class Partition:
+    """A Slurm partition as `sinfo` reports it; per-node figures are the smallest node's."""
+
+    name: str
+    """Partition name."""
+    nodes: int
+    """Nodes in the partition."""
+    cpus: int
+    """CPUs per node."""
+    gpus: int
+    """GPUs per node (gres gpu; 0 = a CPU partition)."""
+    memory_mb: int
+    """Memory per node in MB."""
+
+
+def _gres_gpus(gres: str) -> int:
+    """GPUs in a gres string: 'gpu:8', 'gpu:h100:8(S:0-1)', 'gpu:a100:4,gpu:v100:2', '(null)' -> 8, 8, 6, 0."""
+    total = 0
+    for item in gres.split(","):
+        parts = re.sub(r"\(.*?\)", "", item).strip().split(":")
+        if parts[0] == "gpu":
+            total += int(parts[-1]) if len(parts) > 1 and parts[-1].isdigit() else 1
+    return total
+
+
+def parse_sinfo(text: str, partition: str) -> Partition | None:
+    """The partition `partition` ('' = the default, marked '*') in `sinfo -h -N -o '%P|%c|%G|%m'` output."""
+    rows = [line.split("|") for line in text.splitlines() if line.count("|") == 3]
+    if not partition:
+        partition = next((r[0].rstrip("*") for r in rows if r[0].endswith("*")), "")
+    mine = [r for r in rows if r[0].rstrip("*") == partition]
+    if not mine:
+        return None
+    return Partition(name=partition, nodes=len(mine), cpus=min(int(r[1]) for r in mine),
+                     gpus=min(_gres_gpus(r[2]) for r in mine),
+                     memory_mb=min(int(re.sub(r"\D", "", r[3]) or 0) for r in mine))
+
+
+def query_partition(partition: str) -> Partition | None:
+    """`sinfo` about `partition` ('' = the cluster's default); None when sinfo fails or does not know it."""
+    try:
+        out = subprocess.run(["sinfo", "-h", "-N", "-o", "%P|%c|%G|%m"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return parse_sinfo(out.stdout, partition) if out.returncode == 0 else None
+
+
+def mem_mb(value: str) -> int | None:
+    """--mem in MB ('480G' -> 491520; '0' = all of the node, or not a size -> None)."""
+    m = re.fullmatch(r"(\d+)([KMGT]?)B?", value.strip().upper())
+    if not m or int(m.group(1)) == 0:
+        return None
+    return max(1, int(m.group(1)) * {"K": 1, "": 1024, "M": 1024, "G": 1024**2, "T": 1024**3}[m.group(2)] // 1024)
+
+
+def partition_problems(s: SlurmConfig, cluster: ClusterSpec, part: Partition) -> list[str]:
+    """What of the job's request does not fit partition `part` (Slurm would leave it PENDING forever)."""
+    where = f"partition {part.name!r} (sinfo)"
+    out = []
+    if cluster.nodes > part.nodes:
+        out.append(f"cluster.nodes (--nodes) = {cluster.nodes}, but {where} has {part.nodes} node(s)")
+    tasks = cluster.gpus_per_node
+    if s.cpus_per_task * tasks > part.cpus:
+        out.append(f"launch.slurm.cpus_per_task (--cpus-per-task) = {s.cpus_per_task} x {tasks} task(s) per node "
+                   f"(cluster.gpus_per_node) = {s.cpus_per_task * tasks} CPUs, but the nodes of {where} have "
+                   f"{part.cpus}: use --cpus-per-task {max(1, part.cpus // tasks)} or fewer tasks per node")
+    if s.request_gpus and 0 < part.gpus < tasks:
+        out.append(f"cluster.gpus_per_node (--gpus-per-node) = {tasks}, but the nodes of {where} have "
+                   f"{part.gpus} GPU(s)")
+    mem = mem_mb(s.mem) if s.mem else None
+    if mem is not None and mem > part.memory_mb:
+        out.append(f"launch.slurm.mem (--mem) = {s.mem}, but the nodes of {where} have {part.memory_mb} MB")
+    return out
+
+
+def sbatch_parameters(s: SlurmConfig, cluster: ClusterSpec, job_name: str,
+                      partition: Partition | None = None) -> dict[str, Any]:
+    """submitit SlurmExecutor parameters of the job: N nodes x G tasks, one GPU per task (none on a
+    CPU `partition`, as sinfo reported it; None = not known)."""
     setup = [f"export PYTHONPATH={shlex.quote(str(REPO_ROOT))}${{PYTHONPATH:+:$PYTHONPATH}}"]
     if s.env_script:
         script = Path(s.env_script)
@@ -131,7 +210,8 @@ def sbatch_parameters(s: SlurmConfig, cluster: ClusterSpec, job_name: str) -> di
         "job_name": s.job_name or job_name,
         "nodes": cluster.nodes,
         "ntasks_per_node": cluster.gpus_per_node,
-        "gpus_per_node": cluster.gpus_per_node if s.request_gpus else None,
+        "gpus_per_node": cluster.gpus_per_node if s.request_gpus and (partition is None or partition.gpus)
+        else None,  # a CPU partition is never asked for GPUs
         "cpus_per_task": s.cpus_per_task,
         "time": s.minutes,
         "signal_delay_s": s.signal_delay_s,

@@ -33,17 +33,38 @@ import yaml
 from submitit import LocalExecutor, SlurmExecutor
 from submitit.helpers import DelayedSubmission, TorchDistributedEnvironment
 
-from cot2align.config import Config, load_config
+from cot2align.config import DEFAULT_CONFIG, Config, _read_chain, load_config
 from cot2align.configbase import REPO_ROOT, ConfigError, changed_keys
 from cot2align.distributed.topology import Topology
-from cot2align.launch.layout import Prepared, prepare
-from cot2align.launch.slurm import slurm_available
+from cot2align.launch.layout import Prepared, fit_to_partition, prepare
+from cot2align.launch.slurm import partition_problems, query_partition, slurm_available
 from cot2align.logging import setup_console_logging
 from cot2align.preemption import stop_request, stopped_early
 from cot2align.recipes import served
 from cot2align.recipes.pipeline import run_embedded
 
 # ----------------------------------------------------------------------------- the job
+
+
+MASTER_ADDR_OVERRIDE = "COT2ALIGN_MASTER_ADDR"
+"""Environment variable that replaces the rendezvous address derived from the job's first node name."""
+
+
+def use_master_addr_override() -> None:
+    """MASTER_ADDR = $COT2ALIGN_MASTER_ADDR when set (where node names do not resolve; see slurm/env.sh)."""
+    if os.environ.get(MASTER_ADDR_OVERRIDE):
+        os.environ["MASTER_ADDR"] = os.environ[MASTER_ADDR_OVERRIDE]
+
+
+def given_keys(config: str | None, overrides: list[str], flags: dict[str, Any]) -> set[str]:
+    """Dotted keys the user set: in the YAML file (and its `base` chain), the overrides, the flags."""
+
+    def dotted(d: dict[str, Any], prefix: str = "") -> set[str]:
+        return {k for key, v in d.items()
+                for k in (dotted(v, f"{prefix}{key}.") if isinstance(v, dict) and v else {f"{prefix}{key}"})}
+
+    return (dotted(_read_chain(Path(config) if config else DEFAULT_CONFIG)) | dotted(flags)
+            | {o.split("=", 1)[0].strip() for o in overrides})
 
 
 class RankTask:
@@ -59,6 +80,7 @@ class RankTask:
         """Export RANK / WORLD_SIZE / MASTER_ADDR / ... of this task and run `run_rank`; return its result."""
         # all GPUs of the node stay visible: run_rank selects cuda:LOCAL_RANK
         TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+        use_master_addr_override()
         setup_console_logging()
         cfg = Config().merged(self.config)
         cfg.validate()
@@ -259,8 +281,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {no_slurm_message(cfg.cluster.nodes)}", file=sys.stderr)
             return 2
         prep: Prepared | None = None
+        part = query_partition(cfg.launch.slurm.partition) if slurm and not args.prepare else None
+        if part is not None:
+            cfg = fit_to_partition(cfg, part, given_keys(config, args.overrides, flags))
+        elif slurm and not args.prepare:
+            print(f"warning: sinfo did not report partition {cfg.launch.slurm.partition or '(the default)'}: "
+                  "the request is not checked against it", file=sys.stderr)
         if cluster_run:
             prep = prepare(cfg)
+            prep.partition = part
+            problems = partition_problems(prep.cfg.launch.slurm, prep.cfg.cluster, part) if part else []
+            if problems:
+                raise ConfigError("the job does not fit " + "; ".join(problems))
         elif args.world_size:
             prep = prepare(cfg, args.world_size)
     except ConfigError as e:
@@ -302,6 +334,7 @@ def rank_main(argv: list[str]) -> int:
     if "SLURM_JOB_ID" in os.environ:
         os.environ.setdefault("SUBMITIT_EXECUTOR", "slurm")
         TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+        use_master_addr_override()
     stop_request.install()  # the batch script passes SIGUSR2 on to every rank
     result = served.run_rank(cfg)
     if stopped_early(result) and int(os.environ["RANK"]) == 0 and "SLURM_JOB_ID" in os.environ:

@@ -14,6 +14,7 @@ returned. The colocated recipe (`recipes.colocated`) is the reference it is test
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ from cot2align.data.sampler import GlobalBatchSampler
 from cot2align.distributed.parallel import DataParallel
 from cot2align.distributed.spawn import spawn_world
 from cot2align.distributed.topology import Topology
-from cot2align.distributed.transport import Transport
+from cot2align.distributed.transport import Transport, blame, check_in
 from cot2align.distributed.world import device_of, init_world, wire_dtype
 from cot2align.models import DTYPES, load_model, load_tokenizer
 from cot2align.preemption import stop_request
@@ -80,6 +81,9 @@ def run_rank(cfg: Config) -> Any:
             ensure_inputs(cfg)  # data, tokenizers, teacher, rationales: once, before the ranks read them
         dist.barrier()
         return run_world(cfg)
+    except Exception as e:  # peers of a failed collective learn that this rank is alive and why it fails
+        check_in(dist.get_rank(), f"{type(e).__name__}: {str(e).splitlines()[0][:400] if str(e) else ''}")
+        raise
     finally:
         dist.destroy_process_group()
 
@@ -91,7 +95,9 @@ def run_world(cfg: Config, run_dir: Path | None = None) -> Any:
     topo.create_groups(timeout=timedelta(seconds=cfg.runtime.startup_timeout_s))
     device = device_of(dist.get_backend())
     transport = Transport(describe=lambda r: describe_rank(topo, r), device=device,
-                          send_timeout_s=cfg.runtime.startup_timeout_s)
+                          send_timeout_s=cfg.runtime.startup_timeout_s,
+                          peers_of=lambda r: (topo.teacher_ranks(topo.teacher_coord(r).replica)
+                                              if topo.role(r) == "teacher" else [r]))
     p = input_paths(cfg)
     s_tok, t_tok = load_tokenizer(p.student_tokenizer), load_tokenizer(p.teacher_tokenizer)
     samples = read_samples(p.train, cfg.data, s_tok, t_tok)
@@ -113,6 +119,17 @@ def _teacher(cfg: Config, topo: Topology, transport: Transport, device: torch.de
     return serve(topo=topo, transport=transport, states=states, samples=samples, pad_ids=pad_ids,
                  seed=cfg.run.seed, prefetch=cfg.runtime.prefetch, wire_dtype=wire_dtype(cfg.runtime, device),
                  request_timeout_s=cfg.runtime.startup_timeout_s)
+
+
+def _blaming(topo: Topology, transport: Transport, fn: Callable[[], Any]) -> Any:
+    """fn() on a student; a failed collective of the students names the student that died (if one did)."""
+    try:
+        return fn()
+    except Exception as e:
+        reported = blame(e, topo.student_ranks, topo.rank, transport.describe)
+        if reported is e:
+            raise
+        raise reported from e
 
 
 def _student(cfg: Config, topo: Topology, transport: Transport, device: torch.device, p: Paths,
@@ -156,10 +173,11 @@ def _student(cfg: Config, topo: Topology, transport: Transport, device: torch.de
                          extra={"plan": plan.read_text()} if plan.is_file() else None)
     t0 = time.perf_counter()
     try:
-        res = train(job, logger=logger, log_cfg=cfg.logging,
-                    callbacks=callbacks(cfg.logging, cfg.eval, tc.eval_every, run_dir,
-                                        load_split(p.dev, cfg.data) if dp.main else None,
-                                        stop=lambda: stop_request.requested))
+        res = _blaming(topo, transport, lambda: train(
+            job, logger=logger, log_cfg=cfg.logging,
+            callbacks=callbacks(cfg.logging, cfg.eval, tc.eval_every, run_dir,
+                                load_split(p.dev, cfg.data) if dp.main else None,
+                                stop=lambda: stop_request.requested)))
         if not need.teacher:  # the replica waits for this student's last word
             if res.interrupted:
                 teacher.stop(res.steps)

@@ -41,6 +41,7 @@ from cot2align.distributed.transport import (
     Request,
     Transport,
     any_rank,
+    blame,
     checksum,
     pack,
 )
@@ -155,6 +156,9 @@ class _StopCheck:
         return flag if self.group is None else any_rank(flag, self.group, self.device)
 
 
+ERROR_LINGER_S = 3.0
+"""Seconds a failing teacher rank stays after sending its error to its students (a closed connection
+would otherwise reach them first, and they would blame this rank instead of the one it names)."""
 IDLE_WAIT_S = 366 * 24 * 3600.0
 """How long a teacher with nothing to serve waits for its students to finish (they may train for
 days; a student that dies closes its connection, which ends the wait at once)."""
@@ -236,9 +240,14 @@ def serve(*, topo: Topology, transport: Transport, states: HiddenStates, samples
                 transport.send(student, DataHeader(kind=END))
         transport.flush()
         stats.stopped_at = _last_words(control, request_timeout_s, transport)
-    except Exception as e:
+    except Exception as e:  # a collective of the replica failed: name the rank that died, if one did
+        reported = blame(e, topo.teacher_ranks(replica), topo.rank, transport.describe)
         for student in students:
-            transport.send_error(student, f"{type(e).__name__}: {e}")
+            transport.send_error(student, reported)
+        if students:  # the students read the error before this process's connections close
+            time.sleep(ERROR_LINGER_S)
+        if reported is not e:
+            raise reported from e
         raise
     stats.messages, stats.bytes_sent = transport.messages_sent, transport.bytes_sent
     stats.seconds = time.perf_counter() - t0

@@ -35,6 +35,7 @@ def fake_slurm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     calls = tmp_path / "sbatch_calls.txt"
     (bin_dir / "sbatch").write_text(f'#!/bin/sh\necho "$@" >> "{calls}"\necho "Submitted batch job 4242"\n')
     (bin_dir / "srun").write_text("#!/bin/sh\nexit 0\n")
+    (bin_dir / "sinfo").write_text("#!/bin/sh\nexit 1\n")  # no partition to check against
     for f in bin_dir.iterdir():
         f.chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
@@ -152,7 +153,8 @@ def test_submit_renders_directives_and_writes_the_run_dir(fake_slurm: Path, tmp_
 
     resolved = load_config(run_dir / "config.yaml")
     assert resolved.runtime.mode == "served" and resolved.cluster.nodes == 2 and resolved.run.name == "t1"
-    assert (run_dir / "plan.md").read_text().startswith("No plan: teacher.path is empty")
+    # the embedded tiny models are planned for the 8 ranks of the job
+    assert (run_dir / "plan.md").read_text().startswith("## Plan: embedded teacher -> embedded student on 2 node(s)")
     assert (run_dir / "logs").is_dir() and (run_dir / "job_ids.txt").read_text() == "4242\n"
 
     # what submitit pickled: a checkpointable RankTask carrying the resolved config
@@ -187,9 +189,11 @@ def test_resubmitting_the_run_dir_reuses_it(fake_slurm: Path, tmp_path: Path,
 def test_layout_that_cannot_work_is_refused_before_submitting(fake_slurm: Path,
                                                               capsys: pytest.CaptureFixture[str]) -> None:
     # 6 teacher ranks + 4 students on 8 GPUs
-    rc = launch.main(["--nodes", "1", "--gpus-per-node", "8", "teacher.parallel.replicas=6", "student.parallel.dp=4"])
+    rc = launch.main(["--nodes", "1", "--gpus-per-node", "8", "teacher.parallel.replicas=6", "student.parallel.dp=4",
+                      'launch.fixed=["replicas", "dp"]'])
     assert rc == 2
-    assert "student.parallel.dp=4" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "teacher.parallel.replicas, student.parallel.dp" in err and "6 teacher + 4 student GPUs" in err
     assert not fake_slurm.exists()
 
 
@@ -352,8 +356,16 @@ def test_local_world_through_submitit(tiny_task: dict[str, Path], tmp_path: Path
 
 def test_fixed_layout_that_does_not_fill_the_job_is_refused(fake_slurm: Path, tmp_path: Path,
                                                            capsys: pytest.CaptureFixture[str]) -> None:
-    """The embedded default fixes tp=2 + dp=2 (4 ranks): an 8-rank job must be refused before submitting."""
-    assert launch.main(SUBMIT_ARGS[:-1]) == 2
+    """tp=2 + dp=2 kept (launch.fixed, 4 ranks): an 8-rank job must be refused before submitting."""
+    assert launch.main([*SUBMIT_ARGS[:-1], 'launch.fixed=["tp", "pp", "replicas", "dp"]']) == 2
     err = capsys.readouterr().err
-    assert "world size 8 != teacher.parallel.tp=2" in err and "student.parallel.dp=2 student ranks = 4" in err
+    assert "1 replicas x (tp 2 x pp 1) + dp 2 = 4 GPUs != 8 (2 nodes x 4 GPUs/node)" in err
     assert not fake_slurm.exists()  # sbatch was never called
+
+
+def test_master_addr_override_replaces_the_node_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    _slurm_task_env(monkeypatch)
+    monkeypatch.setenv("COT2ALIGN_MASTER_ADDR", "10.1.2.3")
+    seen = _record_run_rank(monkeypatch)
+    assert launch.RankTask(load_config(None, ["run.name=r", "runtime.mode=served"]).to_dict())() == "done"
+    assert seen[0][1] == {**EXPECTED_ENV, "MASTER_ADDR": "10.1.2.3"}
