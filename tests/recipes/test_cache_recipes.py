@@ -105,12 +105,14 @@ def test_colocated_auto_runs_the_teacher_for_the_first_epoch_only(tiny_task: dic
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dtype,rtol", [("float32", 1e-5), ("bfloat16", 2e-2), ("int8", 5e-2)])
+@pytest.mark.parametrize("dtype,rtol", [("float32", 1e-6), ("bfloat16", 1e-4), ("int8", 1e-4)])
 def test_cache_teacher_then_students_only(tiny_task: dict[str, Path], teacher_dir: Path, tmp_path: Path,
                                           monkeypatch: pytest.MonkeyPatch, dtype: str, rtol: float) -> None:
     """cache-teacher writes every sample (both formats, the sweep's layers); a read run never loads
-    the teacher and matches the live run (fp32: rounding of other batch shapes; bf16 / int8 within
-    the stated tolerance); a run with other tokenization settings is refused naming the key."""
+    the teacher and matches the live run per step (fp32: up to the rounding of other batch shapes,
+    measured 0; bf16 / int8: relative 1e-4, measured 1.5e-7 / 2.9e-7 for this loss, whose OT at
+    epsilon 10 is insensitive to small state errors, but not equal); a run with other tokenization
+    settings is refused naming the key."""
     from cot2align.recipes import colocated
     from cot2align.recipes.cache import cache_teacher
     from cot2align.recipes.pipeline import distill
