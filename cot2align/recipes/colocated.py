@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from cot2align.config import Config
-from cot2align.models import DTYPES, load_model, load_tokenizer
+from cot2align.models import DTYPES, hidden_size, load_model, load_tokenizer
 from cot2align.recipes.build import callbacks, distill_loss, needs, open_logger, student_model
 from cot2align.recipes.cache import (
     cache_key,
@@ -34,20 +34,22 @@ def distill_colocated(cfg: Config, run_dir: Path | None = None) -> TrainResult:
     s_tok, t_tok = load_tokenizer(p.student_tokenizer), load_tokenizer(p.teacher_tokenizer)
     student = student_model(cfg, s_tok)
     need = needs(cfg.loss)
-    io = load_teacher_io(p.teacher_model, DTYPES[cfg.teacher.dtype])  # head, embedding and sizes only
-    loss_fn = distill_loss(cfg, student, io.hidden_size, s_tok, t_tok)
     samples = read_samples(p.train, cfg.data, s_tok, t_tok)
     pad_ids = {"student": s_tok.pad_token_id, "teacher": t_tok.pad_token_id}
     teacher: TeacherSource | None = None
-    if need.teacher:
+    if cfg.teacher.cache.mode == "off" or not need.teacher:
+        teacher_model = load_model(p.teacher_model, cfg.teacher.dtype)
+        loss_fn = distill_loss(cfg, student, hidden_size(teacher_model), s_tok, t_tok)
+        teacher = ColocatedTeacher(teacher_model) if need.teacher else None
+    else:
+        io = load_teacher_io(p.teacher_model, DTYPES[cfg.teacher.dtype])  # head, embedding and sizes only
+        loss_fn = distill_loss(cfg, student, io.hidden_size, s_tok, t_tok)
         key = cache_key(cfg, p, loss_layers(loss_fn, io.num_layers), run_formats(cfg), io.hidden_size)
-        mode = resolve_mode(cfg, key)
-        if mode == "read":  # the teacher is never loaded
+        if resolve_mode(cfg, key) == "read":  # the teacher is never loaded
             teacher = cached_teacher(cfg, key, io, samples, 1, 0)
         else:
-            teacher = ColocatedTeacher(load_model(p.teacher_model, cfg.teacher.dtype))
-            if mode == "write":
-                teacher = writing_teacher(cfg, key, teacher, io, samples, pad_ids)
+            live = ColocatedTeacher(load_model(p.teacher_model, cfg.teacher.dtype))
+            teacher = writing_teacher(cfg, key, live, io, samples, pad_ids)
     job = TrainJob(run_dir=run_dir, student=student, student_tok=s_tok, loss_fn=loss_fn, samples=samples,
                    pad_ids=pad_ids, cfg=cfg.train, seed=cfg.run.seed, teacher=teacher,
                    needs_aux=need.aux, projector_lr=cfg.loss.projector_lr, resume=cfg.run.resume)
