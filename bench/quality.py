@@ -74,8 +74,12 @@ is the one with the best dev exact match there (never the test numbers; ties go 
 reference, 10), and only the tuned row and the reference row run the other seeds."""
 
 
-def prepare(cfg: Any) -> dict[str, Any]:
-    """Stage 1: data, teacher, rationales. Returns config overrides that pin every run to them."""
+def prepare(cfg: Any, teacher_cache: bool = True) -> dict[str, Any]:
+    """Stage 1: data, teacher, rationales and (teacher_cache) the teacher-state caches, written once
+    by cache-teacher in fp32 (the final and OT layers, both formats: every row's subset; one cache
+    per data.use_cot, see `cache_dir`) so that no run of the sweep runs the teacher. Returns config
+    overrides that pin every run to them."""
+    from cot2align.recipes.cache import cache_teacher
     from cot2align.recipes.cot import generate_cot
     from cot2align.recipes.prepare import paths, prepare_data, train_teacher
 
@@ -83,12 +87,24 @@ def prepare(cfg: Any) -> dict[str, Any]:
     teacher = train_teacher(cfg)
     cot_file = generate_cot(cfg) if cfg.cot.enabled else paths(cfg).train
     p = paths(cfg)
-    return {
+    pinned: dict[str, Any] = {
         "data": {"train_file": str(cot_file), "dev_file": str(p.dev), "test_file": str(p.test)},
         "teacher": {"path": str(teacher), "tokenizer": str(p.teacher_tokenizer)},
         "student": {"tokenizer": str(p.student_tokenizer)},
         "cot": {"enabled": False},  # the rationales are in the train file already
     }
+    if teacher_cache:
+        for use_cot in (True, False):
+            c = cfg.merged(pinned).merged({"data": {"use_cot": use_cot}})
+            cache_teacher(c.merged({"teacher": {"cache": {"mode": "write", "dtype": "float32",
+                                                          "dir": cache_dir(c)}}}))
+        pinned["teacher"]["cache"] = {"mode": "read", "dtype": "float32"}
+    return pinned
+
+
+def cache_dir(cfg: Any) -> str:
+    """The sweep's teacher-state cache of a run: one per data.use_cot (it changes the samples)."""
+    return str(Path(cfg.run.work_dir) / "teacher-cache-sweep" / ("cot" if cfg.data.use_cot else "std"))
 
 
 def summarise(res: dict[str, Any]) -> dict[str, float]:
@@ -159,6 +175,8 @@ def run_name(base: Any, row: str, seed: int) -> str:
 def run_config(base: Any, pinned: dict[str, Any], row: str, seed: int) -> Any:
     """The validated config of one (row, seed) run."""
     cfg = base.merged(pinned).merged(ROWS[row]).merged({"run": {"seed": seed, "name": run_name(base, row, seed)}})
+    if cfg.teacher.cache.mode == "read":
+        cfg = cfg.merged({"teacher": {"cache": {"dir": cache_dir(cfg)}}})
     cfg.validate()
     return cfg
 
@@ -178,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "quality"))
     ap.add_argument("--doc", default="", help="also write the markdown table to this file")
     ap.add_argument("--quick", action="store_true", help="smoke run: 3 steps per row, one seed")
+    ap.add_argument("--no-teacher-cache", action="store_true",
+                    help="run the teacher in every run instead of reading the teacher-state cache")
     ap.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = ap.parse_args(argv)
     unknown = [r for r in args.rows if r not in ROWS]
@@ -202,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     records = [json.loads(x) for x in log_path.read_text().splitlines()] if log_path.exists() else []
 
     t0 = time.perf_counter()
-    pinned = prepare(base)
+    pinned = prepare(base, teacher_cache=not args.no_teacher_cache)
     teacher_dir = Path(pinned["teacher"]["path"])
     teacher = {**summarise(evaluate_model(base, teacher_dir)), "greedy_em": greedy_em(base, teacher_dir)}
     done = {(r["row"], r["seed"]) for r in records}

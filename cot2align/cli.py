@@ -16,12 +16,14 @@ from cot2align.configbase import ConfigError
 from cot2align.evaluate import Shard, eval_table, evaluate_files
 from cot2align.logging import MetricsLogger, setup_console_logging
 from cot2align.plan import main as plan_main
+from cot2align.recipes.cache import cache_teacher
 from cot2align.recipes.cot import generate_cot
 from cot2align.recipes.pipeline import distill, run_embedded
 from cot2align.recipes.prepare import paths, prepare_data, train_teacher
 from cot2align.report import write_report
 
-STAGES = ("prepare-data", "train-teacher", "generate-cot", "distill", "evaluate", "pipeline", "show-config", "plan",
+STAGES = ("prepare-data", "train-teacher", "generate-cot", "cache-teacher", "distill", "evaluate", "pipeline",
+          "show-config", "plan",
           "report")
 
 
@@ -64,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         print(train_teacher(cfg, force=args.force))
     elif args.stage == "generate-cot":
         print(generate_cot(cfg))
+    elif args.stage == "cache-teacher":
+        print(cache_teacher(cfg))
     elif args.stage == "distill":
         done = distill(cfg)
         print(f"exported {done.export_dir} after {done.steps} steps (best dev {done.best_dev})")

@@ -28,6 +28,7 @@ from cot2align.losses.config import LossConfig
 from cot2align.models import DTYPES, TinyModelConfig
 from cot2align.optim import TrainConfig
 from cot2align.plan import ClusterSpec
+from cot2align.teacher.cache import TeacherCacheConfig
 
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "embedded.yaml"
 
@@ -89,6 +90,8 @@ class TeacherModelConfig(ModelConfig):
     """The teacher (`teacher.*`): model + how the served runtime splits it over ranks."""
 
     parallel: TeacherParallelConfig = field(default_factory=TeacherParallelConfig)
+    cache: TeacherCacheConfig = field(default_factory=TeacherCacheConfig)
+    """The teacher-state cache: write the served states once, read them every later epoch and run."""
     init: str = ""
     """HF checkpoint that train-teacher fine-tunes when `path` is '' ('' = a fresh embedded tiny teacher);
     the result is cached under run.work_dir like the embedded teacher."""

@@ -594,6 +594,53 @@ def evaluate(
     )
 
 
+@dataclass
+class CachedLayout:
+    """A run from the teacher-state cache: every GPU a student (no teacher ranks), and the disk the
+    cache needs (bf16 states of the served layers at every teacher position: an upper bound, the
+    cache holds response positions only)."""
+
+    dp: int
+    student_memory: MemoryBreakdown
+    examples_per_s: float
+    bytes_per_token: int
+    """bf16 bytes per teacher token: served layers x h_t x 2."""
+    bytes_per_token_int8: int
+    """int8 bytes per teacher token: served layers x (h_t + 4 bytes of row scale)."""
+    bytes_per_example: int
+    """bytes_per_token x teacher tokens per example (formats x s_t)."""
+
+    def to_markdown(self, served: Plan) -> str:
+        per_100k = self.bytes_per_example * 100_000 / GIB
+        return "\n".join([
+            "## Cached run (teacher.cache.mode=read): every GPU a student",
+            "",
+            "| layout | GPUs | examples/s | student memory GiB | vs served |",
+            "|---|---:|---:|---:|---:|",
+            f"| dp {self.dp}, no teacher ranks | {self.dp} | {self.examples_per_s:.2f} | "
+            f"{self.student_memory.total_gib:.2f} | {self.examples_per_s / served.examples_per_s:.2f}x |",
+            "",
+            f"Disk: {self.bytes_per_token:,} B per teacher token (bf16, {served.workload.served_layers} layer(s) x "
+            f"h_t {served.teacher.hidden_size} x 2; int8: {self.bytes_per_token_int8:,} B) x "
+            f"{served.workload.formats * served.workload.teacher_seq_len} tokens per example = "
+            f"{self.bytes_per_example / 2**20:.1f} MiB per example, {per_100k:,.0f} GiB per 100k examples "
+            "(upper bound: the cache holds response positions only). Write it once with "
+            "`cot2align cache-teacher` (or teacher.cache.mode=auto on the served layout above).",
+        ]) + "\n"
+
+
+def cached_layout(served: Plan) -> CachedLayout:
+    """The cached run on the same cluster and workload as `served` (see `CachedLayout`)."""
+    t, s, c, wl = served.teacher, served.student, served.cluster, served.workload
+    dp = c.world_size
+    tim = timing(t, s, c, wl, 1, 1, 0, dp)
+    per_token = wl.served_layers * t.hidden_size * 2
+    return CachedLayout(dp=dp, student_memory=student_memory(s, t, c, wl, dp),
+                        examples_per_s=dp * wl.micro_batch_size / tim.student_step, bytes_per_token=per_token,
+                        bytes_per_token_int8=wl.served_layers * (t.hidden_size + 4),
+                        bytes_per_example=per_token * wl.formats * wl.teacher_seq_len)
+
+
 def valid_tp(t: ModelSpec, gpus_per_node: int) -> list[int]:
     """TP sizes that divide gpus_per_node (so TP groups never cross a node), heads, query groups and FFN."""
     return [
@@ -793,7 +840,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(result.to_dict(), indent=2) if args.json else result.to_markdown(), end="")
+    cached = cached_layout(result)
+    if args.json:
+        print(json.dumps({**result.to_dict(), "cached": dataclasses.asdict(cached)}, indent=2))
+    else:
+        print(result.to_markdown() + "\n" + cached.to_markdown(result), end="")
     return 0
 
 

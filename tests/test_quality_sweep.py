@@ -66,3 +66,22 @@ def test_every_row_is_a_valid_config(row: str) -> None:
     cfg = quality.run_config(base, pinned, row, 2)
     assert cfg.run.seed == 2 and cfg.run.name == quality.run_name(base, row, 2)
     assert cfg.loss.name == quality.ROWS[row]["loss"]["name"]
+
+
+def test_rows_read_the_teacher_cache_of_their_data() -> None:
+    """With the teacher cache pinned, every row reads, from the cache of its data.use_cot, and needs
+    no teacher layer beyond what cache-teacher stores (the final and OT layers)."""
+    from cot2align.config import load_config
+    from cot2align.models import resolve_layers
+    from cot2align.recipes.cache import sweep_layers
+
+    base = load_config(str(REPO / "configs" / "experiments" / "quality.yaml"), [])
+    pinned = {"cot": {"enabled": False}, "teacher": {"cache": {"mode": "read", "dtype": "float32"}}}
+    dirs = set()
+    for row in quality.ROWS:
+        cfg = quality.run_config(base, pinned, row, 1)
+        assert cfg.teacher.cache.mode == "read"
+        assert cfg.teacher.cache.dir.endswith("cot" if cfg.data.use_cot else "std")
+        dirs.add(cfg.teacher.cache.dir)
+        assert set(resolve_layers([-1, *cfg.loss.ot.teacher_layers], 4)) <= set(sweep_layers(base, 4)), row
+    assert len(dirs) == 2

@@ -35,20 +35,34 @@ from cot2align.distributed.world import device_of, init_world, wire_dtype
 from cot2align.models import DTYPES, load_model, load_tokenizer
 from cot2align.preemption import stop_request
 from cot2align.recipes.build import callbacks, distill_loss, needs, open_logger, student_model
+from cot2align.recipes.cache import (
+    cache_dir,
+    cache_key,
+    cached_teacher,
+    loss_layers,
+    resolve_mode,
+    run_formats,
+)
 from cot2align.recipes.inputs import ensure_inputs, input_paths
 from cot2align.recipes.prepare import Paths, load_split, read_samples, write_run_files
+from cot2align.student.cached import CachedTeacher
 from cot2align.student.engine import DeepSpeedStepper, StudentMPU, check_lockstep_formats
 from cot2align.student.served import ServedTeacher
 from cot2align.student.teacher_io import load_teacher_io
+from cot2align.teacher.cache import CacheWriter, is_complete
 from cot2align.teacher.megatron_model import MegatronTeacher
-from cot2align.teacher.serve import HFHiddenStates, HiddenStates, MegatronHiddenStates, serve
+from cot2align.teacher.serve import CacheTap, HFHiddenStates, HiddenStates, MegatronHiddenStates, serve
 from cot2align.train import TrainJob, TrainResult, train
 
 
 def check_served(cfg: Config) -> None:
     """Cross-section checks of a served run (before anything heavy starts)."""
     tp = cfg.teacher.parallel
-    require(tp.replicas >= 1, "teacher.parallel.replicas", "must be >= 1 in runtime.mode=served")
+    require(tp.replicas >= 1 or cfg.teacher.cache.mode in ("read", "auto"), "teacher.parallel.replicas",
+            "must be >= 1 in runtime.mode=served (0 only with teacher.cache.mode=read: students read the cache)")
+    require(tp.replicas == 0 or cfg.teacher.cache.mode != "read", "teacher.cache.mode",
+            f"is read: the students read every state from the cache, so teacher.parallel.replicas must be 0 "
+            f"(got {tp.replicas}; the local launcher sets it)")
     if cfg.runtime.teacher_backend == "hf":
         require(tp.tp == 1 and tp.pp == 1, "teacher.parallel.tp",
                 f"runtime.teacher_backend=hf runs the teacher on one rank: tp and pp must be 1 "
@@ -116,9 +130,16 @@ def _teacher(cfg: Config, topo: Topology, transport: Transport, device: torch.de
     else:
         autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.dtype == "bfloat16")
         states = HFHiddenStates(load_model(p.teacher_model, cfg.teacher.dtype), device, autocast)
+    def open_cache(layers: list[int], fmts: list[str], width: int) -> CacheWriter | None:
+        key = cache_key(cfg, p, layers, fmts, width)
+        if resolve_mode(cfg, key) != "write":
+            return None
+        return CacheWriter(cache_dir(cfg), key, f"t{topo.rank}", cfg.teacher.cache.shard_mb << 20)
+
+    cache = CacheTap(open_cache) if cfg.teacher.cache.mode != "off" else None
     return serve(topo=topo, transport=transport, states=states, samples=samples, pad_ids=pad_ids,
                  seed=cfg.run.seed, prefetch=cfg.runtime.prefetch, wire_dtype=wire_dtype(cfg.runtime, device),
-                 request_timeout_s=cfg.runtime.startup_timeout_s)
+                 request_timeout_s=cfg.runtime.startup_timeout_s, cache=cache)
 
 
 def _blaming(topo: Topology, transport: Transport, fn: Callable[[], Any]) -> Any:
@@ -144,17 +165,23 @@ def _student(cfg: Config, topo: Topology, transport: Transport, device: torch.de
     need = needs(cfg.loss)
     tc = cfg.train
     sampler = GlobalBatchSampler(len(samples), tc.micro_batch_size, tc.grad_accum, topo.dp, cfg.run.seed)
-    replica = topo.replica_of()
-    teacher = ServedTeacher(
-        transport, io, sampler, dp.rank, topo.teacher_ranks(replica),
-        {x: topo.sender_rank(replica, x, io.num_layers) for x in range(io.num_layers + 1)},
-        wire_dtype(cfg.runtime, device), cfg.runtime.timeout_s, cfg.runtime.startup_timeout_s, cfg.run.seed)
-    if not need.teacher:  # tell the replica there is nothing to serve
-        teacher.start(0, 0, [], [])
+    loss_fn = distill_loss(cfg, student, io.hidden_size, s_tok, t_tok)
+    teacher: ServedTeacher | CachedTeacher | None = None
+    if topo.colocated:  # a student-only world: the states come from the cache
+        if need.teacher:
+            key = cache_key(cfg, p, loss_layers(loss_fn, io.num_layers), run_formats(cfg), io.hidden_size)
+            teacher = cached_teacher(cfg, key, io, samples, topo.dp, dp.rank)
+    else:
+        replica = topo.replica_of()
+        teacher = ServedTeacher(
+            transport, io, sampler, dp.rank, topo.teacher_ranks(replica),
+            {x: topo.sender_rank(replica, x, io.num_layers) for x in range(io.num_layers + 1)},
+            wire_dtype(cfg.runtime, device), cfg.runtime.timeout_s, cfg.runtime.startup_timeout_s, cfg.run.seed)
+        if not need.teacher:  # tell the replica there is nothing to serve
+            teacher.start(0, 0, [], [])
     if cfg.runtime.zero_stage == 3 and need.aux:  # the aux forward pass runs only when the loss needs it
         check_lockstep_formats(sampler, [s.paired for s in samples],
                                tc.max_steps or tc.epochs * sampler.steps_per_epoch)
-    loss_fn = distill_loss(cfg, student, io.hidden_size, s_tok, t_tok)
     # DeepSpeed all-reduces gradient norms over a "model-parallel" group: each student alone
     mpu = StudentMPU(dp, topo.student_ranks, topo.student_self_group())
 
@@ -178,13 +205,18 @@ def _student(cfg: Config, topo: Topology, transport: Transport, device: torch.de
             callbacks=callbacks(cfg.logging, cfg.eval, tc.eval_every, run_dir,
                                 load_split(p.dev, cfg.data) if dp.main else None,
                                 stop=lambda: stop_request.requested)))
-        if not need.teacher:  # the replica waits for this student's last word
-            if res.interrupted:
-                teacher.stop(res.steps)
-            else:
-                teacher.done()
-        logger.log(res.steps, {"wall_s": time.perf_counter() - t0, "received_bytes": teacher.bytes_received,
-                               "received_positions": teacher.positions_received}, prefix="distill/")
+        if isinstance(teacher, ServedTeacher):
+            if not need.teacher:  # the replica waits for this student's last word
+                if res.interrupted:
+                    teacher.stop(res.steps)
+                else:
+                    teacher.done()
+            logger.log(res.steps, {"wall_s": time.perf_counter() - t0, "received_bytes": teacher.bytes_received,
+                                   "received_positions": teacher.positions_received}, prefix="distill/")
+        elif teacher is not None:
+            teacher.stop(res.steps)
+            logger.log(res.steps, {"wall_s": time.perf_counter() - t0, "cache_read_bytes": teacher.bytes_read},
+                       prefix="distill/")
     finally:
         logger.close()
     return res
@@ -201,6 +233,8 @@ def launch_local(cfg: Config, world_size: int | None = None, env: dict[str, str]
     `distributed.spawn.WorldError` lists every failed rank's error. timeout_s bounds the whole run
     (default: none). env: extra environment variables of the ranks (fault injection in tests).
     """
+    if cfg.teacher.cache.mode == "read" or (cfg.teacher.cache.mode == "auto" and is_complete(cache_dir(cfg))):
+        cfg = cfg.merged({"teacher": {"parallel": {"replicas": 0, "tp": 1, "pp": 1}}})  # students only
     world = world_size or local_world_size(cfg)
     students = Topology(cfg.teacher.parallel, cfg.student.parallel, world, 0).student_ranks
     results = spawn_world(run_rank, cfg, world, essential=students, grace_s=cfg.runtime.timeout_s + 60, env=env,

@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import resource
 import time
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,7 @@ from cot2align.distributed.transport import (
     pack,
 )
 from cot2align.models import frozen, num_layers, response_view
+from cot2align.teacher.cache import CacheWriter, finalize, required_entries
 
 FAULT_ENV = "COT2ALIGN_FAULT"
 """Fault injection for tests: "exit:<rank>:<n>" makes teacher rank <rank> exit (os._exit) right
@@ -186,11 +188,57 @@ def _agree(requests: dict[int, Request], describe: Any) -> Request:
     return first
 
 
+class CacheTap:
+    """Writes what a sending rank serves into the teacher-state cache (`teacher.cache.mode=write`):
+    open(requested layers, formats, width) -> this rank's `CacheWriter` (None: this run writes no cache)."""
+
+    def __init__(self, open: Callable[[list[int], list[str], int], CacheWriter | None]) -> None:
+        self.open = open
+        self.writer: CacheWriter | None = None
+        self._opened = False
+
+    def add(self, idx: list[int], fmt: str, layers: list[int], payload: Tensor, lengths: Tensor,
+            req: Request) -> None:
+        """payload [n_layers, S, d] (this rank's `layers`) of a micro-batch -> one record per sample."""
+        if not self._opened:
+            self.writer = self.open(list(req.layers), list(req.fmts), int(payload.shape[-1]))
+            self._opened = True
+        if self.writer is None:
+            return
+        rows = [int(n) for n in lengths.tolist()]
+        for sample, part, n in zip(idx, torch.split(payload, rows, dim=1), rows, strict=True):
+            if n:
+                self.writer.add(int(sample), fmt, layers, part)
+
+
+def _cache_rest(tap: CacheTap, topo: Topology, states: HiddenStates, samples: list[Sample], pad_ids: dict[str, int],
+                sampler: GlobalBatchSampler, req: Request, sends: list[int], wire_dtype: torch.dtype) -> None:
+    """After the run: forward the samples the run never served (the dropped remainder of each epoch,
+    or all the rest of a run shorter than an epoch), split over replicas, so the cache is complete;
+    then journal and, where every writer is done, seal it. Every rank of a replica walks the same list."""
+    served = {i for s in range(req.total_steps) for d in range(topo.dp) for m in sampler.micro_batches(s, d)
+              for i in m}
+    rest = [i for i in range(len(samples)) if i not in served]
+    chunks = [rest[k : k + req.micro_batch] for k in range(0, len(rest), req.micro_batch)]
+    replica = topo.teacher_coord().replica
+    for idx in chunks[replica :: topo.replicas]:
+        batch = collate([samples[i] for i in idx], pad_ids)
+        for fmt in [f for f in req.fmts if f in batch.seqs["teacher"]]:
+            seq = batch.seqs["teacher"][fmt]
+            hidden = states.hidden(seq, list(req.layers))
+            if sends:
+                tap.add(idx, fmt, sends, pack(hidden, seq.resp_mask, sends, wire_dtype), seq.resp_mask.sum(dim=1), req)
+    if tap.writer is not None:
+        tap.writer.close()
+        finalize(tap.writer.root, tap.writer.key, required_entries([s.paired for s in samples], req.fmts))
+
+
 def serve(*, topo: Topology, transport: Transport, states: HiddenStates, samples: list[Sample],
           pad_ids: dict[str, int], seed: int, prefetch: int, wire_dtype: torch.dtype,
-          request_timeout_s: float) -> ServeStats:
+          request_timeout_s: float, cache: CacheTap | None = None) -> ServeStats:
     """Serve this rank's replica's students until the last step, or until they stop early
-    (see the module docstring)."""
+    (see the module docstring). cache: also write the served states into the teacher-state cache;
+    after the last step the samples the run did not serve are computed too and the cache sealed."""
     t0 = time.perf_counter()
     stats = ServeStats()
     replica = topo.teacher_coord().replica
@@ -212,8 +260,10 @@ def serve(*, topo: Topology, transport: Transport, states: HiddenStates, samples
         layers = list(req.layers)
         sends = [x for x in layers if topo.sender_rank(replica, x, states.num_layers) == topo.rank]
         transport.max_in_flight = max(0, prefetch) * len(req.fmts) * max(1, len(students))
+        stopped = False
         for step, micro in ((s, m) for s in range(req.first_step, req.total_steps) for m in range(req.accum)):
             if stop():
+                stopped = True
                 break
             for student in students:
                 idx = sampler.micro_batches(step, topo.student_index(student))[micro]
@@ -233,12 +283,18 @@ def serve(*, topo: Topology, transport: Transport, states: HiddenStates, samples
                                         lengths_sum=checksum(lengths), indices_sum=checksum(idx),
                                         busy_ms=int(busy * 1000), wait_ms=int(transport.send_wait_s * 1000))
                     transport.send(student, header, payload)
+                    if cache is not None:
+                        cache.add(idx, fmt, sends, payload, lengths, req)
                     stats.rows_sent += payload.shape[1]
                     _fault(topo.rank, transport.messages_sent)
         if sends:
             for student in students:
                 transport.send(student, DataHeader(kind=END))
         transport.flush()
+        if cache is not None and not stopped:  # the students train on; the cache is completed meanwhile
+            _cache_rest(cache, topo, states, samples, pad_ids, sampler, req, sends, wire_dtype)
+        elif cache is not None and cache.writer is not None:
+            cache.writer.close()
         stats.stopped_at = _last_words(control, request_timeout_s, transport)
     except Exception as e:  # a collective of the replica failed: name the rank that died, if one did
         reported = blame(e, topo.teacher_ranks(replica), topo.rank, transport.describe)

@@ -12,6 +12,7 @@ from cot2align.plan import (
     ClusterSpec,
     Plan,
     WorkloadSpec,
+    cached_layout,
     evaluate,
     main,
     pipeline_crosses_nodes,
@@ -450,3 +451,22 @@ def test_cli(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["cluster.nodes=8", "fixed.tp=3"]) == 2
     err = capsys.readouterr().err
     assert "fixed.tp: tp=3" in err
+
+
+def test_cached_layout_by_hand(plan70b: Plan, capsys: pytest.CaptureFixture[str]) -> None:
+    """The cached run puts a student on every GPU: the same student compute per micro-batch, the DP
+    exchange rescaled from dp to 64 ranks ((n - 1) / n, same inter-node bandwidth), and the disk of
+    bf16 states of the served layers at every teacher token."""
+    p = plan70b
+    c = cached_layout(p)
+    assert c.dp == 64
+    t_dp = p.timing.student_dp_comm * (63 / 64) / ((p.dp - 1) / p.dp)
+    b = p.workload.micro_batch_size
+    assert c.examples_per_s == pytest.approx(64 * b / (p.timing.student_compute + t_dp), rel=1e-9)
+    assert c.examples_per_s > 4 * p.examples_per_s  # 64 students instead of 14 waiting on the teacher
+    assert c.bytes_per_token == p.workload.served_layers * 8192 * 2
+    assert c.bytes_per_token_int8 == p.workload.served_layers * (8192 + 4)
+    assert c.bytes_per_example == c.bytes_per_token * p.workload.formats * p.workload.teacher_seq_len
+    assert main(["--teacher", "llama-3-70b", "--student", "llama-3.2-1b", "cluster.nodes=8"]) == 0
+    out = capsys.readouterr().out
+    assert "## Cached run (teacher.cache.mode=read): every GPU a student" in out and "| dp 64, no teacher ranks |" in out

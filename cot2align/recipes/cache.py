@@ -1,0 +1,176 @@
+"""The teacher-state cache in the recipes: its key, the mode a run resolves to, the cached teacher
+sources, and the `cot2align cache-teacher` stage.
+
+    cot2align cache-teacher [--config FILE] [key=value ...]   # teacher over the whole data set, no students
+    cot2align distill teacher.cache.mode=read ...             # students only, states from the cache
+
+`cache-teacher` runs the HF teacher in this process over every sample (sorted by length, batches of
+`teacher.cache.batch_size`), writing the final layer plus `loss.ot.teacher_layers` and both formats
+when the data has CoT pairs, so one cache serves every loss of a sweep. Under a torchrun-style
+launch (RANK / WORLD_SIZE in the environment) each process writes every WORLD_SIZE-th batch as its
+own writer and the last one to finish writes the manifest: no process group is needed.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from cot2align.config import Config
+from cot2align.data.dataset import Sample, collate
+from cot2align.data.sampler import GlobalBatchSampler
+from cot2align.logging import log
+from cot2align.losses import DistillLoss
+from cot2align.models import frozen, load_model, load_tokenizer, num_layers, resolve_layers, response_view
+from cot2align.recipes.build import needs
+from cot2align.recipes.inputs import ensure_inputs, input_paths
+from cot2align.recipes.prepare import Paths, read_samples
+from cot2align.student.cached import CachedTeacher, WritingTeacher, write_views
+from cot2align.student.teacher_io import TeacherIO
+from cot2align.teacher.cache import (
+    CacheError,
+    CacheKey,
+    CacheReader,
+    CacheWriter,
+    file_digest,
+    finalize,
+    is_complete,
+    missing,
+    required_entries,
+    stored_key,
+)
+from cot2align.train import TeacherSource
+
+TOKENIZATION_KEYS = ("use_cot", "pairing", "max_length", "max_prompt_length", "on_overlength", "add_eos",
+                     "on_bad_row")
+"""data.* settings that change which samples exist and how the teacher side is tokenized."""
+
+
+def cache_dir(cfg: Config) -> Path:
+    """`teacher.cache.dir`, else <run.work_dir>/teacher-cache."""
+    return Path(cfg.teacher.cache.dir) if cfg.teacher.cache.dir else Path(cfg.run.work_dir) / "teacher-cache"
+
+
+def teacher_dtype(cfg: Config) -> str:
+    """How the teacher computed: weight dtype, plus bf16 autocast where the HF teacher runs under it."""
+    autocast = cfg.train.dtype == "bfloat16" and cfg.runtime.teacher_backend == "hf"
+    return f"{cfg.teacher.dtype}{'+autocast-bf16' if autocast else ''}"
+
+
+def cache_key(cfg: Config, p: Paths, layers: list[int], fmts: list[str], width: int) -> CacheKey:
+    """The key of the states this config's teacher gives for `layers` (resolved) and `fmts`."""
+    memo = Path(cfg.run.work_dir) / "digests.json"
+    tokenization = {k: getattr(cfg.data, k) for k in TOKENIZATION_KEYS}
+    return CacheKey(teacher=file_digest([p.teacher_model], memo), data=file_digest([p.train], memo),
+                    tokenizer=file_digest([p.teacher_tokenizer], memo),
+                    tokenization=str(sorted(tokenization.items())), layers=tuple(sorted(set(layers))),
+                    formats=tuple(fmts), dtype=cfg.teacher.cache.dtype, teacher_dtype=teacher_dtype(cfg),
+                    width=width)
+
+
+def loss_layers(loss_fn: DistillLoss, final_layer: int) -> list[int]:
+    """The teacher layers the loss reads (resolved, sorted)."""
+    return sorted(set(resolve_layers(loss_fn.required_layers()[1], final_layer)))
+
+
+def run_formats(cfg: Config) -> list[str]:
+    """The formats a run asks the teacher for."""
+    return ["main", "aux"] if needs(cfg.loss).aux else ["main"]
+
+
+def resolve_mode(cfg: Config, key: CacheKey) -> Literal["off", "read", "write"]:
+    """What this run does with the cache: auto -> read when a complete cache matches, else write (a
+    folder holding another key is refused, naming the key, in every mode but off)."""
+    mode = cfg.teacher.cache.mode
+    if mode == "off":
+        return "off"
+    root = cache_dir(cfg)
+    stored = stored_key(root)
+    if stored is not None:
+        why = key.mismatch(stored, subset_ok=mode != "write")
+        if why:
+            raise CacheError(f"teacher cache {root} (teacher.cache.dir) does not match this run (key {why})")
+    if mode == "auto":
+        return "read" if is_complete(root) else "write"
+    return mode
+
+
+def open_reader(cfg: Config, key: CacheKey) -> CacheReader:
+    return CacheReader(cache_dir(cfg), key, cfg.teacher.cache.verify)
+
+
+def cached_teacher(cfg: Config, key: CacheKey, io: TeacherIO, samples: list[Sample], dp_size: int,
+                   dp_rank: int) -> CachedTeacher:
+    """The cached source of one student (replica `dp_rank` of `dp_size`)."""
+    tc = cfg.train
+    sampler = GlobalBatchSampler(len(samples), tc.micro_batch_size, tc.grad_accum, dp_size, cfg.run.seed)
+    return CachedTeacher(open_reader(cfg, key), io.head, io.embed, io.num_layers, sampler, dp_rank, samples,
+                         cfg.teacher.cache.prefetch)
+
+
+def writing_teacher(cfg: Config, key: CacheKey, live: TeacherSource, io: TeacherIO, samples: list[Sample],
+                    pad_ids: dict[str, int]) -> WritingTeacher:
+    """A colocated live source that writes the cache during the first epoch, then reads it."""
+    tc = cfg.train
+    sampler = GlobalBatchSampler(len(samples), tc.micro_batch_size, tc.grad_accum, 1, cfg.run.seed)
+    writer = CacheWriter(cache_dir(cfg), key, "colocated", cfg.teacher.cache.shard_mb << 20)
+    return WritingTeacher(live, writer, samples, pad_ids, sampler, tc.micro_batch_size,
+                          lambda: open_reader(cfg, key), lambda r: cached_teacher(cfg, key, io, samples, 1, 0))
+
+
+def sweep_layers(cfg: Config, final_layer: int) -> list[int]:
+    """What cache-teacher stores: the final layer and the OT layers (a superset of every loss's)."""
+    return sorted(set(resolve_layers([-1, *cfg.loss.ot.teacher_layers], final_layer)))
+
+
+def cache_teacher(cfg: Config) -> Path:
+    """`cot2align cache-teacher`: write (or complete) the cache of this config; returns its folder."""
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    p = ensure_inputs(cfg) if rank == 0 else input_paths(cfg)
+    if rank and not p.teacher_model.is_dir():
+        raise FileNotFoundError(f"cache-teacher rank {rank}: {p.teacher_model} does not exist (rank 0 makes it)")
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu")
+    s_tok, t_tok = load_tokenizer(p.student_tokenizer), load_tokenizer(p.teacher_tokenizer)
+    samples = read_samples(p.train, cfg.data, s_tok, t_tok)
+    model = frozen(load_model(p.teacher_model, cfg.teacher.dtype).to(device))  # type: ignore[arg-type]
+    final = num_layers(model)
+    fmts = ["main", "aux"] if any(s.paired for s in samples) else ["main"]
+    layers = sweep_layers(cfg, final)
+    key = cache_key(cfg.merged({"runtime": {"teacher_backend": "hf"}}), p, layers, fmts,
+                    int(model.config.hidden_size))
+    root = cache_dir(cfg)
+    required = required_entries([s.paired for s in samples], fmts)
+    if is_complete(root):
+        open_reader(cfg, key)  # refuses another key
+        log.info("cache-teacher: %s is complete already", root)
+        return root
+    writer = CacheWriter(root, key, f"r{rank}", cfg.teacher.cache.shard_mb << 20)
+    todo = sorted({i for i, _ in missing(root, key, required)},
+                  key=lambda i: len(samples[i].seqs["teacher"]["main"].ids))
+    bs = cfg.teacher.cache.batch_size or cfg.train.micro_batch_size
+    batches = [todo[k : k + bs] for k in range(0, len(todo), bs)][rank::world]
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.dtype == "bfloat16")
+    t0, positions = time.perf_counter(), 0
+    for n, idx in enumerate(batches):
+        batch = collate([samples[i] for i in idx], {"student": s_tok.pad_token_id, "teacher": t_tok.pad_token_id})
+        views = {}
+        with torch.no_grad(), autocast:
+            for fmt in [f for f in fmts if f in batch.seqs["teacher"]]:
+                views[fmt] = response_view(model, batch.seqs["teacher"][fmt].to(device), layers)
+                positions += int(views[fmt].mask.sum())
+        write_views(writer, batch, {f: v for f, v in views.items()}, layers)
+        if n % 50 == 0:
+            log.info("cache-teacher rank %d: batch %d of %d", rank, n + 1, len(batches))
+    writer.close()
+    seconds = time.perf_counter() - t0
+    log.info("cache-teacher rank %d: %d positions in %.1f s (%.0f positions/s), %.1f MiB written", rank, positions,
+             seconds, positions / max(seconds, 1e-9), writer.bytes_written / 2**20)
+    if finalize(root, key, required):
+        log.info("cache-teacher: %s complete", root)
+    elif world == 1:
+        raise CacheError(f"teacher cache {root} is incomplete after cache-teacher wrote every sample")
+    return root

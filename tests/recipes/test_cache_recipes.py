@@ -1,0 +1,135 @@
+"""The teacher-state cache in the recipes: served-written == cached losses in a student-only world,
+a colocated run that runs the teacher for its first epoch only, cache-teacher then students only,
+and a key mismatch refused before training."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from tiny import STUDENT, TEACHER
+
+from cot2align.config import Config
+from cot2align.models import build_tiny_model, load_tokenizer
+from cot2align.teacher.cache import MANIFEST, CacheError
+from cot2align.teacher.colocated import ColocatedTeacher
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tiny_task: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("cache_teacher")
+    tok = load_tokenizer(tiny_task["tok_teacher"])
+    build_tiny_model(TEACHER, tok, seed=2).save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return out
+
+
+def _cfg(tiny_task: dict[str, Path], teacher_dir: Path, out: Path, name: str, *, mode: str = "colocated",
+         cache: str = "off", dtype: str = "float32", dp: int = 1, micro: int = 4, train: dict[str, Any] | None = None
+         ) -> Config:
+    cfg = Config().merged({
+        "run": {"output_dir": str(out), "name": name, "seed": 3, "work_dir": str(out / "work"), "resume": False},
+        "data": {"train_file": str(tiny_task["train"]), "dev_file": str(tiny_task["dev"]),
+                 "test_file": str(tiny_task["test"]), "max_length": 128, "max_prompt_length": 40},
+        "cot": {"enabled": False},
+        "teacher": {"path": str(teacher_dir), "tokenizer": str(tiny_task["tok_teacher"]),
+                    "cache": {"mode": cache, "dtype": dtype, "dir": str(out / "teacher-cache"), "shard_mb": 1}},
+        "student": {"tokenizer": str(tiny_task["tok_student"]), "parallel": {"dp": dp}},
+        "embedded": {"student_model": STUDENT.to_dict()},
+        "loss": {"name": "cot2align"},
+        "train": {"lr": 1e-2, "min_lr": 1e-4, "max_steps": 5, "micro_batch_size": micro, "grad_accum": 1,
+                  **(train or {})},
+        "eval": {"dev_limit": 2, "max_new_tokens": 4, "seeds": [1]},
+        "logging": {"wandb_mode": "disabled", "progress": False, "log_every": 1},
+        "runtime": {"mode": mode, "timeout_s": 60},
+    })
+    cfg.validate()
+    return cfg
+
+
+def _losses(res: Any, key: str = "loss") -> torch.Tensor:
+    return torch.tensor([h[key] for h in res.history], dtype=torch.float64)
+
+
+@pytest.mark.slow
+def test_served_write_then_student_only_world_gives_the_same_losses(tiny_task: dict[str, Path], teacher_dir: Path,
+                                                                    tmp_path: Path) -> None:
+    """1 teacher rank + 2 students writing an fp32 cache while serving (5 of 12 steps of an epoch: the
+    teacher computes the rest after the last step), then a world of 2 students and NO teacher rank
+    reading it: every step's loss parts and gradient norm are equal."""
+    from cot2align.recipes.served import launch_local
+
+    live_cfg = _cfg(tiny_task, teacher_dir, tmp_path, "live", mode="served", cache="write", dp=2)
+    live = launch_local(live_cfg, timeout_s=300)
+    assert (tmp_path / "teacher-cache" / MANIFEST).is_file()
+    cached_cfg = _cfg(tiny_task, teacher_dir, tmp_path, "cached", mode="served", cache="read", dp=2)
+    ranks = launch_local(cached_cfg, timeout_s=300, return_all=True)
+    assert len(ranks) == 2  # students only
+    cached = ranks[0]
+    assert len(live.history) == len(cached.history) == 5
+    for key in live.history[0]:
+        assert torch.equal(_losses(live, key), _losses(cached, key)), key
+
+
+@pytest.mark.slow
+def test_colocated_auto_runs_the_teacher_for_the_first_epoch_only(tiny_task: dict[str, Path], teacher_dir: Path,
+                                                                  tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two epochs with teacher.cache.mode=auto (fp32): the teacher forwards the first epoch's
+    micro-batches plus one batch of the 6 samples that epoch dropped, then never again; the losses
+    equal a run without cache (fp32 up to batch-composition rounding); a second auto run reads only."""
+    from cot2align.recipes.pipeline import distill
+
+    calls = {"n": 0}
+    live_views = ColocatedTeacher.views
+
+    def counted(self: ColocatedTeacher, *args: Any, **kwargs: Any) -> Any:
+        calls["n"] += 1
+        return live_views(self, *args, **kwargs)
+
+    monkeypatch.setattr(ColocatedTeacher, "views", counted)
+    two_epochs = {"max_steps": 0, "epochs": 2}
+    ref = distill(_cfg(tiny_task, teacher_dir, tmp_path, "ref", micro=10, train=two_epochs))
+    per_epoch = 96 // 10  # 9 steps; 6 samples are dropped from each epoch
+    assert calls["n"] == 2 * per_epoch
+    calls["n"] = 0
+    first = distill(_cfg(tiny_task, teacher_dir, tmp_path, "auto1", cache="auto", micro=10, train=two_epochs))
+    assert calls["n"] == per_epoch + 1
+    torch.testing.assert_close(_losses(first), _losses(ref), rtol=1e-5, atol=0)
+    calls["n"] = 0
+    second = distill(_cfg(tiny_task, teacher_dir, tmp_path, "auto2", cache="auto", micro=10, train=two_epochs))
+    assert calls["n"] == 0
+    assert torch.equal(_losses(second)[per_epoch:], _losses(first)[per_epoch:])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype,rtol", [("float32", 1e-6), ("bfloat16", 1e-4), ("int8", 1e-4)])
+def test_cache_teacher_then_students_only(tiny_task: dict[str, Path], teacher_dir: Path, tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch, dtype: str, rtol: float) -> None:
+    """cache-teacher writes every sample (both formats, the sweep's layers); a read run never loads
+    the teacher and matches the live run per step (fp32: up to the rounding of other batch shapes,
+    measured 0; bf16 / int8: relative 1e-4, measured 1.5e-7 / 2.9e-7 for this loss, whose OT at
+    epsilon 10 is insensitive to small state errors, but not equal); a run with other tokenization
+    settings is refused naming the key."""
+    from cot2align.recipes import colocated
+    from cot2align.recipes.cache import cache_teacher
+    from cot2align.recipes.pipeline import distill
+
+    ref = distill(_cfg(tiny_task, teacher_dir, tmp_path, "ref"))
+    root = cache_teacher(_cfg(tiny_task, teacher_dir, tmp_path, "cache", cache="write", dtype=dtype))
+    assert (root / MANIFEST).is_file()
+
+    def no_teacher(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("a cached run loaded a model")
+
+    monkeypatch.setattr(colocated, "load_model", no_teacher)
+    res = distill(_cfg(tiny_task, teacher_dir, tmp_path, "read", cache="read", dtype=dtype))
+    torch.testing.assert_close(_losses(res), _losses(ref), rtol=rtol, atol=0)
+    if dtype != "float32":
+        assert not torch.equal(_losses(res), _losses(ref))
+    other = _cfg(tiny_task, teacher_dir, tmp_path, "other", cache="read", dtype=dtype).merged(
+        {"data": {"max_length": 100}})
+    with pytest.raises(CacheError, match="key tokenization"):
+        distill(other)
