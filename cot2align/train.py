@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from cot2align.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from cot2align.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_sharded, set_rng_state
 from cot2align.configbase import ConfigBase, require
 from cot2align.data.dataset import Batch, Sample, collate
 from cot2align.data.jsonl import Example
@@ -219,10 +219,13 @@ class Stepper(Protocol):
     def lr(self) -> float: ...
 
     def state_dict(self) -> dict[str, Any]:
-        """"student" and "loss" weights (whole, valid on the first replica), optimizer, scheduler."""
+        """"student" and "loss" weights (whole, valid on the first replica), optimizer, scheduler;
+        optionally "shard": this replica's own part (a partitioned optimizer), saved per replica."""
         ...
 
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+    def load_state_dict(self, state: dict[str, Any], folder: Path | None = None) -> None:
+        """Restore `state`; folder: the checkpoint folder, where the replicas' shards are read."""
+        ...
 
 
 def trained_state(model: nn.Module) -> dict[str, Tensor]:
@@ -288,7 +291,7 @@ class PlainStepper:
         return {"student": trained_state(self.student), "loss": self.loss_fn.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any], folder: Path | None = None) -> None:
         load_trained_state(self.student, state["student"])
         self.loss_fn.load_state_dict(state["loss"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -321,6 +324,11 @@ class DataParallel:
             for k, v in g.items():
                 out[k] += v
         return dict(out)
+
+    def barrier(self) -> None:
+        """Wait for every replica (collective over the replicas)."""
+        if self.size > 1:
+            dist.barrier(group=self.group)
 
     def any(self, flag: bool) -> bool:
         """Whether `flag` is set on any replica (collective over the replicas)."""
@@ -397,17 +405,17 @@ def train(
     ckpt = latest_checkpoint(run_dir) if resume else None
     if ckpt is not None:
         state = load_checkpoint(ckpt)
-        stepper.load_state_dict(state)  # weights too (may be collective)
+        stepper.load_state_dict(state, ckpt)  # weights too (may be collective)
         set_rng_state(state["rng"])
         step, best, history = state["step"], state["best"], state["history"]
         log.info("resumed from %s at step %d", ckpt, step)
 
     def save(at: int) -> None:
         trained = stepper.state_dict()  # on every replica: may be collective
-        if main:
-            save_checkpoint(run_dir, at, {
-                **trained, "rng": rng_state(), "step": at, "best": best, "history": history, "sampler": {"step": at},
-            })
+        shard = trained.pop("shard", None)  # this replica's part of a partitioned optimizer
+        common = {**trained, "rng": rng_state(), "step": at, "best": best, "history": history,
+                  "sampler": {"step": at}} if main else None
+        save_sharded(run_dir, at, common, shard, dp.rank, dp.size, dp.barrier)
 
     def export(name: str, full: FullWeights) -> Path:
         out = run_dir / name
