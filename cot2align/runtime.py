@@ -16,12 +16,18 @@ single-process path and the reference the served mode is tested against.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import os
 import queue
+import signal
 import socket
+import sys
+import threading
 import time
 import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -302,6 +308,57 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+def exit_with_supervisor(supervisor: int, poll_s: float = 0.5) -> None:
+    """Make this process (a rank of a local world) die when `supervisor`, its parent, does, however
+    it dies (SIGTERM, SIGKILL, a crash): on Linux the kernel sends SIGKILL on the parent's death
+    (prctl PR_SET_PDEATHSIG); everywhere a daemon thread also polls the parent id every `poll_s`
+    seconds and kills this process when it changes (re-parented: the supervisor is gone).
+    SIGINT is ignored here: Ctrl-C reaches the supervisor, which stops every rank itself."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        except (OSError, AttributeError):
+            pass  # the watchdog below still applies
+    if os.getppid() != supervisor:  # it died before the prctl took effect
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def watch() -> None:
+        while os.getppid() == supervisor:
+            time.sleep(poll_s)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="supervisor-watchdog", daemon=True).start()
+
+
+def _supervised_entry(supervisor: int, target: Callable[..., None], *args: Any) -> None:
+    exit_with_supervisor(supervisor)
+    target(*args)
+
+
+@contextmanager
+def supervised(ctx: Any, target: Callable[..., None], args_per_process: list[tuple[Any, ...]]) -> Iterator[list[Any]]:
+    """Start one process of the multiprocessing context `ctx` per args tuple, running target(*args)
+    under `exit_with_supervisor` (they die with this process); yields the processes. On leaving
+    (normally, on an exception, on Ctrl-C) every one still running is killed and all are joined."""
+    procs = [ctx.Process(target=_supervised_entry, args=(os.getpid(), target, *args), daemon=False)
+             for args in args_per_process]
+    try:
+        for proc in procs:
+            proc.start()
+        yield procs
+    finally:
+        for proc in procs:
+            if proc.is_alive():
+                proc.kill()
+        for proc in procs:
+            if proc.pid is not None:  # started
+                proc.join(timeout=10)
+
+
 def _local_worker(cfg: Config, rank: int, world: int, port: int, results: Any, env: dict[str, str]) -> None:
     os.environ.update(env)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
@@ -328,6 +385,8 @@ def launch_local(cfg: Config, world_size: int | None = None, env: dict[str, str]
     """Run a served world of `world_size` processes on this machine; return the first student's result
     (return_all: every rank's, by rank: ServeStats on teachers, TrainResult on students).
 
+    The ranks do not outlive this process (`exit_with_supervisor`): killed or terminated, it takes
+    them along within a second; Ctrl-C (KeyboardInterrupt here) kills them before it propagates.
     On a failure the other ranks get until their own deadlines (runtime.timeout_s) to report
     what they saw (or until every student has finished), then everything still running is killed and `WorldError` lists every
     failed rank's error. timeout_s bounds the whole run (default: none). env: extra
@@ -342,37 +401,29 @@ def launch_local(cfg: Config, world_size: int | None = None, env: dict[str, str]
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_local_worker, args=(cfg, r, world, port, results, env or {}), daemon=False)
-             for r in range(world)]
-    for proc in procs:
-        proc.start()
     overall = time.monotonic() + timeout_s if timeout_s else float("inf")
     grace = float("inf")  # after a failure: until the others' own deadlines have passed
     done: dict[int, Any] = {}
     failures: dict[int, str] = {}
     try:
-        while len(done) + len(failures) < world and time.monotonic() < min(overall, grace):
-            try:
-                rank, result, error = results.get(timeout=0.5)
-            except queue.Empty:
-                for r, proc in enumerate(procs):
-                    if r not in done and r not in failures and proc.exitcode not in (None, 0):
-                        failures[r] = f"process exited with code {proc.exitcode} without reporting"
-                        grace = min(grace, time.monotonic() + cfg.runtime.timeout_s + 60)
-                continue
-            if error is None:
-                done[rank] = result
-            else:
-                failures[rank] = error
-                grace = min(grace, time.monotonic() + cfg.runtime.timeout_s + 60)
-            if failures and all(s in done or s in failures for s in students):
-                grace = min(grace, time.monotonic() + 2)  # every student is finished: no need to wait longer
+        with supervised(ctx, _local_worker, [(cfg, r, world, port, results, env or {}) for r in range(world)]) as procs:
+            while len(done) + len(failures) < world and time.monotonic() < min(overall, grace):
+                try:
+                    rank, result, error = results.get(timeout=0.5)
+                except queue.Empty:
+                    for r, proc in enumerate(procs):
+                        if r not in done and r not in failures and proc.exitcode not in (None, 0):
+                            failures[r] = f"process exited with code {proc.exitcode} without reporting"
+                            grace = min(grace, time.monotonic() + cfg.runtime.timeout_s + 60)
+                    continue
+                if error is None:
+                    done[rank] = result
+                else:
+                    failures[rank] = error
+                    grace = min(grace, time.monotonic() + cfg.runtime.timeout_s + 60)
+                if failures and all(s in done or s in failures for s in students):
+                    grace = min(grace, time.monotonic() + 2)  # every student is finished: no need to wait longer
     finally:
-        for proc in procs:
-            if proc.is_alive():
-                proc.kill()
-        for proc in procs:
-            proc.join(timeout=10)
         results.close()
         results.join_thread()
     missing = [r for r in range(world) if r not in done and r not in failures]

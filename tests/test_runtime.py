@@ -7,6 +7,10 @@ config run in this process with the same global batch (grad_accum x dp).
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import time
 from functools import partial
 from pathlib import Path
@@ -15,6 +19,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
+import yaml
 from dist import run_distributed
 from torch import Tensor, nn
 from transformers import GPT2Config, GPT2LMHeadModel
@@ -384,3 +389,51 @@ def test_zero3_lockstep_check_names_the_first_disagreeing_micro_batch() -> None:
         paired[i] = False
     with pytest.raises(ConfigError, match=r"at step 0, micro-batch 0, student replicas \[0\] have CoT-paired"):
         check_lockstep_formats(sampler, paired, 8)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_training_world_dies_with_its_killed_supervisor(tiny_task: dict[str, Path], teacher_dir: Path,
+                                                        tmp_path: Path) -> None:
+    """`launch_local` in a supervisor process that is SIGKILLed mid-training (it runs no cleanup):
+    every rank is gone within seconds, not training on as an orphan."""
+    from test_supervisor import alive, wait_gone
+
+    cfg = _cfg(tiny_task, teacher_dir, tmp_path, mode="served", steps=100_000)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parent.parent),
+                                                         os.environ.get("PYTHONPATH", "")])}
+    code = ("import sys; from cot2align.config import load_config; from cot2align.runtime import launch_local; "
+            "launch_local(load_config(sys.argv[1]))")
+    sup = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "config.yaml")], env=env,
+                           start_new_session=True)
+    ranks: list[int] = []
+    try:
+        metrics, deadline = cfg.run_dir / "metrics.jsonl", time.monotonic() + 240
+        while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):  # training
+            assert sup.poll() is None and time.monotonic() < deadline, "the world did not start training"
+            time.sleep(0.5)
+        ranks = [p for p in _children(sup.pid) if alive(p)]
+        assert len(ranks) >= 3  # 1 teacher + 2 students (+ multiprocessing's resource tracker)
+        sup.kill()
+        sup.wait(timeout=10)
+        assert wait_gone(ranks, 10.0) == [], "ranks outlived their killed supervisor"
+    finally:
+        if sup.poll() is None:
+            sup.kill()
+        for p in ranks:
+            if alive(p):
+                os.kill(p, signal.SIGKILL)
+
+
+def _children(pid: int) -> list[int]:
+    """Processes whose parent is pid (from /proc)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
