@@ -30,6 +30,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from cot2align.logging import log
+
 MANIFEST = "manifest.json"
 STATE = "state.pt"
 FORMAT = 2
@@ -168,7 +170,11 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
         path = root / pointer.read_text().strip()
         if manifest(path) is not None:
             return path
-    complete = sorted(p for p in root.glob("step_*") if manifest(p) is not None)
+    steps = sorted(p for p in root.glob("step_*") if p.is_dir())
+    complete = [p for p in steps if manifest(p) is not None]
+    if len(complete) < len(steps):
+        log.warning("%s: step folder(s) without a matching %s (half-written, or from before manifests) are not "
+                    "resumed: %s", root, MANIFEST, ", ".join(p.name for p in steps if p not in complete))
     return complete[-1] if complete else None
 
 

@@ -27,6 +27,13 @@ micro-batches of a step have the same formats. A step where one student's micro-
 "aux" rows and another's has none would break it (mismatched gathers hang until the process
 groups' timeout), so `check_lockstep_formats` refuses such a run before training, naming the
 step.
+
+Checkpoints under ZeRO are saved per student (`state_dict()["shard"]`, written by each rank
+into the step folder by `checkpoint.save_sharded`): for every parameter a student holds a
+piece of, the piece's offset in the flattened parameter and its fp32 master weights and Adam
+moments. The format does not depend on how the parameters were partitioned, so a run may
+resume on a different number of students: each student cuts its new partition out of the
+overlapping saved pieces (`_load_shards`, shards memory-mapped).
 """
 
 from __future__ import annotations
