@@ -39,10 +39,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from cot2align.checkpoint import save_sharded, shard_name  # noqa: E402
+from cot2align.distributed.parallel import DataParallel  # noqa: E402
+from cot2align.distributed.spawn import free_port  # noqa: E402
 from cot2align.losses.base import LossOutput  # noqa: E402
-from cot2align.runtime import free_port  # noqa: E402
+from cot2align.optim import TrainConfig  # noqa: E402
 from cot2align.student.engine import DeepSpeedStepper, StudentMPU  # noqa: E402
-from cot2align.train import DataParallel, TrainConfig  # noqa: E402
 
 MIB = 1 << 20
 SIZES = {"small": dict(n_embd=128, n_layer=4, vocab_size=4000), "large": dict(n_embd=384, n_layer=6, vocab_size=16000)}

@@ -191,12 +191,14 @@ def _tiny_task(root: Path) -> dict[str, Path]:
 
 
 def _distill(task: dict[str, Path], run_dir: Path, device: torch.device, dtype: str, steps: int) -> list[float]:
-    """The colocated path of `pipeline.distill` with every module on `device`; the per-step losses."""
+    """The colocated recipe (`recipes.colocated.distill_colocated`) with every module on `device`
+    and tiny random models; the per-step losses."""
     from cot2align.config import Config
-    from cot2align.logging import MetricsLogger
     from cot2align.models import TinyModelConfig, build_tiny_model, hidden_size, load_tokenizer
-    from cot2align.pipeline import _samples, load_split, prepare_data  # (cot2align.recipes after issue 15)
-    from cot2align.train import ColocatedTeacher, train
+    from cot2align.recipes.build import distill_loss, open_logger
+    from cot2align.recipes.prepare import prepare_data, read_samples
+    from cot2align.teacher.colocated import ColocatedTeacher
+    from cot2align.train import TrainJob, train
 
     cfg = Config().merged({
         "run": {"output_dir": str(run_dir.parent), "name": run_dir.name, "seed": 3, "work_dir": str(run_dir / "work"),
@@ -215,18 +217,16 @@ def _distill(task: dict[str, Path], run_dir: Path, device: torch.device, dtype: 
                                                intermediate=128), t_tok, seed=2).to(device).eval()
     student = build_tiny_model(TinyModelConfig(arch="gpt2", layers=2, hidden=48, heads=4, kv_heads=4,
                                                intermediate=96), s_tok, seed=1).to(device)
-    ctx = LossContext(hidden_size(student), hidden_size(teacher), len(s_tok), len(t_tok), False, s_tok, t_tok,
-                      cache_dir=str(run_dir / "cache"))
     torch.manual_seed(0)
-    loss_fn = build_loss(cfg.loss, ctx).to(device)
-    logger = MetricsLogger(run_dir, cfg.logging, cfg.to_dict(), name=run_dir.name)
+    loss_fn = distill_loss(cfg, student, hidden_size(teacher), s_tok, t_tok).to(device)
+    job = TrainJob(run_dir=run_dir, student=student, student_tok=s_tok, loss_fn=loss_fn,
+                   samples=read_samples(p.train, cfg.data, s_tok, t_tok),
+                   pad_ids={"student": s_tok.pad_token_id, "teacher": t_tok.pad_token_id}, cfg=cfg.train, seed=3,
+                   teacher=ColocatedTeacher(teacher), needs_aux=cfg.loss.ot.cross_pairs,
+                   projector_lr=cfg.loss.projector_lr, device=device, resume=False)
+    logger = open_logger(cfg, run_dir, run_dir.name)
     try:
-        res = train(run_dir=run_dir, student=student, student_tok=s_tok, loss_fn=loss_fn,
-                    teacher=ColocatedTeacher(teacher), samples=_samples(cfg, cfg.data, s_tok, t_tok, p),
-                    pad_ids={"student": s_tok.pad_token_id, "teacher": t_tok.pad_token_id}, cfg=cfg.train,
-                    projector_lr=cfg.loss.projector_lr, needs_aux=cfg.loss.ot.cross_pairs, seed=3, logger=logger,
-                    log_cfg=cfg.logging, dev=load_split(p.dev, cfg.data)[:2], eval_cfg=None, resume=False,
-                    device=device)
+        res = train(job, logger=logger, log_cfg=cfg.logging, callbacks=[])
     finally:
         logger.close()
     return [h["loss"] for h in res.history]
@@ -248,8 +248,8 @@ def bench_colocated(device: torch.device, quick: bool, work: Path) -> Row:
 def _megatron_rank(rank: int, port: int, ckpt: str, ids: Tensor, mask: Tensor, queue: Any) -> None:
     import torch.distributed as dist
 
+    from cot2align.distributed.topology import StudentParallelConfig, TeacherParallelConfig, Topology
     from cot2align.teacher.megatron_model import MegatronTeacher
-    from cot2align.topology import StudentParallelConfig, TeacherParallelConfig, Topology
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=300))
@@ -272,7 +272,7 @@ def _megatron_rank(rank: int, port: int, ckpt: str, ids: Tensor, mask: Tensor, q
 def bench_megatron(device: torch.device, work: Path) -> Row:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from cot2align.runtime import free_port
+    from cot2align.distributed.spawn import free_port
 
     config = LlamaConfig(hidden_size=64, num_attention_heads=8, num_key_value_heads=4, intermediate_size=128,
                          vocab_size=250, num_hidden_layers=4, tie_word_embeddings=False)

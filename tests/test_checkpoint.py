@@ -130,8 +130,9 @@ def _shard_worker(rank: int, world: int, root: str, stage: int, resume_from: str
     """`world` students at ZeRO `stage`: from scratch (save at SAVE_AT into root/<stage>-dp<world>),
     or resumed from root/<resume_from>; returns the per-step global losses it ran."""
     from cot2align.checkpoint import save_sharded
+    from cot2align.distributed.parallel import DataParallel
+    from cot2align.optim import TrainConfig
     from cot2align.student.engine import DeepSpeedStepper, StudentMPU
-    from cot2align.train import DataParallel, TrainConfig
 
     cfg = TrainConfig(lr=1e-2, min_lr=1e-4, max_steps=STEPS, micro_batch_size=BATCH // world, clip_grad=1.0,
                       weight_decay=0.1)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
-from cot2align.config import Config, load_config
-from cot2align.configbase import ConfigError
+from cot2align.config import load_config
+from cot2align.configbase import ConfigError, changed_keys
 
 
 def test_default_config_loads_and_overrides_apply() -> None:
@@ -66,24 +67,38 @@ def test_yaml_errors_name_file_and_line(tmp_path: Path) -> None:
         load_config(typo)
 
 
-def test_round_trip_to_dict() -> None:
-    cfg = load_config(None, ["loss.ot.cost=cosine"])
-    again = Config().merged(cfg.to_dict())
-    assert again == cfg
+CHANGED = {"loss.ot.cost": "cosine", "train.lr": 0.003, "runtime.mode": "colocated", "teacher.parallel.tp": 1,
+           "launch.slurm.time": "1:00:00", "eval.seeds": [1, 2], "embedded.student_model.layers": 3}
+
+
+def test_yaml_round_trip_keeps_every_value(tmp_path: Path) -> None:
+    """What a run directory keeps (config.yaml) loads back to the same config, nested values included,
+    and changed_keys finds exactly the keys that were overridden."""
+    cfg = load_config(None, [f"{k}={json.dumps(v)}" for k, v in CHANGED.items()])
+    for key, value in CHANGED.items():  # the overrides really landed
+        node: object = cfg
+        for part in key.split("."):
+            node = getattr(node, part)
+        assert node == value, key
+    saved = tmp_path / "config.yaml"
+    saved.write_text(cfg.to_yaml())
+    again = load_config(saved)
+    assert again == cfg and again.to_yaml() == cfg.to_yaml()
+    assert changed_keys(load_config().to_dict(), again.to_dict()) == sorted(CHANGED)
 
 
 def test_resuming_a_run_made_with_another_config_warns(tmp_path: Path, caplog: pytest.LogCaptureFixture,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     from cot2align.checkpoint import save_checkpoint
     from cot2align.logging import log
-    from cot2align.pipeline import _write_run_files
+    from cot2align.recipes.prepare import write_run_files
 
     monkeypatch.setattr(log, "propagate", True)
     first = load_config(None, [f"run.output_dir={tmp_path}"])
-    _write_run_files(first, first.run_dir, "distill")
+    write_run_files(first, first.run_dir, "distill")
     save_checkpoint(first.run_dir, 1, {"step": 1})
-    _write_run_files(first, first.run_dir, "distill")
+    write_run_files(first, first.run_dir, "distill")
     assert "different config" not in caplog.text
     second = load_config(None, [f"run.output_dir={tmp_path}", "train.lr=0.1", "runtime.mode=colocated"])
-    _write_run_files(second, second.run_dir, "distill")
+    write_run_files(second, second.run_dir, "distill")
     assert "different config (runtime.mode, train.lr)" in caplog.text

@@ -51,8 +51,9 @@ from torch import Tensor, nn
 from cot2align.checkpoint import CheckpointError, load_shard, shard_name
 from cot2align.configbase import ConfigError
 from cot2align.data.sampler import GlobalBatchSampler
+from cot2align.distributed.parallel import DataParallel
 from cot2align.losses.base import LossOutput
-from cot2align.train import DataParallel, FullWeights, TrainConfig, build_optimizer, lr_lambda
+from cot2align.optim import FullWeights, TrainConfig, build_optimizer, lr_lambda
 
 ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 """AdamW's per-element state, saved per student next to the fp32 master weights."""

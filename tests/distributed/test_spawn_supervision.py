@@ -1,7 +1,7 @@
 """A local world does not outlive its supervisor: ranks spawned like `launch_local`'s die within
 seconds when the supervisor is terminated (SIGTERM), killed (SIGKILL) or interrupted (Ctrl-C:
 SIGINT to the whole foreground process group). The end-to-end case (a training world) is in
-test_runtime.py."""
+tests/recipes/test_served.py."""
 
 from __future__ import annotations
 
@@ -13,26 +13,10 @@ import time
 from pathlib import Path
 
 import pytest
+from supervised import alive, wait_gone
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parent.parent  # tests/
 WITHIN_S = 5.0
-
-
-def alive(pid: int) -> bool:
-    """Whether pid runs (a zombie, dead but not yet reaped, does not)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
-def wait_gone(pids: list[int], within_s: float) -> list[int]:
-    """The pids still alive after up to `within_s` seconds."""
-    deadline = time.monotonic() + within_s
-    while time.monotonic() < deadline and any(alive(p) for p in pids):
-        time.sleep(0.1)
-    return [p for p in pids if alive(p)]
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")

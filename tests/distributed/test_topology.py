@@ -10,7 +10,13 @@ import torch.distributed as dist
 from dist import run_distributed
 
 from cot2align.configbase import ConfigError
-from cot2align.topology import StudentParallelConfig, TeacherCoord, TeacherParallelConfig, Topology
+from cot2align.distributed.spawn import WorldError
+from cot2align.distributed.topology import (
+    StudentParallelConfig,
+    TeacherCoord,
+    TeacherParallelConfig,
+    Topology,
+)
 
 
 def topo(tp: int, pp: int, replicas: int, dp: int, world: int, rank: int = 0) -> Topology:
@@ -184,5 +190,6 @@ def _failing_worker(rank: int, world: int) -> None:
 
 @pytest.mark.slow
 def test_run_distributed_reports_failing_rank() -> None:
-    with pytest.raises(RuntimeError, match=r"(?s)rank 1 of 2 failed.*boom on purpose"):
+    with pytest.raises(WorldError, match=r"(?s)--- rank 1: ValueError: boom on purpose") as e:
         run_distributed(_failing_worker, 2, timeout_s=60, grace_s=1.0)
+    assert set(e.value.failures) == {0, 1} and "killed" in e.value.failures[0]  # rank 0 blocked, then killed
