@@ -38,6 +38,8 @@ class RunConfig(ConfigBase):
     """Names and places (`run.*`)."""
 
     name: str = "embedded"
+    """The run directory's name under output_dir, the Slurm job name and the W&B run name: no path
+    separators, not `.` or `..` (spaces and other characters are quoted where needed)."""
     output_dir: str = "runs"
     """Run directories are created under here: <output_dir>/<name>."""
     work_dir: str = ".cache/embedded"
@@ -45,6 +47,17 @@ class RunConfig(ConfigBase):
     seed: int = 10
     resume: bool = True
     """Resume from the run directory's latest checkpoint when one exists."""
+
+    def check(self, prefix: str) -> None:
+        name = self.name
+        require(bool(name.strip()), f"{prefix}.name", "must not be empty")
+        require(not any(sep in name for sep in ("/", "\\")), f"{prefix}.name",
+                f"{name!r} contains a path separator; the name becomes a folder under run.output_dir, so "
+                "use a plain name (put the run elsewhere with run.output_dir)")
+        require(name not in (".", "..") and not name.startswith(".."), f"{prefix}.name",
+                f"{name!r} would point outside run.output_dir; use a plain name")
+        require(not any(ord(c) < 32 for c in name), f"{prefix}.name",
+                f"{name!r} contains a control character (newline, tab, ...)")
 
 
 @dataclass

@@ -2,6 +2,12 @@
 
 W&B is offline unless configured (or WANDB_MODE says) otherwise, imported lazily,
 and only on the process that logs.
+
+Steps: W&B drops (with a warning) any row logged at a step below one it has seen, and the
+series of a run are not in step order with each other (evaluation after training logs at
+step 0; a table has no step). So W&B's own step is never set: every row carries our step as
+the `global_step` metric, which every series uses as its x-axis (`define_metric`), and W&B
+counts its rows itself (always increasing).
 """
 
 from __future__ import annotations
@@ -19,6 +25,9 @@ from typing import Any, Literal
 from cot2align.configbase import ConfigBase, require
 
 log = logging.getLogger("cot2align")
+
+STEP_METRIC = "global_step"
+"""The W&B metric every logged series is plotted against (our optimizer step)."""
 
 
 @dataclass
@@ -89,30 +98,32 @@ class MetricsLogger:
                 job_type=job_type, config=config, dir=str(self.run_dir), mode=mode, id=run_id,  # type: ignore[arg-type]
                 resume="allow", settings=wandb.Settings(silent=True, console="off"),
             )
+            self._wandb.define_metric(STEP_METRIC)
+            self._wandb.define_metric("*", step_metric=STEP_METRIC)
 
     def log(self, step: int, metrics: dict[str, float], prefix: str = "") -> None:
         row = {"step": step, "time": time.time(), **{f"{prefix}{k}": v for k, v in metrics.items()}}
         self._file.write(json.dumps(row) + "\n")
         self._file.flush()
         if self._wandb is not None:
-            self._wandb.log({k: v for k, v in row.items() if k not in ("step", "time")}, step=step)
+            self._wandb.log({**{k: v for k, v in row.items() if k not in ("step", "time")}, STEP_METRIC: step})
 
-    def log_table(self, key: str, columns: list[str], rows: list[list[Any]]) -> None:
-        """A W&B table (e.g. generations); also written as run_dir/<key>.jsonl."""
+    def log_table(self, key: str, columns: list[str], rows: list[list[Any]], step: int = 0) -> None:
+        """A W&B table (e.g. generations) at `step`; also written as run_dir/<key>.jsonl."""
         with (self.run_dir / f"{key.replace('/', '_')}.jsonl").open("w", encoding="utf-8") as f:
             for r in rows:
                 f.write(json.dumps(dict(zip(columns, r, strict=True))) + "\n")
         if self._wandb is not None:
             import wandb
 
-            self._wandb.log({key: wandb.Table(columns=list[Any](columns), data=rows)})
+            self._wandb.log({key: wandb.Table(columns=list[Any](columns), data=rows), STEP_METRIC: step})
 
     def log_images(self, step: int, images: dict[str, str | Path]) -> None:
         """Log image files (e.g. PNG heatmaps) to W&B under their keys; no-op without W&B."""
         if self._wandb is not None and images:
             import wandb
 
-            self._wandb.log({k: wandb.Image(str(p)) for k, p in images.items()}, step=step)
+            self._wandb.log({**{k: wandb.Image(str(p)) for k, p in images.items()}, STEP_METRIC: step})
 
     @property
     def wandb_dir(self) -> str | None:

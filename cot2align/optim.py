@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal, NamedTuple, Protocol
 
 import torch
@@ -113,10 +114,13 @@ class Stepper(Protocol):
     def lr(self) -> float: ...
 
     def state_dict(self) -> dict[str, Any]:
-        """"student" and "loss" weights (whole, valid on the first replica), optimizer, scheduler."""
+        """"student" and "loss" weights (whole, valid on the first replica), optimizer, scheduler;
+        optionally "shard": this replica's own part (a partitioned optimizer), saved per replica."""
         ...
 
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+    def load_state_dict(self, state: dict[str, Any], folder: Path | None = None) -> None:
+        """Restore `state`; folder: the checkpoint folder, where the replicas' shards are read."""
+        ...
 
 
 def trained_state(model: nn.Module) -> dict[str, Tensor]:
@@ -182,7 +186,7 @@ class PlainStepper:
         return {"student": trained_state(self.student), "loss": self.loss_fn.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any], folder: Path | None = None) -> None:
         load_trained_state(self.student, state["student"])
         self.loss_fn.load_state_dict(state["loss"])
         self.optimizer.load_state_dict(state["optimizer"])

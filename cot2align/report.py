@@ -18,6 +18,7 @@ import torch
 import yaml
 from torch import nn
 
+from cot2align.checkpoint import safe_load
 from cot2align.evaluate import eval_table, results_table
 from cot2align.logging import log
 from cot2align.losses.ot import CrossCoTOT, transport_plans
@@ -133,7 +134,7 @@ def save_plans(module: nn.Module, step: int, run_dir: Path) -> Path | None:
 def plot_plans(plan_file: Path, out_dir: Path, max_plots: int = 4) -> dict[str, Path]:
     """Heatmaps (student positions x teacher positions, tokens on the axes) of a saved plan file."""
     plt = _pyplot()
-    record = torch.load(plan_file, weights_only=False)
+    record = safe_load(plan_file)
     out_dir.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
     for name in list(record["plans"])[:max_plots]:

@@ -26,7 +26,7 @@ from torch import nn
 from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from cot2align.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from cot2align.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_sharded, set_rng_state
 from cot2align.data.dataset import Batch, Sample, collate
 from cot2align.data.sampler import GlobalBatchSampler
 from cot2align.data.views import ResponseView
@@ -211,7 +211,7 @@ def train(job: TrainJob, *, logger: MetricsLogger, log_cfg: LoggingConfig, callb
     ckpt = latest_checkpoint(job.run_dir) if job.resume else None
     if ckpt is not None:
         state = load_checkpoint(ckpt)
-        loop.stepper.load_state_dict(state)  # weights too (may be collective)
+        loop.stepper.load_state_dict(state, ckpt)  # weights too (may be collective)
         set_rng_state(state["rng"])
         loop.step, loop.best, loop.history = state["step"], state["best"], state["history"]
         log.info("resumed from %s at step %d", ckpt, loop.step)
@@ -219,10 +219,10 @@ def train(job: TrainJob, *, logger: MetricsLogger, log_cfg: LoggingConfig, callb
 
     def save() -> None:
         trained = loop.stepper.state_dict()  # on every replica: may be collective
-        if loop.main:
-            save_checkpoint(job.run_dir, loop.step, {**trained, "rng": rng_state(), "step": loop.step,
-                                                     "best": loop.best, "history": loop.history,
-                                                     "sampler": {"step": loop.step}})
+        shard = trained.pop("shard", None)  # this replica's part of a partitioned optimizer
+        common = {**trained, "rng": rng_state(), "step": loop.step, "best": loop.best, "history": loop.history,
+                  "sampler": {"step": loop.step}} if loop.main else None
+        save_sharded(job.run_dir, loop.step, common, shard, dp.rank, dp.size, dp.barrier)
 
     autocast = torch.autocast(job.device.type if job.device else "cpu", dtype=torch.bfloat16,
                               enabled=cfg.dtype == "bfloat16")

@@ -44,6 +44,10 @@ def test_yaml_then_overrides_order(tmp_path: Path) -> None:
         ("data.max_prompt_length=999", "data.max_prompt_length: must be in [1, max_length="),
         ("loss.ot.student_layers=[0,-3]", "loss.ot.student_layers: layer -3"),
         ("nokey", "expected key=value"),
+        ("run.name=../escape", "run.name: '../escape' contains a path separator"),
+        ("run.name=a/b", "run.name: 'a/b' contains a path separator"),
+        ("run.name=..", "run.name: '..' would point outside run.output_dir"),
+        ("run.name=x\\y", "run.name: 'x\\\\y' contains a path separator"),
     ],
 )
 def test_bad_values_name_the_key(override: str, fragment: str) -> None:

@@ -11,6 +11,7 @@ import torch
 from dist import run_distributed
 from rouge_score import rouge_scorer
 from tiny import TEACHER
+from wandb_records import history
 
 from cot2align.configbase import ConfigError
 from cot2align.data.embedded import extract_answer
@@ -161,7 +162,9 @@ def test_two_ranks_give_the_same_generations_as_one(model_dir: Path, tiny_task: 
 
 
 def test_cli_evaluates_several_files(model_dir: Path, tiny_task: dict[str, Path], tmp_path: Path,
-                                     monkeypatch: pytest.MonkeyPatch) -> None:
+                                     monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]) -> None:
+    import wandb
+
     from cot2align.cli import main
 
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -187,6 +190,16 @@ def test_cli_evaluates_several_files(model_dir: Path, tiny_task: dict[str, Path]
     table = (out / "eval_results.md").read_text()
     assert "| dev |" in table and "| dolly | 2 |" in table
     assert list(out.glob("wandb/offline-run-*/files/media/table/generations/dolly_*.table.json"))
+    # every key evaluation logged reached the offline W&B run (none dropped as "step less than current")
+    wandb.teardown()  # the W&B service flushes the run's file when it stops
+    (run,) = out.glob("wandb/offline-run-*/run-*.wandb")
+    logged = {k for line in (out / "metrics.jsonl").read_text().splitlines() for k in json.loads(line)} - {"step",
+                                                                                                       "time"}
+    assert {"eval/dev/rouge_l", "eval/dolly/rouge_l"} <= logged
+    rows = history(run)
+    assert logged | {"generations/dev", "generations/dolly"} <= {k for r in rows for k in r}
+    assert all(r["global_step"] == 0 for r in rows)
+    assert "Tried to log to step" not in "".join(capfd.readouterr())
 
 
 def test_results_table_shows_mean_and_std() -> None:

@@ -2,6 +2,12 @@
 
 Every malformed row is an error naming the file and line, or, with
 `on_bad_row="skip"`, is skipped and counted with its reason. Nothing is dropped silently.
+
+Types: `instruction`, `output`, `input` and `rationale` must be JSON strings (a number there
+is almost always a column mix-up, so it is an error, not a guess). `id` and `answer` may also
+be numbers (spreadsheet exports write `7`, not `"7"`): they are coerced to their decimal text
+(`7` -> "7", `2.5` -> "2.5"); booleans, lists and objects are errors. A UTF-8 byte-order mark
+at the start of a file (Windows and spreadsheet exports) is skipped.
 """
 
 from __future__ import annotations
@@ -52,7 +58,9 @@ class ReadReport:
 
 
 _REQUIRED = ("instruction", "output")
-_OPTIONAL_STR = ("input", "rationale", "id")
+_OPTIONAL_STR = ("input", "rationale")
+_OPTIONAL_STR_OR_NUMBER = ("id", "answer")
+_BOM = b"\xef\xbb\xbf"
 
 
 def parse_row(raw: bytes, where: str) -> Example:
@@ -75,13 +83,18 @@ def parse_row(raw: bytes, where: str) -> Example:
         if not obj[key].strip():
             raise DataError(f"{where}: field {key!r} is empty")
     for key in _OPTIONAL_STR:
-        if key in obj and obj[key] is not None and not isinstance(obj[key], str | int):
-            raise DataError(f"{where}: field {key!r} must be a string, got {type(obj[key]).__name__}")
+        if key in obj and obj[key] is not None and not isinstance(obj[key], str):
+            raise DataError(f"{where}: field {key!r} must be a string, got {type(obj[key]).__name__} "
+                            f"({json.dumps(obj[key])[:40]}); quote it if it is meant as text")
+    for key in _OPTIONAL_STR_OR_NUMBER:
+        value = obj.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, str | int | float)):
+            raise DataError(f"{where}: field {key!r} must be a string or a number, got {type(value).__name__}")
     rationale = obj.get("rationale")
     if rationale is not None and not str(rationale).strip():
         raise DataError(f"{where}: field 'rationale' is empty (omit it or set null for no rationale)")
     answer = obj.get("answer")
-    meta = {k: v for k, v in obj.items() if k not in (*_REQUIRED, *_OPTIONAL_STR, "answer")}
+    meta = {k: v for k, v in obj.items() if k not in (*_REQUIRED, *_OPTIONAL_STR, *_OPTIONAL_STR_OR_NUMBER)}
     return Example(
         id=str(obj.get("id", where)),
         instruction=obj["instruction"],
@@ -106,6 +119,8 @@ def read_jsonl(
     seen: dict[str, int] = {}
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, start=1):
+            if lineno == 1:
+                raw = raw.removeprefix(_BOM)
             if not raw.strip():
                 continue
             where = f"{path}:{lineno}"

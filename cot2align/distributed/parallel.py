@@ -44,6 +44,11 @@ class DataParallel:
                 out[k] += v
         return dict(out)
 
+    def barrier(self) -> None:
+        """Wait for every replica (collective over the replicas)."""
+        if self.size > 1:
+            dist.barrier(group=self.group)
+
     def any(self, flag: bool) -> bool:
         """Whether `flag` is set on any replica (collective over the replicas)."""
         return flag if self.size == 1 else any_rank(flag, self.group, self.device)

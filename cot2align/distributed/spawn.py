@@ -4,17 +4,24 @@
 
 Every rank runs `target(arg)` with RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT / LOCAL_RANK
 set (the same environment a Slurm task exports), so what runs here is what runs on a cluster.
+The ranks do not outlive the process that spawned them (`exit_with_supervisor`): killed or
+terminated, it takes them along within a second; Ctrl-C reaches only it, and it kills them.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import pickle
 import queue
+import signal
 import socket
+import sys
+import threading
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch.multiprocessing as mp
@@ -25,6 +32,57 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+def exit_with_supervisor(supervisor: int, poll_s: float = 0.5) -> None:
+    """Make this process (a rank of a local world) die when `supervisor`, its parent, does, however
+    it dies (SIGTERM, SIGKILL, a crash): on Linux the kernel sends SIGKILL on the parent's death
+    (prctl PR_SET_PDEATHSIG); everywhere a daemon thread also polls the parent id every `poll_s`
+    seconds and kills this process when it changes (re-parented: the supervisor is gone).
+    SIGINT is ignored here: Ctrl-C reaches the supervisor, which stops every rank itself."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        except (OSError, AttributeError):
+            pass  # the watchdog below still applies
+    if os.getppid() != supervisor:  # it died before the prctl took effect
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def watch() -> None:
+        while os.getppid() == supervisor:
+            time.sleep(poll_s)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="supervisor-watchdog", daemon=True).start()
+
+
+def _supervised_entry(supervisor: int, target: Callable[..., None], *args: Any) -> None:
+    exit_with_supervisor(supervisor)
+    target(*args)
+
+
+@contextmanager
+def supervised(ctx: Any, target: Callable[..., None], args_per_process: list[tuple[Any, ...]]) -> Iterator[list[Any]]:
+    """Start one process of the multiprocessing context `ctx` per args tuple, running target(*args)
+    under `exit_with_supervisor` (they die with this process); yields the processes. On leaving
+    (normally, on an exception, on Ctrl-C) every one still running is killed and all are joined."""
+    procs = [ctx.Process(target=_supervised_entry, args=(os.getpid(), target, *args), daemon=False)
+             for args in args_per_process]
+    try:
+        for proc in procs:
+            proc.start()
+        yield procs
+    finally:
+        for proc in procs:
+            if proc.is_alive():
+                proc.kill()
+        for proc in procs:
+            if proc.pid is not None:  # started
+                proc.join(timeout=10)
 
 
 def _worker(target: Callable[[Any], Any], arg: Any, rank: int, world: int, port: int, results: Any,
@@ -64,37 +122,29 @@ def spawn_world(target: Callable[[Any], Any], arg: Any, world: int, essential: S
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(target, arg, r, world, port, results, env or {}), daemon=False)
-             for r in range(world)]
-    for proc in procs:
-        proc.start()
     overall = time.monotonic() + timeout_s if timeout_s else float("inf")
     grace = float("inf")  # after a failure: until the others' own deadlines have passed
     done: dict[int, Any] = {}
     failures: dict[int, str] = {}
     try:
-        while len(done) + len(failures) < world and time.monotonic() < min(overall, grace):
-            try:
-                rank, result, error = results.get(timeout=0.5)
-            except queue.Empty:
-                for r, proc in enumerate(procs):
-                    if r not in done and r not in failures and proc.exitcode not in (None, 0):
-                        failures[r] = f"process exited with code {proc.exitcode} without reporting"
-                        grace = min(grace, time.monotonic() + grace_s)
-                continue
-            if error is None:
-                done[rank] = pickle.loads(result)
-            else:
-                failures[rank] = error
-                grace = min(grace, time.monotonic() + grace_s)
-            if failures and all(r in done or r in failures for r in essential):
-                grace = min(grace, time.monotonic() + 2)  # nothing left worth waiting for
+        with supervised(ctx, _worker, [(target, arg, r, world, port, results, env or {}) for r in range(world)]) as procs:
+            while len(done) + len(failures) < world and time.monotonic() < min(overall, grace):
+                try:
+                    rank, result, error = results.get(timeout=0.5)
+                except queue.Empty:
+                    for r, proc in enumerate(procs):
+                        if r not in done and r not in failures and proc.exitcode not in (None, 0):
+                            failures[r] = f"process exited with code {proc.exitcode} without reporting"
+                            grace = min(grace, time.monotonic() + grace_s)
+                    continue
+                if error is None:
+                    done[rank] = pickle.loads(result)
+                else:
+                    failures[rank] = error
+                    grace = min(grace, time.monotonic() + grace_s)
+                if failures and all(r in done or r in failures for r in essential):
+                    grace = min(grace, time.monotonic() + 2)  # nothing left worth waiting for
     finally:
-        for proc in procs:
-            if proc.is_alive():
-                proc.kill()
-        for proc in procs:
-            proc.join(timeout=10)
         results.close()
         results.join_thread()
     for r in range(world):

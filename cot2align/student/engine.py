@@ -27,6 +27,13 @@ micro-batches of a step have the same formats. A step where one student's micro-
 "aux" rows and another's has none would break it (mismatched gathers hang until the process
 groups' timeout), so `check_lockstep_formats` refuses such a run before training, naming the
 step.
+
+Checkpoints under ZeRO are saved per student (`state_dict()["shard"]`, written by each rank
+into the step folder by `checkpoint.save_sharded`): for every parameter a student holds a
+piece of, the piece's offset in the flattened parameter and its fp32 master weights and Adam
+moments. The format does not depend on how the parameters were partitioned, so a run may
+resume on a different number of students: each student cuts its new partition out of the
+overlapping saved pieces (`_load_shards`, shards memory-mapped).
 """
 
 from __future__ import annotations
@@ -34,17 +41,22 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from cot2align.checkpoint import CheckpointError, load_shard, shard_name
 from cot2align.configbase import ConfigError
 from cot2align.data.sampler import GlobalBatchSampler
 from cot2align.distributed.parallel import DataParallel
 from cot2align.losses.base import LossOutput
 from cot2align.optim import FullWeights, TrainConfig, build_optimizer, lr_lambda
+
+ADAM_KEYS = ("exp_avg", "exp_avg_sq")
+"""AdamW's per-element state, saved per student next to the fp32 master weights."""
 
 
 def disable_shm_comm() -> None:
@@ -274,24 +286,101 @@ class DeepSpeedStepper:
                         raise ValueError(f"checkpoint does not fit the student: missing {missing}, {errors}")
 
     def state_dict(self) -> dict[str, Any]:
-        """Weights ("student", "loss": whole, on the first student), optimizer and schedule.
-        Collective over the students when ZeRO partitions the optimizer state or the weights."""
+        """Weights ("student", "loss": whole, on the first student), schedule and optimizer.
+        Under ZeRO the optimizer is NOT gathered: "shard" holds this student's own part (see
+        `_shard`), which the loop saves per rank. Collective over the students under ZeRO-3
+        (the weights are gathered)."""
         full = self.full_weights()
         out: dict[str, Any] = {"student": full.student.state_dict(), "loss": full.loss,
                                "scheduler": self.scheduler.state_dict()}
         if self.zero_stage == 0:
             return {**out, "optimizer": self.optimizer.state_dict()}
-        opt = self.engine.optimizer
-        if self.zero_stage == 3:
-            opt.checkpoint_event_prologue()
-        parts: list[Any] = [None] * self.dp.size
-        dist.all_gather_object(parts, opt.state_dict(), group=self.dp.group)
-        if self.zero_stage == 3:
-            opt.checkpoint_event_epilogue()
-        return {**out, "optimizer_by_rank": parts}
+        lrs = [float(g["lr"]) for g in self.optimizer.param_groups]
+        return {**out, "zero": {"stage": self.zero_stage, "replicas": self.dp.size, "lr": lrs},
+                "shard": self._shard()}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Weights, then the optimizer (ZeRO rebuilds its fp32 partitions from the weights / its state)."""
+    def _fragments(self) -> list[tuple[str, Tensor, int, int, int]]:
+        """This student's pieces of the partitioned fp32 master weights, one per trainable
+        parameter it holds a piece of: (name in StudentModules, flat fp32 partition it lives in,
+        start in that partition, start in the flattened parameter, element count)."""
+        opt = self.engine.optimizer
+        out: list[tuple[str, Tensor, int, int, int]] = []
+        for name, p in self.modules.named_parameters():
+            if not p.requires_grad:
+                continue
+            if self.zero_stage == 3:
+                group, start, numel = opt.grad_position[opt.get_param_id(p)]
+                offset = self.dp.rank * numel  # ZeRO-3: equal partitions of the flattened parameter
+                count = max(0, min(numel, int(p.ds_numel) - offset))  # type: ignore[attr-defined]
+                if count:
+                    out.append((name, opt.fp32_partitioned_groups_flat[group], int(start), offset, count))
+                continue
+            mapping = getattr(p, "_hp_mapping", None)
+            if mapping is None:  # ZeRO-1/2: no element of this parameter in this student's partition
+                continue
+            out.append((name, opt.single_partition_of_fp32_groups[mapping.param_group_index],
+                        mapping.hp_fragment_address.start, mapping.lp_fragment_address.start,
+                        mapping.lp_fragment_address.numel))
+        return out
+
+    def _shard(self) -> dict[str, Any]:
+        """This student's optimizer state, independent of how it was partitioned: for every
+        parameter it holds a piece of, {"offset": start in the flattened parameter, "fp32",
+        "exp_avg", "exp_avg_sq": 1-D tensors [count]}, and "step" (Adam's step count)."""
+        inner = self.engine.optimizer.optimizer
+        params: dict[str, dict[str, Any]] = {}
+        steps: set[float] = set()
+        for name, flat, start, offset, count in self._fragments():
+            state = inner.state.get(flat, {})
+            entry: dict[str, Any] = {"offset": offset, "fp32": flat.detach().narrow(0, start, count).cpu().clone()}
+            for key in ADAM_KEYS:
+                if key in state:
+                    entry[key] = state[key].narrow(0, start, count).cpu().clone()
+            if "step" in state:
+                steps.add(float(state["step"]))
+            params[name] = entry
+        if len(steps) > 1:
+            raise RuntimeError(f"ZeRO optimizer groups disagree on the step count: {sorted(steps)}")
+        return {"params": params, "step": steps.pop() if steps else None}
+
+    def _load_shards(self, folder: Path, replicas: int) -> None:
+        """Fill this student's partitions of the fp32 weights and Adam state from the shards of
+        `replicas` students (any number: each piece is cut from whichever saved pieces overlap
+        it). Shards are memory-mapped, so only the overlapping pieces are read."""
+        shards = [load_shard(folder, r) for r in range(replicas)]
+        steps = {s["step"] for s in shards if s["step"] is not None}
+        if len(steps) > 1:
+            raise CheckpointError(f"{folder}: the shards disagree on the optimizer step: {sorted(steps)}")
+        step = steps.pop() if steps else None
+        inner = self.engine.optimizer.optimizer
+        for name, flat, start, offset, count in self._fragments():
+            if step is not None and flat not in inner.state:
+                inner.state[flat] = {"step": torch.tensor(step, dtype=torch.float32),
+                                     **{k: torch.zeros_like(flat) for k in ADAM_KEYS}}
+            state = inner.state.get(flat, {})
+            targets = {"fp32": flat.data.narrow(0, start, count),
+                       **{k: state[k].narrow(0, start, count) for k in ADAM_KEYS if k in state}}
+            covered = 0
+            for r, shard in enumerate(shards):
+                piece = shard["params"].get(name)
+                if piece is None:
+                    continue
+                lo = max(offset, piece["offset"])
+                hi = min(offset + count, piece["offset"] + piece["fp32"].numel())
+                if lo >= hi:
+                    continue
+                for key, target in targets.items():
+                    if key not in piece:
+                        raise CheckpointError(f"{folder / shard_name(r)}: {name} has no {key!r}")
+                    target[lo - offset:hi - offset].copy_(piece[key][lo - piece["offset"]:hi - piece["offset"]])
+                covered += hi - lo
+            if covered != count:
+                raise CheckpointError(f"{folder}: the shards cover {covered} of the {count} elements of {name} "
+                                      f"(from {offset}) this student holds: the checkpoint does not fit this student")
+
+    def load_state_dict(self, state: dict[str, Any], folder: Path | None = None) -> None:
+        """Weights, then the optimizer: under ZeRO from the per-student shards in `folder`, which
+        may come from a different number of students (resharding)."""
         if self.zero_stage == 3:
             self._scatter({**{f"student.{k}": v for k, v in state["student"].items()},
                            **{f"loss.{k}": v for k, v in state["loss"].items()}})
@@ -301,18 +390,16 @@ class DeepSpeedStepper:
             self.modules.loss.load_state_dict(state["loss"])
         if self.zero_stage == 0:
             if "optimizer" not in state:
-                raise ValueError("checkpoint was saved with ZeRO (optimizer_by_rank); resume with zero_stage > 0")
+                raise CheckpointError(f"{folder}: saved with ZeRO (per-student optimizer shards); resume with "
+                                      "runtime.zero_stage > 0")
             self.optimizer.load_state_dict(state["optimizer"])
         else:
-            if "optimizer_by_rank" not in state or len(state["optimizer_by_rank"]) != self.dp.size:
-                raise ValueError(f"checkpoint's optimizer state does not match ZeRO stage {self.zero_stage} "
-                                 f"with {self.dp.size} student replicas")
-            opt = self.engine.optimizer
-            if self.zero_stage == 3:
-                opt.checkpoint_event_prologue()
-            opt.load_state_dict(state["optimizer_by_rank"])
-            if self.zero_stage == 3:
-                opt.checkpoint_event_epilogue()
+            if "zero" not in state or folder is None:
+                raise CheckpointError(f"{folder}: saved without ZeRO (one optimizer state); resume with "
+                                      "runtime.zero_stage=0")
+            self._load_shards(Path(folder), int(state["zero"]["replicas"]))
+            for group, lr in zip(self.optimizer.param_groups, state["zero"]["lr"], strict=True):
+                group["lr"] = lr
         self.scheduler.load_state_dict(state["scheduler"])
 
 

@@ -33,6 +33,11 @@ def _write(tmp: Path, lines: list[bytes]) -> Path:
         (json.dumps({"instruction": 3, "output": "5"}).encode(), "field 'instruction' must be a string"),
         (json.dumps({"instruction": "x", "output": "5", "rationale": ""}).encode(), "field 'rationale' is empty"),
         (b'{"instruction": "\xff\xfe", "output": "5"}', "not valid UTF-8"),
+        (json.dumps({**GOOD, "rationale": 7}).encode(), "field 'rationale' must be a string, got int (7)"),
+        (json.dumps({**GOOD, "input": 2.5}).encode(), "field 'input' must be a string, got float"),
+        (json.dumps({**GOOD, "answer": [5]}).encode(), "field 'answer' must be a string or a number, got list"),
+        (json.dumps({**GOOD, "id": True}).encode(), "field 'id' must be a string or a number, got bool"),
+        (b"\xef\xbb\xbf" + json.dumps(GOOD).encode(), "not valid JSON"),  # a BOM is skipped on line 1 only
     ],
 )
 def test_bad_rows_name_file_and_line(tmp_path: Path, line: bytes, message: str) -> None:
@@ -40,6 +45,17 @@ def test_bad_rows_name_file_and_line(tmp_path: Path, line: bytes, message: str) 
     with pytest.raises(DataError) as e:
         read_jsonl(p)
     assert f"{p}:2: {message}" in str(e.value)
+
+
+def test_utf8_bom_and_numeric_id_and_answer(tmp_path: Path) -> None:
+    """A file starting with a UTF-8 BOM loads (its first row intact); numbers in id / answer are
+    coerced to their decimal text."""
+    p = _write(tmp_path, [b"\xef\xbb\xbf" + json.dumps({**GOOD, "id": 7, "answer": 5}).encode(),
+                          json.dumps({**GOOD, "id": "x", "answer": 2.5}).encode()])
+    examples, _ = read_jsonl(p)
+    assert [(e.id, e.answer, e.instruction) for e in examples] == [("7", "5", GOOD["instruction"]),
+                                                                  ("x", "2.5", GOOD["instruction"])]
+    assert examples[0].meta == {}
 
 
 def test_bad_rows_skipped_and_counted(tmp_path: Path) -> None:

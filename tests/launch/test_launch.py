@@ -186,6 +186,24 @@ def test_resubmitting_the_run_dir_reuses_it(fake_slurm: Path, tmp_path: Path,
     assert len(fake_slurm.read_text().splitlines()) == 2
 
 
+def test_run_names_stay_inside_the_output_dir(fake_slurm: Path, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """A name with a path separator or `..` is refused naming run.name; one with spaces and `;` is
+    kept, quoted wherever the sbatch script uses it."""
+    args = [a for a in SUBMIT_ARGS if a != "t1"]
+    for bad in ("../escape", "a/b", ".."):
+        assert launch.main([*args[:args.index("--name") + 1], bad, *args[args.index("--name") + 1:]]) == 2
+        assert "run.name: " in capsys.readouterr().err
+    assert not fake_slurm.exists() and not (tmp_path / "escape").exists()
+    odd = "my run; rm -rf x"
+    assert launch.main([*args[:args.index("--name") + 1], odd, *args[args.index("--name") + 1:]]) == 0
+    run_dir = tmp_path / "runs" / odd
+    script = (run_dir / "submit.sh").read_text()
+    assert f"#SBATCH --job-name='{odd}'" in script
+    assert f"--output '{run_dir}/logs/%j_%t_log.out'" in script
+    assert load_config(run_dir / "config.yaml").run.name == odd
+
+
 def test_layout_that_cannot_work_is_refused_before_submitting(fake_slurm: Path,
                                                               capsys: pytest.CaptureFixture[str]) -> None:
     # 6 teacher ranks + 4 students on 8 GPUs

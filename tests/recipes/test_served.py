@@ -7,6 +7,10 @@ config run in this process with the same global batch (grad_accum x dp).
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import time
 from functools import partial
 from pathlib import Path
@@ -15,7 +19,9 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
+import yaml
 from dist import run_distributed
+from supervised import alive, children, wait_gone
 from tiny import STUDENT, TEACHER
 from torch import Tensor, nn
 from transformers import GPT2Config, GPT2LMHeadModel
@@ -179,6 +185,7 @@ def _zero3_data() -> Tensor:
 def _zero3_worker(rank: int, world: int, out: str) -> dict[str, Any]:
     """2 students, ZeRO-3 (only the 16-element norms stay whole): 3 steps on half batches each,
     then save, gather, reload into a fresh stepper and step again."""
+    from cot2align.checkpoint import load_checkpoint, save_sharded
     from cot2align.distributed.parallel import DataParallel
     from cot2align.optim import TrainConfig
     from cot2align.student.engine import DeepSpeedStepper, StudentMPU
@@ -205,10 +212,12 @@ def _zero3_worker(rank: int, world: int, out: str) -> dict[str, Any]:
         losses.append(parts["loss"])
     partitioned = {n: p.numel() == 0 for n, p in student.named_parameters()}  # between steps
     state = stepper.state_dict()
+    shard = state.pop("shard")
+    folder = save_sharded(out, 3, state if rank == 0 else None, shard, rank, world, dp.barrier)
     full = stepper.full_weights()
     weights = {k: v.clone() for k, v in full.student.state_dict().items()} if rank == 0 else {}
     again, student2, loss2 = make()
-    again.load_state_dict(state)
+    again.load_state_dict(load_checkpoint(folder), folder)
     gathered = again.full_weights()
     reloaded = {k: v.clone() for k, v in gathered.student.state_dict().items()} if rank == 0 else {}
     extra = []
@@ -300,7 +309,8 @@ def test_served_zero3_matches_colocated_resumes_and_exports(tiny_task: dict[str,
     ckpt = latest_checkpoint(cfg.run_dir)
     assert ckpt is not None
     state = load_checkpoint(ckpt)
-    assert state["step"] == STEPS and len(state["optimizer_by_rank"]) == 2
+    assert state["step"] == STEPS and state["zero"]["replicas"] == 2
+    assert (ckpt / "shard_00000.pt").is_file() and (ckpt / "shard_00001.pt").is_file()
     colocated = load_file(ref.export_dir.parent / "final" / "model.safetensors")
     assert set(exported) == set(colocated) and exported
     for k, v in exported.items():
@@ -381,3 +391,38 @@ def test_zero3_lockstep_check_names_the_first_disagreeing_micro_batch() -> None:
         paired[i] = False
     with pytest.raises(ConfigError, match=r"at step 0, micro-batch 0, student replicas \[0\] have CoT-paired"):
         check_lockstep_formats(sampler, paired, 8)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_training_world_dies_with_its_killed_supervisor(tiny_task: dict[str, Path], teacher_dir: Path,
+                                                        tmp_path: Path) -> None:
+    """`launch_local` in a supervisor process that is SIGKILLed mid-training (it runs no cleanup):
+    every rank is gone within seconds, not training on as an orphan."""
+
+    cfg = _cfg(tiny_task, teacher_dir, tmp_path, mode="served", steps=100_000)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[2]),
+                                                         os.environ.get("PYTHONPATH", "")])}
+    code = ("import sys; from cot2align.config import load_config; from cot2align.recipes.served import launch_local; "
+            "launch_local(load_config(sys.argv[1]))")
+    sup = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "config.yaml")], env=env,
+                           start_new_session=True)
+    ranks: list[int] = []
+    try:
+        metrics, deadline = cfg.run_dir / "metrics.jsonl", time.monotonic() + 240
+        while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):  # training
+            assert sup.poll() is None and time.monotonic() < deadline, "the world did not start training"
+            time.sleep(0.5)
+        ranks = [p for p in children(sup.pid) if alive(p)]
+        assert len(ranks) >= 3  # 1 teacher + 2 students (+ multiprocessing's resource tracker)
+        sup.kill()
+        sup.wait(timeout=10)
+        assert wait_gone(ranks, 10.0) == [], "ranks outlived their killed supervisor"
+    finally:
+        if sup.poll() is None:
+            sup.kill()
+        for p in ranks:
+            if alive(p):
+                os.kill(p, signal.SIGKILL)
+
