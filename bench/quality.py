@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -168,13 +169,14 @@ def table(records: list[dict[str, Any]], teacher: dict[str, float] | None, first
 
 
 def run_name(base: Any, row: str, seed: int) -> str:
-    """run.name of one (row, seed) run: `<sweep name>/<row>/seed<k>`."""
-    return f"{base.run.name}/{row.replace(' ', '_').replace('(', '').replace(')', '')}/seed{seed}"
+    """run.name of one (row, seed) run: `<row>-seed<k>` (its folder: `<output_dir>/<sweep name>/<run.name>`)."""
+    return f"{re.sub(r'[^A-Za-z0-9.]+', '_', row).strip('_')}-seed{seed}"
 
 
 def run_config(base: Any, pinned: dict[str, Any], row: str, seed: int) -> Any:
     """The validated config of one (row, seed) run."""
-    cfg = base.merged(pinned).merged(ROWS[row]).merged({"run": {"seed": seed, "name": run_name(base, row, seed)}})
+    cfg = base.merged(pinned).merged(ROWS[row]).merged({"run": {
+        "seed": seed, "name": run_name(base, row, seed), "output_dir": str(Path(base.run.output_dir) / base.run.name)}})
     if cfg.teacher.cache.mode == "read":
         cfg = cfg.merged({"teacher": {"cache": {"dir": cache_dir(cfg)}}})
     cfg.validate()
