@@ -129,13 +129,14 @@ class MultiLevelOTConfig(ConfigBase):
     token_weight: float = 1.5
     """Weight of [token terms + sequence_weight * sequence term] added to CE."""
     sequence_weight: float = 0.1
-    """Weight of the sequence-level Sinkhorn term inside the bracket."""
+    """Weight of the sequence-level Sinkhorn term inside the bracket (the reference's 0.1)."""
     sinkhorn_iterations: int = 10
     """Row/column normalisation rounds of the sequence-level Sinkhorn."""
     sinkhorn_epsilon: float = 0.1
     """Kernel K = exp(-W / epsilon)."""
-    sequence_scale: float = 1e-4
-    """Scale of the sequence term (the reference's 1e-3 * 0.1)."""
+    sequence_scale: float = 1e-3
+    """Scale of each example's sequence OT value before the sum over the micro-batch (the reference's
+    1e-3; sequence_weight's 0.1 is applied on top, once)."""
     temperature: float = 2.0
     """Temperature T of the re-softmax of the top-k vectors before the sequence-level cost."""
     token_ce_weight: float = 0.1
