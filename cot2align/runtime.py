@@ -62,8 +62,8 @@ class RuntimeConfig(ConfigBase):
     """DeepSpeed ZeRO stage of the students (0-3; 1 partitions the optimizer state, 2 also the
     gradients, 3 also the weights: evaluation, export and checkpoints then gather them, one
     module at a time, from every student into a whole copy kept on the first student; every
-    student must then call the same modules in each micro-batch: checked before training, see
-    cot2align.student.engine.check_lockstep_formats)."""
+    student then calls the same modules in each micro-batch, as every micro-batch runs the
+    step's formats: see cot2align.data.dataset.collate)."""
     zero3_persist_below: int = 100_000
     """ZeRO-3: parameters with fewer elements stay whole on every student (DeepSpeed's
     stage3_param_persistence_threshold; 0 = partition every parameter)."""
@@ -229,7 +229,7 @@ def _student(cfg: Config, topo: Topology, transport: Any, device: torch.device, 
     from cot2align.models import DTYPES, hidden_size
     from cot2align.pipeline import _student_model, _write_run_files, load_split
     from cot2align.preemption import stop_request
-    from cot2align.student.engine import DeepSpeedStepper, StudentMPU, check_lockstep_formats
+    from cot2align.student.engine import DeepSpeedStepper, StudentMPU
     from cot2align.student.served import ServedTeacher
     from cot2align.student.teacher_io import load_teacher_io
     from cot2align.train import DataParallel, train
@@ -256,9 +256,6 @@ def _student(cfg: Config, topo: Topology, transport: Any, device: torch.device, 
         _wire_dtype(cfg.runtime, device), cfg.runtime.timeout_s, cfg.runtime.startup_timeout_s, cfg.run.seed)
     if not needs_teacher:  # tell the replica there is nothing to serve
         teacher.start(0, 0, [], [])
-    if cfg.runtime.zero_stage == 3 and needs_aux:  # the aux forward pass runs only when the loss needs it
-        check_lockstep_formats(sampler, [s.paired for s in samples],
-                               tc.max_steps or tc.epochs * sampler.steps_per_epoch)
     # DeepSpeed all-reduces gradient norms over a "model-parallel" group: each student alone
     mpu = StudentMPU(dp, topo.student_ranks, topo.student_self_group())
 

@@ -434,7 +434,7 @@ def train(
         stepper.zero_grad()
         parts_sum: dict[str, float] = defaultdict(float)
         for idx in micro:
-            batch = collate([samples[i] for i in idx], pad_ids)
+            batch = collate([samples[i] for i in idx], pad_ids, plan.fmts)
             batch = batch.to(device) if device is not None else batch
             with autocast:
                 out = stepper.forward(partial(micro_batch_loss, student, student_final, loss_fn, batch, teacher,

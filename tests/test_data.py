@@ -158,6 +158,23 @@ def test_unpaired_and_mixed_batches(tiny_task: dict[str, Path]) -> None:
     assert ANSWER_BRIDGE.strip() not in tok.decode(nocot[0].seqs["teacher"]["main"].ids)
 
 
+def test_collate_with_the_steps_formats_always_has_aux(tiny_task: dict[str, Path]) -> None:
+    """A micro-batch of unpaired records still gets an (all-dummy) aux format when the step runs aux, so
+    every ZeRO-3 replica runs the same forward passes."""
+    examples, _ = read_jsonl(tiny_task["train"])
+    tok = load_tokenizer(tiny_task["tok_teacher"])
+    samples, _ = build_samples(examples[:2], tok, tok, DataConfig(max_length=512, max_prompt_length=256))
+    unpaired = [s for s in samples if not s.paired]
+    assert set(collate(unpaired, {"student": 0, "teacher": 0}).seqs["student"]) == {"main"}
+    batch = collate(unpaired, {"student": 0, "teacher": 0}, ["main", "aux"])
+    for side in ("student", "teacher"):
+        aux = batch.seqs[side]["aux"]
+        assert aux.input_ids.shape == (2, 1) and not bool(aux.resp_mask.any())
+    paired = collate(samples, {"student": 0, "teacher": 0})
+    assert set(paired.seqs["student"]) == {"main", "aux"}
+    assert set(collate(samples, {"student": 0, "teacher": 0}, ["main"]).seqs["teacher"]) == {"main"}
+
+
 def test_truncation_counted_skipped_or_error(tiny_task: dict[str, Path]) -> None:
     examples, _ = read_jsonl(tiny_task["train"])
     tok = load_tokenizer(tiny_task["tok_teacher"])

@@ -365,18 +365,3 @@ def test_students_fail_fast_when_a_teacher_dies(tiny_task: dict[str, Path], teac
     assert named, failures  # at least one student names the teacher; the other may fail in its all-reduce
     if fault == "hang":
         assert any("sent nothing for 4 s" in failures[r] for r in named)
-
-
-def test_zero3_lockstep_check_names_the_first_disagreeing_micro_batch() -> None:
-    from cot2align.data.sampler import GlobalBatchSampler
-    from cot2align.student.engine import check_lockstep_formats
-
-    sampler = GlobalBatchSampler(16, 2, 1, 2, seed=0)  # 2 replicas x micro-batch 2: 4 steps an epoch
-    check_lockstep_formats(sampler, [True] * 16, 8)
-    check_lockstep_formats(sampler, [False] * 16, 8)
-    paired = [True] * 16
-    step0 = sampler.micro_batches(0, 1)[0]
-    for i in step0:  # replica 1's first micro-batch loses its rationales
-        paired[i] = False
-    with pytest.raises(ConfigError, match=r"at step 0, micro-batch 0, student replicas \[0\] have CoT-paired"):
-        check_lockstep_formats(sampler, paired, 8)

@@ -251,10 +251,16 @@ def _pad_side(seqs: list[Sequence | None], pad_id: int) -> SeqBatch:
     return SeqBatch(ids, att, labels, resp_index, resp_mask)
 
 
-def collate(samples: list[Sample], pad_ids: dict[str, int]) -> Batch:
-    """Pad a list of samples into a Batch; "aux" is present when any sample is paired."""
+def collate(samples: list[Sample], pad_ids: dict[str, int], fmts: list[str] | tuple[str, ...] | None = None) -> Batch:
+    """Pad a list of samples into a Batch.
+
+    fmts None: "aux" is present when any sample is paired. Given (e.g. the step's formats): exactly
+    those formats, "aux" made of 1-token dummy rows where a sample is unpaired, so every micro-batch
+    runs the same forward passes whatever its records (what ZeRO-3's collective gathers need).
+    """
     paired = torch.tensor([s.paired for s in samples], dtype=torch.bool)
-    fmts = ["main", "aux"] if bool(paired.any()) else ["main"]
+    if fmts is None:
+        fmts = ["main", "aux"] if bool(paired.any()) else ["main"]
     seqs = {
         side: {fmt: _pad_side([s.seqs[side].get(fmt) for s in samples], pad_ids[side]) for fmt in fmts}
         for side in SIDES

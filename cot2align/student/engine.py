@@ -22,11 +22,9 @@ their module (the student's output-head weight in DSKD-style products, the
 Evaluation and export need whole weights on the first student: `full_weights`
 (collective over the students) gathers them one module at a time into a full copy of
 the student kept on the first student only. Each gather is a collective, so every
-student must call the same modules in the same order in each micro-batch: true when all
-micro-batches of a step have the same formats. A step where one student's micro-batch has
-"aux" rows and another's has none would break it (mismatched gathers hang until the process
-groups' timeout), so `check_lockstep_formats` refuses such a run before training, naming the
-step.
+student must call the same modules in the same order in each micro-batch: true because every
+micro-batch is collated with the step's formats (`collate(..., fmts)`: a micro-batch without
+CoT-paired records still runs the "aux" forward, on 1-token dummy rows).
 """
 
 from __future__ import annotations
@@ -40,8 +38,6 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from cot2align.configbase import ConfigError
-from cot2align.data.sampler import GlobalBatchSampler
 from cot2align.losses.base import LossOutput
 from cot2align.train import DataParallel, FullWeights, TrainConfig, build_optimizer, lr_lambda
 
@@ -313,22 +309,3 @@ class DeepSpeedStepper:
             if self.zero_stage == 3:
                 opt.checkpoint_event_epilogue()
         self.scheduler.load_state_dict(state["scheduler"])
-
-
-def check_lockstep_formats(sampler: GlobalBatchSampler, paired: list[bool], total_steps: int) -> None:
-    """ZeRO-3 gathers each module's weights with collectives, so every student must run the same
-    forward passes in each micro-batch: raise ConfigError (naming the first step where it fails)
-    when one replica's micro-batch holds CoT-paired samples (a second, "aux" forward) and
-    another's holds none. paired[i]: whether sample i has both formats. Every replica derives
-    every replica's micro-batches from the shared sampler, so this needs no communication."""
-    for step in range(total_steps):
-        per_replica = [sampler.micro_batches(step, r) for r in range(sampler.dp)]
-        for micro in range(sampler.accum):
-            has_aux = [any(paired[i] for i in batches[micro]) for batches in per_replica]
-            if len(set(has_aux)) > 1:
-                raise ConfigError(
-                    f"runtime.zero_stage=3: at step {step}, micro-batch {micro}, student replicas "
-                    f"{[r for r, a in enumerate(has_aux) if a]} have CoT-paired samples and "
-                    f"{[r for r, a in enumerate(has_aux) if not a]} have none, so they would run different "
-                    "forward passes (ZeRO-3 needs them in lockstep); use runtime.zero_stage <= 2, a larger "
-                    "train.micro_batch_size, or data with a rationale on (nearly) every row")
