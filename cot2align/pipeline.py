@@ -22,6 +22,7 @@ from cot2align.data.dataset import DataConfig, Sample, build_samples
 from cot2align.data.jsonl import Example, read_jsonl
 from cot2align.evaluate import evaluate_examples
 from cot2align.logging import MetricsLogger, log
+from cot2align.lora import ADAPTER_DIR, apply_lora, export_merged, require_peft, trainable_parameters
 from cot2align.losses import LossContext, build_loss
 from cot2align.models import build_tiny_model, hidden_size, load_model, load_tokenizer
 from cot2align.train import ColocatedTeacher, TrainResult, train
@@ -160,8 +161,6 @@ def train_teacher(cfg: Config, force: bool = False) -> Path:
         return out
     lora = cfg.teacher_train_lora
     if lora.enabled:
-        from cot2align.lora import require_peft
-
         require_peft()  # before anything heavy
     tok = load_tokenizer(p.teacher_tokenizer)
     model = (load_model(cfg.teacher.init) if cfg.teacher.init
@@ -171,8 +170,6 @@ def train_teacher(cfg: Config, force: bool = False) -> Path:
     sft = build_loss(cfg.loss.merged({"name": "sft"}),
                      LossContext(hidden_size(model), hidden_size(model), len(tok), len(tok), True))
     if lora.enabled:
-        from cot2align.lora import apply_lora, trainable_parameters
-
         model = apply_lora(model, lora)
         n_train, n_all = trainable_parameters(model)
         log.info("train-teacher: LoRA r=%d on %s: %d of %d parameters trainable", lora.r,
@@ -188,10 +185,8 @@ def train_teacher(cfg: Config, force: bool = False) -> Path:
                     log_cfg=cfg.logging, dev=load_split(p.dev, cfg.data), eval_cfg=cfg.eval, resume=cfg.run.resume)
     finally:
         logger.close()
-    if lora.enabled:  # the loop's exports are adapter folders
-        from cot2align.lora import export_merged
-
-        export_merged(model, tok, out, adapter_dir=res.export_dir)
+    if lora.enabled:  # the loop's exports hold their adapters in adapter/
+        export_merged(model, tok, out, adapter_dir=res.export_dir / ADAPTER_DIR)
     else:
         best = load_model(res.export_dir)
         best.save_pretrained(out, safe_serialization=True)
@@ -201,9 +196,17 @@ def train_teacher(cfg: Config, force: bool = False) -> Path:
 
 
 def _student_model(cfg: Config, tok: PreTrainedTokenizerBase) -> PreTrainedModel:
-    if cfg.student.path:
-        return load_model(cfg.student.path, cfg.student.dtype)
-    return build_tiny_model(cfg.embedded.student_model, tok, seed=cfg.run.seed)
+    """The student to distil into: student.path or a fresh embedded model, wrapped with LoRA adapters
+    when student_lora.enabled (then a peft model whose base weights are frozen)."""
+    model = (load_model(cfg.student.path, cfg.student.dtype) if cfg.student.path
+             else build_tiny_model(cfg.embedded.student_model, tok, seed=cfg.run.seed))
+    if not cfg.student_lora.enabled:
+        return model
+    lora_model: PreTrainedModel = apply_lora(model, cfg.student_lora, "student_lora")
+    n_train, n_all = trainable_parameters(lora_model)
+    log.info("student: LoRA r=%d on %s: %d of %d parameters trainable", cfg.student_lora.r,
+             ",".join(cfg.student_lora.target_modules), n_train, n_all)
+    return lora_model
 
 
 def distill(cfg: Config, run_dir: Path | None = None) -> TrainResult:

@@ -225,6 +225,7 @@ class _Silent:
 def _student(cfg: Config, topo: Topology, transport: Any, device: torch.device, run_dir: Path) -> Any:
     from cot2align.data.sampler import GlobalBatchSampler
     from cot2align.logging import MetricsLogger
+    from cot2align.lora import base_model
     from cot2align.losses import LossContext, build_loss
     from cot2align.models import DTYPES, hidden_size
     from cot2align.pipeline import _student_model, _write_run_files, load_split
@@ -239,7 +240,7 @@ def _student(cfg: Config, topo: Topology, transport: Any, device: torch.device, 
     student = _student_model(cfg, s_tok)
     # transformers writes checkpoints only on global rank 0 of an initialised world, which here is
     # a teacher rank: let the first student (the only one that exports) write them.
-    setattr(student, "should_save_on_this_rank", lambda is_main_process: is_main_process)  # noqa: B010
+    setattr(base_model(student), "should_save_on_this_rank", lambda is_main_process: is_main_process)  # noqa: B010
     io = load_teacher_io(p.teacher_model, DTYPES[cfg.teacher.dtype], device)
     same = s_tok.get_vocab() == t_tok.get_vocab()
     ctx = LossContext(hidden_size(student), io.hidden_size, len(s_tok), len(t_tok), same, s_tok, t_tok,

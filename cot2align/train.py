@@ -30,6 +30,7 @@ from cot2align.data.jsonl import Example
 from cot2align.data.sampler import GlobalBatchSampler
 from cot2align.evaluate import EvalConfig, evaluate_examples
 from cot2align.logging import LoggingConfig, MetricsLogger, log
+from cot2align.lora import save_export
 from cot2align.losses.base import DistillLoss, LossInputs, LossOutput, ResponseView
 from cot2align.models import frozen, input_embed, output_head, resolve_layers, response_view
 from cot2align.transport import any_rank
@@ -411,7 +412,7 @@ def train(
 
     def export(name: str, full: FullWeights) -> Path:
         out = run_dir / name
-        full.student.save_pretrained(out, safe_serialization=True)  # type: ignore[operator]
+        save_export(full.student, out)  # LoRA: merged, adapters in out/adapter
         student_tok.save_pretrained(out)
         torch.save(full.loss, out / "loss_modules.pt")
         return out

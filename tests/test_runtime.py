@@ -68,14 +68,14 @@ _REFERENCES: dict[tuple[Any, ...], TrainResult] = {}
 
 
 def _colocated(tiny_task: dict[str, Path], teacher_dir: Path, out: Path, loss: str, dp: int,
-               steps: int = STEPS) -> TrainResult:
+               steps: int = STEPS, base: str = "dskd") -> TrainResult:
     """The colocated run with the same global batches (cached: several served cases share it)."""
     from cot2align.pipeline import distill
 
-    key = (loss, dp, steps)
+    key = (loss, dp, steps, base)
     if key not in _REFERENCES:
         _REFERENCES[key] = distill(_cfg(tiny_task, teacher_dir, out, mode="colocated", loss=loss, dp=dp,
-                                        steps=steps))
+                                        steps=steps, overrides=[f"loss.base={base}"]))
     return _REFERENCES[key]
 
 
@@ -139,6 +139,8 @@ def test_served_config_is_checked(tiny_task: dict[str, Path], teacher_dir: Path,
         check_served(cfg)
     with pytest.raises(ConfigError, match=r"runtime\.zero_stage"):
         _cfg(tiny_task, teacher_dir, tmp_path, mode="served", overrides=["runtime.zero_stage=4"])
+    with pytest.raises(ConfigError, match=r"runtime\.zero_stage: 3 does not support the dskd KD term"):
+        _cfg(tiny_task, teacher_dir, tmp_path, mode="served", overrides=["runtime.zero_stage=3", "loss.base=dskd"])
     with pytest.raises(ConfigError, match=r"runtime\.zero3_persist_below"):
         _cfg(tiny_task, teacher_dir, tmp_path, mode="served", overrides=["runtime.zero3_persist_below=-1"])
     megatron = cfg.with_overrides(["runtime.teacher_backend=megatron", "teacher.parallel.replicas=2"])
@@ -291,9 +293,9 @@ def test_served_zero3_matches_colocated_resumes_and_exports(tiny_task: dict[str,
     from cot2align.checkpoint import latest_checkpoint, load_checkpoint
     from cot2align.pipeline import distill
 
-    ref = _colocated(tiny_task, teacher_dir, tmp_path / "ref", "cot2align", dp=2)
+    ref = _colocated(tiny_task, teacher_dir, tmp_path / "ref", "cot2align", dp=2, base="none")
     cfg = _cfg(tiny_task, teacher_dir, tmp_path, mode="served", overrides=[
-        "runtime.zero_stage=3", "runtime.zero3_persist_below=0", "train.save_every=2"])
+        "runtime.zero_stage=3", "runtime.zero3_persist_below=0", "train.save_every=2", "loss.base=none"])
     res = distill(cfg)
     _assert_same_losses(res, ref, STEPS)
     exported = load_file(cfg.run_dir / "final" / "model.safetensors")

@@ -39,7 +39,15 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from cot2align.losses.base import LossOutput
-from cot2align.train import DataParallel, FullWeights, TrainConfig, build_optimizer, lr_lambda
+from cot2align.train import (
+    DataParallel,
+    FullWeights,
+    TrainConfig,
+    build_optimizer,
+    load_trained_state,
+    lr_lambda,
+    trained_state,
+)
 
 
 def disable_shm_comm() -> None:
@@ -254,9 +262,11 @@ class DeepSpeedStepper:
         return state
 
     def _scatter(self, state: dict[str, Tensor]) -> None:
-        """ZeRO-3: load a whole StudentModules state dict into the partitioned modules (collective)."""
+        """ZeRO-3: load a StudentModules state dict into the partitioned modules (collective). Frozen
+        parameters (a LoRA student's base weights) may be absent: they keep the model's values."""
         from deepspeed.runtime.zero.partition_parameters import GatheredParameters
 
+        frozen_names = {n for n, p in self.modules.named_parameters() if not p.requires_grad}
         for prefix, module in self.modules.named_modules():
             params = list(module.parameters(recurse=False))
             with GatheredParameters(params, modifier_rank=0):
@@ -265,14 +275,16 @@ class DeepSpeedStepper:
                     missing: list[str] = []
                     errors: list[str] = []
                     module._load_from_state_dict(state, head, {}, True, missing, [], errors)
+                    missing = [k for k in missing if k not in frozen_names]
                     if missing or errors:
                         raise ValueError(f"checkpoint does not fit the student: missing {missing}, {errors}")
 
     def state_dict(self) -> dict[str, Any]:
-        """Weights ("student", "loss": whole, on the first student), optimizer and schedule.
+        """Weights ("student": its trainable parameters, all of them unless LoRA freezes the base; "loss";
+        whole, on the first student), optimizer and schedule.
         Collective over the students when ZeRO partitions the optimizer state or the weights."""
         full = self.full_weights()
-        out: dict[str, Any] = {"student": full.student.state_dict(), "loss": full.loss,
+        out: dict[str, Any] = {"student": trained_state(full.student), "loss": full.loss,
                                "scheduler": self.scheduler.state_dict()}
         if self.zero_stage == 0:
             return {**out, "optimizer": self.optimizer.state_dict()}
@@ -292,7 +304,7 @@ class DeepSpeedStepper:
                            **{f"loss.{k}": v for k, v in state["loss"].items()}})
             self._gathered_at = -1
         else:
-            self.modules.student.load_state_dict(state["student"])
+            load_trained_state(self.modules.student, state["student"])
             self.modules.loss.load_state_dict(state["loss"])
         if self.zero_stage == 0:
             if "optimizer" not in state:
