@@ -157,7 +157,12 @@ def micro_batch_loss(student: PreTrainedModel, student_final: int, loss_fn: Dist
         teacher_embed=t_embed, num_tokens=num_tokens, num_examples=num_examples,
         extras={"student_head_weight": head.weight},
     )
-    return loss_fn(inputs)
+    out = loss_fn(inputs)
+    # every student forward stays in the graph, even one whose rows are all padding (an "aux" pass over
+    # unpaired records): ZeRO-3 gathers weights in backward per module call, so the students' backward
+    # passes must visit the same modules
+    unused = sum((h.sum() for v in s_views.values() for h in v.hidden.values()), logits.new_zeros(()))
+    return LossOutput(out.total + 0.0 * unused, out.parts)
 
 
 def lr_lambda(cfg: TrainConfig, total_steps: int) -> Callable[[int], float]:

@@ -66,13 +66,31 @@ class Distiller(DistillLoss):
             parts["kd"] = kd.detach()
             parts.update({f"kd/{k}": v.detach() for k, v in kd_parts.items()})
         if self.ot is not None:
-            ot, ot_parts = self.ot(inputs)
+            ot, ot_parts = _with_every_call_in_graph(self.ot, inputs)
             distill = distill + self.cfg.ot.weight * ot
             parts["ot"] = ot.detach()
             parts.update({f"ot/{k}": v.detach() for k, v in ot_parts.items()})
         lam = self.cfg.kd_rate
         total = (1.0 - lam) * ce + lam * distill
         return LossOutput(total, parts)
+
+
+def _with_every_call_in_graph(term: nn.Module, inputs: LossInputs) -> tuple[Tensor, dict[str, Tensor]]:
+    """term(inputs), with 0 x the outputs of every call of its parametrised submodules added to the value.
+
+    A projection whose output no problem uses (the teacher "aux" states of a micro-batch without
+    CoT-paired records) then still gets its backward pass: ZeRO-3 gathers a module's weights in
+    backward once per call in the graph, so every student must have the same calls there.
+    """
+    outs: list[Tensor] = []
+    hooks = [m.register_forward_hook(lambda _m, _i, o: outs.append(o) if isinstance(o, Tensor) else None)
+             for m in term.modules() if any(True for _ in m.parameters(recurse=False))]
+    try:
+        value, parts = term(inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return value + 0.0 * sum((o.sum() for o in outs), value.new_zeros(())), parts
 
 
 def build_loss(cfg: LossConfig, ctx: LossContext) -> DistillLoss:
