@@ -266,7 +266,7 @@ class DeepSpeedStepper:
         parameters (a LoRA student's base weights) may be absent: they keep the model's values."""
         from deepspeed.runtime.zero.partition_parameters import GatheredParameters
 
-        frozen_names = {n for n, p in self.modules.named_parameters() if not p.requires_grad}
+        frozen_names = {n for n, p in self.modules.named_parameters(remove_duplicate=False) if not p.requires_grad}
         for prefix, module in self.modules.named_modules():
             params = list(module.parameters(recurse=False))
             with GatheredParameters(params, modifier_rank=0):
