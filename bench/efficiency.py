@@ -126,13 +126,13 @@ def measure(cfg: Config, size: dict[str, Any], micro_batch: int, reps: int) -> d
     from cot2align.data.dataset import collate
     from cot2align.losses import LossContext, build_loss
     from cot2align.models import TinyModelConfig, build_tiny_model, hidden_size, load_tokenizer
-    from cot2align.pipeline import _samples, paths, prepare_data
-    from cot2align.train import ColocatedTeacher, plan_step
+    from cot2align.recipes.prepare import prepare_data, read_samples
+    from cot2align.teacher.colocated import ColocatedTeacher
+    from cot2align.train import plan_step
 
-    prepare_data(cfg)
-    p = paths(cfg)
+    p = prepare_data(cfg)
     s_tok, t_tok = load_tokenizer(p.student_tokenizer), load_tokenizer(p.teacher_tokenizer)
-    samples = [s for s in _samples(cfg, cfg.data, s_tok, t_tok, p) if s.paired][:micro_batch]
+    samples = [s for s in read_samples(p.train, cfg.data, s_tok, t_tok) if s.paired][:micro_batch]
     batch = collate(samples, {"student": s_tok.pad_token_id, "teacher": t_tok.pad_token_id})
     teacher = ColocatedTeacher(build_tiny_model(cfg.embedded.teacher_model, t_tok, seed=1))
     student = build_tiny_model(TinyModelConfig.from_dict(size, prefix="size"), s_tok, seed=2)

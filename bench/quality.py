@@ -76,8 +76,8 @@ reference, 10), and only the tuned row and the reference row run the other seeds
 
 def prepare(cfg: Any) -> dict[str, Any]:
     """Stage 1: data, teacher, rationales. Returns config overrides that pin every run to them."""
-    from cot2align.cot import generate_cot
-    from cot2align.pipeline import paths, prepare_data, train_teacher
+    from cot2align.recipes.cot import generate_cot
+    from cot2align.recipes.prepare import paths, prepare_data, train_teacher
 
     prepare_data(cfg)
     teacher = train_teacher(cfg)
@@ -165,7 +165,7 @@ def run_config(base: Any, pinned: dict[str, Any], row: str, seed: int) -> Any:
 
 def greedy_em(cfg: Any, model_dir: Path) -> float:
     """Test exact match of greedy decoding (one pass): the low-variance companion of the sampled EM."""
-    from cot2align.pipeline import evaluate_model
+    from cot2align.recipes.pipeline import evaluate_model
 
     return float(evaluate_model(cfg.merged({"eval": {"decoding": "greedy"}}), model_dir)["exact_match"])
 
@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from cot2align.config import load_config
     from cot2align.logging import setup_console_logging
-    from cot2align.pipeline import distill, evaluate_model
+    from cot2align.recipes.pipeline import distill, evaluate_model
 
     setup_console_logging()
     overrides = list(args.overrides)

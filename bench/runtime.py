@@ -7,7 +7,7 @@ colocated): the optimizer step time (median over steps after the first, from the
 metrics timestamps), what travels teacher -> student per response token (packed
 hidden states of the served layers) against what full teacher logits would cost, and
 the peak RSS of a teacher rank. Uses the embedded pipeline's trained teacher and
-tokenizers when `cot2align.pipeline.paths(cfg)` finds them; otherwise builds the
+tokenizers when `cot2align.recipes.prepare.paths(cfg)` finds them; otherwise builds the
 embedded-size models (random weights: step time does not depend on training) on a
 small generated task. On a 2-core CPU the served world's 3-4 processes share the
 cores, so served step times here measure overhead, not the speed-up of real hardware.
@@ -51,7 +51,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from cot2align.config import Config, load_config  # noqa: E402
-from cot2align.pipeline import distill, paths  # noqa: E402
+from cot2align.recipes.pipeline import distill  # noqa: E402
+from cot2align.recipes.prepare import paths  # noqa: E402
 
 STEPS = 8
 PINNED_STEPS = 12
@@ -94,7 +95,7 @@ def _step_times(run_dir: Path) -> tuple[float, float]:
 
 
 def _case(base: Config, name: str, mode: str, overrides: dict[str, Any]) -> dict[str, Any]:
-    from cot2align.runtime import launch_local
+    from cot2align.recipes.served import launch_local
 
     cfg = base.merged({"run": {"name": name}, "runtime": {"mode": mode}, **overrides})
     t0 = time.perf_counter()
@@ -132,18 +133,19 @@ def _pin(core: int) -> None:
 
 
 def _pinned_rank(cfg: Config, rank: int, world: int, port: int, results: Any, core: int) -> None:
-    """One rank of a served world, pinned to `core` (see cot2align.runtime._local_worker)."""
-    from cot2align.runtime import _local_worker
+    """One rank of a served world, pinned to `core` (see cot2align.distributed.spawn)."""
+    from cot2align.distributed.spawn import _worker
+    from cot2align.recipes.served import run_rank
 
     _pin(core)
-    _local_worker(cfg, rank, world, port, results, {})
+    _worker(run_rank, cfg, rank, world, port, results, {})
 
 
 def _launch_pinned(cfg: Config, cores: list[int], timeout_s: float) -> list[Any]:
     """A served world with rank r pinned to cores[r]; every rank's result, by rank."""
     import torch.multiprocessing as mp
 
-    from cot2align.runtime import WorldError, free_port
+    from cot2align.distributed.spawn import WorldError, free_port
 
     ctx = mp.get_context("spawn")
     results, port, world = ctx.Queue(), free_port(), len(cores)
@@ -201,21 +203,19 @@ def _in_process(fn: Callable[..., Any], core: int | None, *args: Any) -> Any:
 
 def _setup(cfg: Config) -> dict[str, Any]:
     """What a student rank builds: data, student, loss, the HF teacher and the step plan."""
-    from cot2align.losses import LossContext, build_loss
-    from cot2align.models import hidden_size, load_model, num_layers
-    from cot2align.pipeline import _student_model
-    from cot2align.runtime import _data
+    from cot2align.models import hidden_size, load_model, load_tokenizer, num_layers
+    from cot2align.recipes.build import distill_loss, needs, student_model
+    from cot2align.recipes.inputs import input_paths
+    from cot2align.recipes.prepare import read_samples
     from cot2align.train import plan_step
 
-    s_tok, t_tok, samples, p = _data(cfg)
-    student = _student_model(cfg, s_tok)
+    p = input_paths(cfg)
+    s_tok, t_tok = load_tokenizer(p.student_tokenizer), load_tokenizer(p.teacher_tokenizer)
+    samples = read_samples(p.train, cfg.data, s_tok, t_tok)
+    student = student_model(cfg, s_tok)
     teacher = load_model(p.teacher_model, cfg.teacher.dtype)
-    ctx = LossContext(hidden_size(student), hidden_size(teacher), len(s_tok), len(t_tok),
-                      s_tok.get_vocab() == t_tok.get_vocab(), s_tok, t_tok,
-                      cache_dir=str(Path(cfg.run.work_dir) / "cache"))
-    loss_fn = build_loss(cfg.loss, ctx)
-    plan = plan_step(loss_fn, num_layers(student), num_layers(teacher), True,
-                     cfg.loss.name == "cot2align" and cfg.loss.ot.cross_pairs)
+    loss_fn = distill_loss(cfg, student, hidden_size(teacher), s_tok, t_tok)
+    plan = plan_step(loss_fn, num_layers(student), num_layers(teacher), True, needs(cfg.loss).aux)
     return {"s_tok": s_tok, "t_tok": t_tok, "samples": samples, "student": student, "teacher": teacher,
             "loss": loss_fn, "plan": plan, "pad": {"student": s_tok.pad_token_id, "teacher": t_tok.pad_token_id}}
 
@@ -230,8 +230,8 @@ def _micro_batches(cfg: Config, n: int) -> list[list[list[int]]]:
 def _teacher_alone(cfg: Config) -> list[float]:
     """Seconds per step of the serve loop's work for one student: teacher forwards + packing."""
     from cot2align.data.dataset import collate
+    from cot2align.distributed.transport import pack
     from cot2align.teacher.serve import HFHiddenStates
-    from cot2align.transport import pack
 
     s = _setup(cfg)
     states = HFHiddenStates(s["teacher"], torch.device("cpu"))
@@ -274,10 +274,12 @@ def _student_alone(cfg: Config, run_dir: str) -> float:
     import torch.distributed as dist
 
     from cot2align.data.dataset import collate
+    from cot2align.distributed.parallel import DataParallel
+    from cot2align.distributed.spawn import free_port
     from cot2align.logging import MetricsLogger
-    from cot2align.runtime import free_port
     from cot2align.student.engine import DeepSpeedStepper, StudentMPU
-    from cot2align.train import ColocatedTeacher, DataParallel, train
+    from cot2align.teacher.colocated import ColocatedTeacher
+    from cot2align.train import TrainJob, train
 
     s = _setup(cfg)
     colocated = ColocatedTeacher(s["teacher"])
@@ -296,12 +298,14 @@ def _student_alone(cfg: Config, run_dir: str) -> float:
         mpu = StudentMPU(dp, [0], dist.new_group([0]))
         tc = cfg.train
         logger = MetricsLogger(Path(run_dir), cfg.logging, cfg.to_dict(), name="student-alone")
-        train(run_dir=Path(run_dir), student=s["student"], student_tok=s["s_tok"], loss_fn=s["loss"],
-              teacher=_Replay(colocated, views), samples=s["samples"], pad_ids=s["pad"], cfg=tc,
-              projector_lr=cfg.loss.projector_lr, needs_aux=len(plan.fmts) > 1, seed=cfg.run.seed, logger=logger,
-              log_cfg=cfg.logging, resume=False, data_parallel=dp, device=torch.device("cpu"),
-              make_stepper=lambda n: DeepSpeedStepper(s["student"], s["loss"], tc, cfg.loss.projector_lr, n,
-                                                      cfg.runtime.zero_stage, mpu))
+        job = TrainJob(run_dir=Path(run_dir), student=s["student"], student_tok=s["s_tok"], loss_fn=s["loss"],
+                       samples=s["samples"], pad_ids=s["pad"], cfg=tc, seed=cfg.run.seed,
+                       teacher=_Replay(colocated, views), needs_aux=len(plan.fmts) > 1,
+                       projector_lr=cfg.loss.projector_lr, resume=False, data_parallel=dp,
+                       device=torch.device("cpu"),
+                       make_stepper=lambda n: DeepSpeedStepper(s["student"], s["loss"], tc, cfg.loss.projector_lr,
+                                                               n, cfg.runtime.zero_stage, mpu))
+        train(job, logger=logger, log_cfg=cfg.logging)
         logger.close()
     finally:
         dist.destroy_process_group()
@@ -352,13 +356,13 @@ def _whole_teacher_rss(cfg: Config) -> dict[str, float]:
     running the forward of one micro-batch (as the hf backend does)."""
     from cot2align.data.dataset import collate
     from cot2align.models import load_model, load_tokenizer
-    from cot2align.pipeline import _samples, paths
+    from cot2align.recipes.prepare import read_samples
     from cot2align.teacher.serve import HFHiddenStates, peak_rss_mb
 
     before = peak_rss_mb()
     p = paths(cfg)
     s_tok, t_tok = load_tokenizer(p.student_tokenizer), load_tokenizer(p.teacher_tokenizer)
-    samples = _samples(cfg, cfg.data, s_tok, t_tok, p)
+    samples = read_samples(p.train, cfg.data, s_tok, t_tok)
     states = HFHiddenStates(load_model(p.teacher_model, cfg.teacher.dtype), torch.device("cpu"))
     batch = collate(samples[: cfg.train.micro_batch_size], {"student": s_tok.pad_token_id,
                                                             "teacher": t_tok.pad_token_id})
@@ -396,7 +400,7 @@ def _reader_rss(checkpoint_dir: Path, tp: int) -> dict[str, Any]:
 
 def teacher_memory(base: Config, work: Path, overhead_mb: float | None) -> dict[str, Any]:
     """Peak RSS per megatron teacher rank (tp=2; tp=2 x pp=2) vs one process with the whole teacher."""
-    from cot2align.runtime import launch_local
+    from cot2align.recipes.served import launch_local
     from cot2align.teacher.serve import ServeStats
 
     params = _in_process(_build_big_teacher, None, paths(base).teacher_tokenizer, work / "big_teacher")

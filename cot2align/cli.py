@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+import torch
+import torch.distributed as dist
+
+from cot2align.config import Config, load_config
 from cot2align.configbase import ConfigError
-
-if TYPE_CHECKING:
-    from cot2align.config import Config
+from cot2align.evaluate import Shard, eval_table, evaluate_files
+from cot2align.logging import MetricsLogger, setup_console_logging
+from cot2align.plan import main as plan_main
+from cot2align.recipes.cot import generate_cot
+from cot2align.recipes.pipeline import distill, run_embedded
+from cot2align.recipes.prepare import paths, prepare_data, train_teacher
+from cot2align.report import write_report
 
 STAGES = ("prepare-data", "train-teacher", "generate-cot", "distill", "evaluate", "pipeline", "show-config", "plan",
           "report")
@@ -35,8 +43,6 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["plan"]:
-        from cot2align.plan import main as plan_main
-
         return plan_main(argv[1:])
     if argv[:1] == ["report"]:
         return report_main(argv[1:])
@@ -44,36 +50,27 @@ def main(argv: list[str] | None = None) -> int:
     if args.data:  # `--data a.jsonl b.jsonl key=value` also swallows overrides: give them back
         args.overrides += [d for d in args.data if _is_override(d)]
         args.data = [d for d in args.data if not _is_override(d)]
-    from cot2align.config import load_config
-    from cot2align.logging import setup_console_logging
-
     setup_console_logging()
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    from cot2align import pipeline
-
     if args.stage == "show-config":
-        import yaml
-
-        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        print(cfg.to_yaml())
     elif args.stage == "prepare-data":
-        print(pipeline.prepare_data(cfg))
+        print(prepare_data(cfg))
     elif args.stage == "train-teacher":
-        print(pipeline.train_teacher(cfg, force=args.force))
+        print(train_teacher(cfg, force=args.force))
     elif args.stage == "generate-cot":
-        from cot2align.cot import generate_cot
-
         print(generate_cot(cfg))
     elif args.stage == "distill":
-        done = pipeline.distill(cfg)
+        done = distill(cfg)
         print(f"exported {done.export_dir} after {done.steps} steps (best dev {done.best_dev})")
     elif args.stage == "evaluate":
         return evaluate_main(cfg, args)
     elif args.stage == "pipeline":
-        pipeline.run_embedded(cfg)
+        run_embedded(cfg)
     return 0
 
 
@@ -84,15 +81,6 @@ def _is_override(item: str) -> bool:
 def evaluate_main(cfg: Config, args: argparse.Namespace) -> int:
     """`cot2align evaluate`: one model on --data files (or the config's split), on every rank of a
     torchrun-style launch (RANK / WORLD_SIZE in the environment); rank 0 writes the results."""
-    import os
-
-    import torch
-    import torch.distributed as dist
-
-    from cot2align import pipeline
-    from cot2align.evaluate import Shard, eval_table, evaluate_files
-    from cot2align.logging import MetricsLogger
-
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -107,10 +95,10 @@ def evaluate_main(cfg: Config, args: argparse.Namespace) -> int:
             return 2
     else:
         if shard.rank == 0:
-            pipeline.prepare_data(cfg)
+            prepare_data(cfg)
         if shard.world > 1:
             dist.barrier()
-        p = pipeline.paths(cfg)
+        p = paths(cfg)
         files = [{"dev": p.dev, "test": p.test}[args.split]]
     out = Path(args.out) if args.out else cfg.run_dir / "eval" / model.name
     logger = None
@@ -137,8 +125,6 @@ def report_main(argv: list[str]) -> int:
     ap.add_argument("run_dir", help="a run directory (with metrics.jsonl)")
     ap.add_argument("--out", default=None, help="output folder (default: RUN_DIR/report)")
     args = ap.parse_args(argv)
-    from cot2align.report import write_report
-
     try:
         path = write_report(args.run_dir, args.out)
     except (FileNotFoundError, ImportError, ValueError) as e:

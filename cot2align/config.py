@@ -14,22 +14,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from cot2align.configbase import ConfigBase, ConfigError, load_yaml, require
+from cot2align.configbase import REPO_ROOT, ConfigBase, ConfigError, load_yaml, require
 from cot2align.cot.generate import CotGenConfig
 from cot2align.data.dataset import DataConfig
 from cot2align.data.embedded import EmbeddedTaskConfig
+from cot2align.distributed.config import RuntimeConfig
+from cot2align.distributed.topology import StudentParallelConfig, TeacherParallelConfig
 from cot2align.evaluate import EvalConfig
-from cot2align.launch import LaunchConfig
+from cot2align.launch.slurm import LaunchConfig
 from cot2align.logging import LoggingConfig
 from cot2align.lora import LoraConfig
 from cot2align.losses.config import LossConfig
 from cot2align.models import DTYPES, TinyModelConfig
+from cot2align.optim import TrainConfig
 from cot2align.plan import ClusterSpec
-from cot2align.runtime import RuntimeConfig
-from cot2align.topology import StudentParallelConfig, TeacherParallelConfig
-from cot2align.train import TrainConfig
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "embedded.yaml"
 
 

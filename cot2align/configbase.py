@@ -17,6 +17,9 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
 
+REPO_ROOT = Path(__file__).resolve().parent.parent
+"""The repository (configs/, slurm/, launcher/) this package was imported from."""
+
 T = TypeVar("T", bound="ConfigBase")
 
 
@@ -166,6 +169,10 @@ class ConfigBase:
 
         return {f.name: conv(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
+    def to_yaml(self) -> str:
+        """The config as YAML, in field order (what run directories keep as config.yaml)."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
     def validate(self, prefix: str = "") -> None:
         """Check cross-field constraints; recurse into nested configs. Override `check`."""
         self.check(prefix)
@@ -176,6 +183,14 @@ class ConfigBase:
 
     def check(self, prefix: str) -> None:
         """Component-specific validation; raise ConfigError naming `prefix.key`."""
+
+
+def changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested config dicts (sorted)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [k for key in sorted(set(old) | set(new))
+                for k in changed_keys(old.get(key), new.get(key), f"{prefix}{key}.")]
+    return [] if old == new else [prefix.rstrip(".")]
 
 
 def require(cond: bool, key: str, message: str) -> None:

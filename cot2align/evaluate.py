@@ -19,8 +19,10 @@ import torch.distributed as dist
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from cot2align.configbase import ConfigBase, require
-from cot2align.data.jsonl import DataError, Example
-from cot2align.data.prompts import cot_prompt, std_prompt
+from cot2align.data.embedded import extract_answer
+from cot2align.data.jsonl import DataError, Example, read_jsonl
+from cot2align.data.prompts import cot_prompt, generation_tokenizer, model_input_ids, std_prompt
+from cot2align.models import load_model, load_tokenizer
 
 
 @dataclass
@@ -101,8 +103,6 @@ class Shard:
 def prompt_ids(tok: PreTrainedTokenizerBase, prompt: str, chat_template: str = "auto") -> list[int]:
     """Prompt token ids [T]: BOS + prompt exactly as training builds them, or the prompt as a user turn
     of the tokenizer's chat template when it has one and `chat_template` is 'auto' (instruct models)."""
-    from cot2align.data.prompts import model_input_ids
-
     return model_input_ids(tok, prompt, chat_template)  # type: ignore[arg-type]  # checked there
 
 
@@ -216,8 +216,6 @@ def references_of(ex: Example) -> list[str]:
 
 def gold_answer(ex: Example, mode: str) -> str | None:
     """The normalised gold answer of a row under `answer_mode`, or None (the row has no exact match)."""
-    from cot2align.data.embedded import extract_answer
-
     if mode == "none" or (mode == "auto" and ex.answer is None):
         return None
     mode = "the_answer_is" if mode == "auto" else mode
@@ -232,7 +230,6 @@ def score(examples: list[Example], generations: dict[int, list[str]], cfg: EvalC
     answer (absent when none has one), per_seed, per_example (id, prompt, references,
     generations, rouge_l and exact per seed), by_<breakdown> and samples (first seed).
     """
-    from cot2align.data.embedded import extract_answer
 
     seeds = list(generations)
     mode = "the_answer_is" if cfg.answer_mode == "auto" else cfg.answer_mode
@@ -286,7 +283,6 @@ def evaluate_sharded(model: PreTrainedModel, tok: PreTrainedTokenizerBase, examp
                      cfg: EvalConfig, shard: Shard) -> dict[str, Any] | None:
     """`evaluate_examples` over several ranks: each generates its batches, rank 0 gathers and
     scores. Every rank of `shard.group` must call it; returns the result on rank 0, None elsewhere."""
-    from cot2align.data.prompts import generation_tokenizer
 
     prompts = [build_prompt(ex, cfg) for ex in examples]
     gen_tok = generation_tokenizer(tok, cfg.chat_template)
@@ -334,8 +330,6 @@ def evaluate_files(model_dir: str | Path, data_files: list[Path], cfg: EvalConfi
     `logger.log_table` when a MetricsLogger is given, which also makes a W&B table), and
     returns the results; other ranks return None.
     """
-    from cot2align.data.jsonl import read_jsonl
-    from cot2align.models import load_model, load_tokenizer
 
     shard = shard or Shard()
     model = load_model(model_dir, dtype)
@@ -398,4 +392,19 @@ def eval_table(results: dict[str, dict[str, Any]]) -> str:
         seeds = ", ".join(f"{s['seed']}: {s['rouge_l']:.2f}" for s in r.get("per_seed", []))
         em = mean_std(r, "exact_match") + (f" (n={r['n_exact']})" if r.get("n_exact") else "")
         lines.append(f"| {name} | {r['n']} | {mean_std(r, 'rouge_l')} | {em} | {seeds} |")
+    return "\n".join(lines)
+
+
+def results_table(summary: dict[str, dict[str, Any]]) -> str:
+    """Markdown table: model, exact match and ROUGE-L (mean +- std over the seeds), exact match per steps."""
+    steps = sorted({s for v in summary.values() for s in (v.get("exact_match_by_steps") or {})})
+    head = "| model | exact match | ROUGE-L | " + " | ".join(f"EM {s} steps" for s in steps) + " |"
+    lines = [head, "|" + "---|" * (3 + len(steps))]
+    for name, v in summary.items():
+        cells = [name, mean_std(v, "exact_match"), mean_std(v, "rouge_l")]
+        cells += [f"{(v.get('exact_match_by_steps') or {}).get(s, float('nan')):.1f}" for s in steps]
+        lines.append("| " + " | ".join(cells) + " |")
+    seeds = next((v.get("seeds") for v in summary.values() if v.get("seeds")), None)
+    if seeds:
+        lines.append(f"\nmean ± std over seeds {seeds}")
     return "\n".join(lines)

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from cot2align.configbase import ConfigBase, require
 from cot2align.data.dataset import SeqBatch
-from cot2align.losses.base import ResponseView
+from cot2align.data.views import ResponseView
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 

@@ -66,7 +66,7 @@ class StopRequest:
 
 
 stop_request = StopRequest()
-"""The process's stop flag (installed by `cot2align.launch.RankTask`)."""
+"""The process's stop flag (installed by `cot2align.launch.submit.RankTask`)."""
 
 
 def stopped_early(result: Any) -> bool:

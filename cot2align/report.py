@@ -18,7 +18,9 @@ import torch
 import yaml
 from torch import nn
 
+from cot2align.evaluate import eval_table, results_table
 from cot2align.logging import log
+from cot2align.losses.ot import CrossCoTOT, transport_plans
 
 #: train/ keys that are not loss parts (plotted elsewhere or not at all)
 _NOT_LOSS = {"grad_norm", "lr", "epoch", "tokens_per_s"}
@@ -112,8 +114,6 @@ def _token_strings(tok: Any, ids: list[int]) -> list[str]:
 def save_plans(module: nn.Module, step: int, run_dir: Path) -> Path | None:
     """Write the plans of the states `module` (a CrossCoTOT) recorded to run_dir/ot_plans/step_XXXXXX.pt:
     {"step", "plans": {name: P [N_s, N_t]}, "student_tokens": {name: [N_s]}, "teacher_tokens": {name: [N_t]}}."""
-    from cot2align.losses.ot import transport_plans
-
     states = getattr(module, "recorded", None)
     if states is None or not states.problems:
         return None
@@ -171,8 +171,6 @@ def ot_plan_hook(loss_fn: nn.Module, step: int, every: int, run_dir: Path, logge
     """Called by the training loop after each step on the logging rank: every `every` steps, save
     (and plot, and log to W&B) the OT plans recorded during the step; turn recording on for the
     step before the next save only, so other steps pay nothing. Returns the saved plan file."""
-    from cot2align.losses.ot import CrossCoTOT
-
     mods = [m for m in loss_fn.modules() if isinstance(m, CrossCoTOT)]
     saved = None
     for m in mods[:1]:
@@ -204,8 +202,6 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def write_report(run_dir: str | Path, out_dir: str | Path | None = None, max_plan_files: int = 3) -> Path:
     """Plots and report.md for a run directory (written to out_dir, default run_dir/report)."""
-    from cot2align.evaluate import eval_table
-
     run_dir = Path(run_dir)
     metrics_path = run_dir / "metrics.jsonl"
     if not metrics_path.is_file():
@@ -236,8 +232,6 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None, max_pla
         lines += [f"## Evaluation: {path.parent.relative_to(run_dir) or '.'}", "",
                   f"Model `{results.get('model')}`", "", eval_table(results.get("datasets", {})), ""]
     if (run_dir / "results.json").is_file():
-        from cot2align.pipeline import results_table
-
         summary = json.loads((run_dir / "results.json").read_text()).get("summary", {})
         lines += ["## Embedded pipeline results", "", results_table(summary), ""]
     plan_files = sorted((run_dir / "ot_plans").glob("step_*.pt"))[-max_plan_files:]

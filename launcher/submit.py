@@ -3,7 +3,7 @@
 Without arguments it runs the embedded default pipeline locally (data -> teacher ->
 distill -> evaluate) on this machine's CPU. With Slurm (sbatch and srun on PATH) it submits
 ONE job of N nodes x G tasks through submitit; `--dry-run` prints the resolved config, the
-plan and the sbatch script; `--help` lists every flag. The logic lives in `cot2align.launch`.
+plan and the sbatch script; `--help` lists every flag. The logic lives in `cot2align.launch.submit`.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run `cot2align.launch.main` (see its module docstring for the modes)."""
-    from cot2align.launch import main as launch_main
+    """Run `cot2align.launch.submit.main` (see its module docstring for the modes)."""
+    from cot2align.launch.submit import main as launch_main
 
     return launch_main(argv)
 

@@ -30,7 +30,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_ROOT = REPO / ".cache" / "test-assets"
-#: vocabularies used by tests/test_real_tokenizers.py (llama.cpp file stem -> folder name)
+#: vocabularies used by tests/data/test_real_tokenizers.py (llama.cpp file stem -> folder name)
 DEFAULT_NAMES = ("gpt-2", "qwen2", "llama-bpe", "phi-3")
 DONE_MARKER = ".prepared"
 #: real models used by tests/test_real_models.py: name -> (pip package, importable module, GGUF file, folder)

@@ -9,14 +9,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from tiny import TEACHER
+
 
 def tiny_teacher(tiny_task: dict[str, Path], out: Path) -> Path:
     """A random 2-layer Llama (GQA) saved as safetensors with the teacher tokenizer."""
-    from cot2align.models import TinyModelConfig, build_tiny_model, load_tokenizer
+    from cot2align.models import build_tiny_model, load_tokenizer
 
     tok = load_tokenizer(tiny_task["tok_teacher"])
-    build_tiny_model(TinyModelConfig(arch="llama", layers=2, hidden=32, heads=4, kv_heads=2, intermediate=64),
-                     tok, seed=2).save_pretrained(out, safe_serialization=True)
+    build_tiny_model(TEACHER, tok, seed=2).save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     return out
 

@@ -72,14 +72,14 @@ def test_resuming_a_run_made_with_another_config_warns(tmp_path: Path, caplog: p
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     from cot2align.checkpoint import save_checkpoint
     from cot2align.logging import log
-    from cot2align.pipeline import _write_run_files
+    from cot2align.recipes.prepare import write_run_files
 
     monkeypatch.setattr(log, "propagate", True)
     first = load_config(None, [f"run.output_dir={tmp_path}"])
-    _write_run_files(first, first.run_dir, "distill")
+    write_run_files(first, first.run_dir, "distill")
     save_checkpoint(first.run_dir, 1, {"step": 1})
-    _write_run_files(first, first.run_dir, "distill")
+    write_run_files(first, first.run_dir, "distill")
     assert "different config" not in caplog.text
     second = load_config(None, [f"run.output_dir={tmp_path}", "train.lr=0.1", "runtime.mode=colocated"])
-    _write_run_files(second, second.run_dir, "distill")
+    write_run_files(second, second.run_dir, "distill")
     assert "different config (runtime.mode, train.lr)" in caplog.text

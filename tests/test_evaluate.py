@@ -8,7 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from dist import run_distributed
 from rouge_score import rouge_scorer
+from tiny import TEACHER
 
 from cot2align.configbase import ConfigError
 from cot2align.data.embedded import extract_answer
@@ -23,10 +25,7 @@ from cot2align.evaluate import (
     prompt_ids,
     rouge_l,
 )
-from cot2align.models import TinyModelConfig, build_tiny_model, load_model, load_tokenizer
-from tests.dist import run_distributed
-
-TINY = TinyModelConfig(arch="llama", layers=2, hidden=32, heads=4, kv_heads=2, intermediate=64)
+from cot2align.models import build_tiny_model, load_model, load_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +33,7 @@ def model_dir(tiny_task: dict[str, Path], tmp_path_factory: pytest.TempPathFacto
     """A randomly initialised tiny Llama saved as an HF checkpoint folder with its tokenizer."""
     tok = load_tokenizer(tiny_task["tok_teacher"])
     out = tmp_path_factory.mktemp("model")
-    build_tiny_model(TINY, tok, seed=5).save_pretrained(out)
+    build_tiny_model(TEACHER, tok, seed=5).save_pretrained(out)
     tok.save_pretrained(out)
     return out
 
@@ -191,7 +190,7 @@ def test_cli_evaluates_several_files(model_dir: Path, tiny_task: dict[str, Path]
 
 
 def test_results_table_shows_mean_and_std() -> None:
-    from cot2align.pipeline import results_table
+    from cot2align.evaluate import results_table
 
     summary = {"teacher": {"exact_match": 31.25, "exact_match_std": 1.5, "rouge_l": 40.0, "rouge_l_std": 0.25,
                            "seeds": [10, 20, 30], "exact_match_by_steps": {"2": 60.0, "3": 30.0}},

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import torch
+from tiny import TEACHER
 from transformers import AutoModelForCausalLM
 
 from cot2align.configbase import ConfigError
@@ -19,10 +20,10 @@ from cot2align.data.jsonl import read_jsonl
 from cot2align.logging import LoggingConfig, MetricsLogger
 from cot2align.lora import ADAPTER_DIR, LLAMA_PROJECTIONS, LoraConfig, apply_lora, export_merged, require_peft
 from cot2align.losses import LossConfig, LossContext, build_loss
-from cot2align.models import TinyModelConfig, build_tiny_model, hidden_size, load_tokenizer
-from cot2align.train import TrainConfig, train
+from cot2align.models import build_tiny_model, hidden_size, load_tokenizer
+from cot2align.optim import TrainConfig
+from cot2align.train import TrainJob, train
 
-TINY = TinyModelConfig(arch="llama", layers=2, hidden=32, heads=4, kv_heads=2, intermediate=64)
 # a fresh tiny model's output layer (std 0.02, d=32) caps its logits below ~1, so adapters on the
 # projections alone could barely lower the loss of a random base: adapt the output layer too
 LORA = LoraConfig(enabled=True, r=4, alpha=8.0, dropout=0.1, target_modules=[*LLAMA_PROJECTIONS, "lm_head"])
@@ -39,7 +40,7 @@ def _samples(tiny_task: dict[str, Path], tok: Any) -> list[Any]:
 def _train_lora(tiny_task: dict[str, Path], run_dir: Path, steps: int, stop_after: int | None = None) -> tuple:
     """LoRA SFT of a fresh tiny Llama with the one training loop; returns (peft model, result, base state)."""
     tok = load_tokenizer(tiny_task["tok_teacher"])
-    base = build_tiny_model(TINY, tok, seed=5)
+    base = build_tiny_model(TEACHER, tok, seed=5)
     before = {k: v.clone() for k, v in base.state_dict().items()}
     model = apply_lora(base, LORA)
     d = hidden_size(base)
@@ -48,10 +49,9 @@ def _train_lora(tiny_task: dict[str, Path], run_dir: Path, steps: int, stop_afte
     log_cfg = LoggingConfig(wandb_mode="disabled", log_every=1, progress=False)
     logger = MetricsLogger(run_dir, log_cfg, {}, name="lora")
     try:
-        res = train(run_dir=run_dir, student=model, student_tok=tok, loss_fn=sft, teacher=None,
-                    samples=_samples(tiny_task, tok), pad_ids={"student": tok.pad_token_id, "teacher": tok.pad_token_id},
-                    cfg=cfg, projector_lr=1e-3, needs_aux=False, seed=3, logger=logger, log_cfg=log_cfg,
-                    stop_after=stop_after)
+        job = TrainJob(run_dir=run_dir, student=model, student_tok=tok, loss_fn=sft, samples=_samples(tiny_task, tok),
+                       pad_ids={"student": tok.pad_token_id, "teacher": tok.pad_token_id}, cfg=cfg, seed=3)
+        res = train(job, logger=logger, log_cfg=log_cfg, stop_after=stop_after)
     finally:
         logger.close()
     return model, res, before
@@ -77,7 +77,7 @@ def test_only_adapters_train_and_loss_decreases(lora_run: tuple) -> None:
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
     # every targeted projection of both layers got an adapter pair
-    assert len(trainable) == 2 * (len(LLAMA_PROJECTIONS) * TINY.layers + 1)  # A and B of each adapted layer
+    assert len(trainable) == 2 * (len(LLAMA_PROJECTIONS) * TEACHER.layers + 1)  # A and B of each adapted layer
     # peft moves a wrapped layer's weight to <layer>.base_layer.weight
     base_now = {k.replace(".base_layer.", "."): v for k, v in model.get_base_model().state_dict().items()
                 if "lora_" not in k}
@@ -100,7 +100,7 @@ def test_merged_export_equals_peft_model(lora_run: tuple, tiny_task: dict[str, P
     assert not any("lora" in k for k in merged.state_dict())
     diff = (_logits(merged, tiny_task) - peft_logits).abs().max()
     assert diff <= 1e-5, diff
-    base = build_tiny_model(TINY, load_tokenizer(tiny_task["tok_teacher"]), seed=5)
+    base = build_tiny_model(TEACHER, load_tokenizer(tiny_task["tok_teacher"]), seed=5)
     assert (_logits(base, tiny_task) - peft_logits).abs().max() > 1e-3  # the adapters did change the model
     # the loop's exports are merged checkpoints equal to the peft model, with the adapter folder beside them
     assert (res.export_dir / ADAPTER_DIR / "adapter_config.json").is_file()
@@ -133,7 +133,7 @@ def test_resume_reproduces_lora_losses(tiny_task: dict[str, Path], tmp_path: Pat
 @needs_peft
 def test_train_teacher_stage_with_lora(tiny_task: dict[str, Path], tmp_path: Path) -> None:
     from cot2align.config import Config
-    from cot2align.pipeline import paths, train_teacher
+    from cot2align.recipes.prepare import paths, train_teacher
 
     cfg = Config().with_overrides([
         f"run.work_dir={tmp_path / 'work'}", f"data.train_file={tiny_task['train']}",
@@ -177,6 +177,6 @@ def test_lora_config_errors_name_the_key(monkeypatch: pytest.MonkeyPatch, tiny_t
 
 @needs_peft
 def test_unknown_target_module_is_a_config_error(tiny_task: dict[str, Path]) -> None:
-    model = build_tiny_model(TINY, load_tokenizer(tiny_task["tok_teacher"]), seed=0)
+    model = build_tiny_model(TEACHER, load_tokenizer(tiny_task["tok_teacher"]), seed=0)
     with pytest.raises(ConfigError, match=r"teacher_train_lora\.target_modules: \['c_attn'\].*q_proj"):
         apply_lora(model, LoraConfig(enabled=True, target_modules=["q_proj", "c_attn"]))

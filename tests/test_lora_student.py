@@ -9,17 +9,17 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny import STUDENT, TEACHER
 from transformers import AutoModelForCausalLM
 
 from cot2align.checkpoint import latest_checkpoint, load_checkpoint
 from cot2align.config import Config
 from cot2align.lora import ADAPTER_DIR, GPT2_PROJECTIONS, LoraConfig, apply_lora, merged_model
-from cot2align.models import TinyModelConfig, build_tiny_model, load_tokenizer
-from cot2align.pipeline import _student_model, distill
+from cot2align.models import build_tiny_model, load_tokenizer
+from cot2align.recipes.build import student_model
+from cot2align.recipes.pipeline import distill
 from cot2align.train import TrainResult
 
-TEACHER = TinyModelConfig(arch="llama", layers=2, hidden=32, heads=4, kv_heads=2, intermediate=64)
-STUDENT = {"arch": "gpt2", "layers": 2, "hidden": 24, "heads": 2, "kv_heads": 2, "intermediate": 48}
 LORA = {"enabled": True, "r": 4, "alpha": 8.0, "dropout": 0.0, "target_modules": list(GPT2_PROJECTIONS)}
 STEPS = 5
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="peft is not installed")
@@ -46,7 +46,7 @@ def _cfg(tiny_task: dict[str, Path], teacher_dir: Path, out: Path, mode: str, ov
         "teacher": {"path": str(teacher_dir), "tokenizer": str(tiny_task["tok_teacher"])},
         "student": {"tokenizer": str(tiny_task["tok_student"]), "parallel": {"dp": dp}},
         "student_lora": LORA,
-        "embedded": {"student_model": STUDENT},
+        "embedded": {"student_model": STUDENT.to_dict()},
         "loss": {"name": "cot2align", "base": base},
         "train": {"lr": 1e-2, "min_lr": 1e-4, "max_steps": STEPS, "micro_batch_size": 4, "save_every": 2,
                   "grad_accum": dp if mode == "colocated" else 1},
@@ -82,10 +82,10 @@ def _check_export(cfg: Config, tiny_task: dict[str, Path]) -> dict[str, torch.Te
     assert exported and not any("lora" in k for k in exported)
     model = AutoModelForCausalLM.from_pretrained(final)
     assert type(model).__name__ == "GPT2LMHeadModel"
-    fresh = _student_model(cfg.merged({"student_lora": {"enabled": False}}), load_tokenizer(tiny_task["tok_student"]))
+    fresh = student_model(cfg.merged({"student_lora": {"enabled": False}}), load_tokenizer(tiny_task["tok_student"]))
     again = merged_model(apply_lora(fresh, LoraConfig(**LORA), "student_lora"), final / ADAPTER_DIR)
     want = again.state_dict()
-    base = _student_model(cfg.merged({"student_lora": {"enabled": False}}), load_tokenizer(tiny_task["tok_student"]))
+    base = student_model(cfg.merged({"student_lora": {"enabled": False}}), load_tokenizer(tiny_task["tok_student"]))
     moved = set()
     for k, v in exported.items():
         torch.testing.assert_close(v, want[k], rtol=1e-6, atol=1e-7, msg=k)
@@ -110,7 +110,7 @@ def _resume_from_step_4(cfg: Config, res: TrainResult) -> None:
 def test_colocated_lora_student_trains_adapters_resumes_and_exports_merged(
         tiny_task: dict[str, Path], teacher_dir: Path, tmp_path: Path) -> None:
     cfg, res = _colocated(tiny_task, teacher_dir, tmp_path)
-    student = _student_model(cfg, load_tokenizer(tiny_task["tok_student"]))
+    student = student_model(cfg, load_tokenizer(tiny_task["tok_student"]))
     trainable = [n for n, p in student.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
     assert len(res.history) == STEPS and bool(torch.isfinite(_losses(res)).all())

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 import statistics
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+from cot2align.configbase import REPO_ROOT
+
+REPO = REPO_ROOT
 _spec = importlib.util.spec_from_file_location("quality_sweep", REPO / "bench" / "quality.py")
 assert _spec is not None and _spec.loader is not None
 quality = importlib.util.module_from_spec(_spec)

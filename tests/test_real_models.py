@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from cot2align.configbase import REPO_ROOT
 from cot2align.cot.generate import gold_answer, judge_generation, stats_path
 from cot2align.data.jsonl import read_jsonl
 from cot2align.data.prompts import cot_prompt, end_of_turn_id
@@ -21,7 +22,7 @@ from cot2align.models import load_model, load_tokenizer
 
 pytestmark = pytest.mark.assets
 
-MODEL = Path(__file__).resolve().parent.parent / ".cache" / "test-assets" / "models" / "smollm2-135m-instruct"
+MODEL = REPO_ROOT / ".cache" / "test-assets" / "models" / "smollm2-135m-instruct"
 NEW_TOKENS = 24
 # greedy SmolLM2 on this CPU: the first reply ends on 7 (kept), the others on another number (dropped)
 QUESTIONS = [
@@ -48,7 +49,7 @@ def _sane(text: str) -> bool:
 
 def test_generate_cot_then_evaluate_smollm2(smollm2: Path, tmp_path: Path) -> None:
     from cot2align.config import Config
-    from cot2align.cot.generate import generate_cot
+    from cot2align.recipes.cot import generate_cot
 
     train = tmp_path / "train.jsonl"
     train.write_text("".join(json.dumps({"id": f"q{i}", "instruction": q, "output": a, "answer": a}) + "\n"

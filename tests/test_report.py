@@ -9,8 +9,10 @@ import numpy as np
 import ot as pot
 import pytest
 import torch
+from tiny import STUDENT, TEACHER
 from torch import nn
 
+from cot2align.callbacks import DevEvaluation, OTPlanHeatmaps
 from cot2align.data.dataset import DataConfig, build_samples
 from cot2align.data.jsonl import read_jsonl
 from cot2align.evaluate import EvalConfig, evaluate_files
@@ -19,12 +21,12 @@ from cot2align.losses import LossConfig, LossContext, build_loss
 from cot2align.losses.base import LossInputs, ResponseView
 from cot2align.losses.config import OTConfig, SinkhornConfig
 from cot2align.losses.ot import CrossCoTOT, transport_plans
-from cot2align.models import TinyModelConfig, build_tiny_model, hidden_size, load_tokenizer
-from cot2align.train import ColocatedTeacher, TrainConfig, train
+from cot2align.models import build_tiny_model, hidden_size, load_tokenizer
+from cot2align.optim import TrainConfig
+from cot2align.teacher.colocated import ColocatedTeacher
+from cot2align.train import TrainJob, train
 
 PNG = b"\x89PNG\r\n\x1a\n"
-TEACHER = TinyModelConfig(arch="llama", layers=2, hidden=32, heads=4, kv_heads=2, intermediate=64)
-STUDENT = TinyModelConfig(arch="gpt2", layers=2, hidden=24, heads=2, kv_heads=2, intermediate=48)
 
 
 def _view(hidden: dict[int, torch.Tensor], lengths: list[int]) -> ResponseView:
@@ -110,10 +112,12 @@ def run_dir(tiny_task: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
     dev, _ = read_jsonl(tiny_task["dev"])
     eval_cfg = EvalConfig(decoding="greedy", max_new_tokens=2, dev_decoding="greedy")
     try:
-        train(run_dir=out, student=student, student_tok=s_tok, loss_fn=loss_fn, teacher=ColocatedTeacher(teacher),
-              samples=samples, pad_ids={"student": s_tok.pad_token_id, "teacher": t_tok.pad_token_id},
-              cfg=TrainConfig(lr=1e-2, max_steps=4, micro_batch_size=4, eval_every=2), projector_lr=1e-3,
-              needs_aux=True, seed=3, logger=logger, log_cfg=log_cfg, dev=dev[:3], eval_cfg=eval_cfg)
+        job = TrainJob(run_dir=out, student=student, student_tok=s_tok, loss_fn=loss_fn, samples=samples,
+                       pad_ids={"student": s_tok.pad_token_id, "teacher": t_tok.pad_token_id},
+                       cfg=TrainConfig(lr=1e-2, max_steps=4, micro_batch_size=4, eval_every=2), seed=3,
+                       teacher=ColocatedTeacher(teacher), needs_aux=True)
+        train(job, logger=logger, log_cfg=log_cfg,
+              callbacks=[OTPlanHeatmaps(2, out), DevEvaluation(dev[:3], eval_cfg, every=2)])
     finally:
         logger.close()
     return out

@@ -6,39 +6,59 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import STUDENT, TEACHER
 from transformers import AutoModelForCausalLM
 
-from cot2align.data.dataset import DataConfig, build_samples
+from cot2align.data.dataset import DataConfig, build_samples, collate
 from cot2align.data.jsonl import read_jsonl
+from cot2align.data.sampler import GlobalBatchSampler
 from cot2align.logging import LoggingConfig, MetricsLogger
 from cot2align.losses import LossConfig, LossContext, build_loss
-from cot2align.models import TinyModelConfig, build_tiny_model, hidden_size, load_tokenizer
-from cot2align.train import ColocatedTeacher, TrainConfig, train
+from cot2align.models import build_tiny_model, hidden_size, load_tokenizer, num_layers
+from cot2align.optim import TrainConfig
+from cot2align.teacher.colocated import ColocatedTeacher
+from cot2align.train import TrainJob, TrainResult, micro_batch_loss, plan_step, response_tokens, train
 
-TEACHER = TinyModelConfig(arch="llama", layers=2, hidden=32, heads=4, kv_heads=2, intermediate=64)
-STUDENT = TinyModelConfig(arch="gpt2", layers=2, hidden=24, heads=2, kv_heads=2, intermediate=48)
 
-
-def _run(tiny_task: dict[str, Path], run_dir: Path, loss_cfg: LossConfig, steps: int,
-         stop_after: int | None = None, resume: bool = True):
+def _job(tiny_task: dict[str, Path], run_dir: Path, loss_cfg: LossConfig, steps: int, resume: bool = True) -> TrainJob:
+    """A colocated distillation job on the tiny task; deterministic: two calls build identical jobs."""
     s_tok, t_tok = load_tokenizer(tiny_task["tok_student"]), load_tokenizer(tiny_task["tok_teacher"])
     examples, _ = read_jsonl(tiny_task["train"])
     samples, _ = build_samples(examples[:32], s_tok, t_tok, DataConfig(max_length=128, max_prompt_length=40))
     student = build_tiny_model(STUDENT, s_tok, seed=1)
     teacher = build_tiny_model(TEACHER, t_tok, seed=2)
     ctx = LossContext(hidden_size(student), hidden_size(teacher), len(s_tok), len(t_tok), False, s_tok, t_tok)
+    torch.manual_seed(0)  # the loss's projectors
     loss_fn = build_loss(loss_cfg, ctx)
     cfg = TrainConfig(lr=1e-2, max_steps=steps, micro_batch_size=4, grad_accum=2, min_lr=1e-4, save_every=2)
+    return TrainJob(run_dir=run_dir, student=student, student_tok=s_tok, loss_fn=loss_fn, samples=samples,
+                    pad_ids={"student": s_tok.pad_token_id, "teacher": t_tok.pad_token_id}, cfg=cfg, seed=3,
+                    teacher=ColocatedTeacher(teacher), needs_aux=loss_cfg.name == "cot2align", resume=resume)
+
+
+def _run(tiny_task: dict[str, Path], run_dir: Path, loss_cfg: LossConfig, steps: int,
+         stop_after: int | None = None, resume: bool = True, job: TrainJob | None = None) -> TrainResult:
+    job = job or _job(tiny_task, run_dir, loss_cfg, steps, resume)
     log_cfg = LoggingConfig(wandb_mode="disabled", log_every=1, progress=False)
     logger = MetricsLogger(run_dir, log_cfg, {}, name="t")
     try:
-        return train(run_dir=run_dir, student=student, student_tok=s_tok, loss_fn=loss_fn,
-                     teacher=ColocatedTeacher(teacher), samples=samples,
-                     pad_ids={"student": s_tok.pad_token_id, "teacher": t_tok.pad_token_id}, cfg=cfg,
-                     projector_lr=1e-3, needs_aux=loss_cfg.name == "cot2align", seed=3, logger=logger,
-                     log_cfg=log_cfg, resume=resume, stop_after=stop_after)
+        return train(job, logger=logger, log_cfg=log_cfg, stop_after=stop_after)
     finally:
         logger.close()
+
+
+def _first_batch_loss(job: TrainJob) -> float:
+    """The loss of step 1's global batch, recomputed outside the loop (no gradient)."""
+    sampler = GlobalBatchSampler(len(job.samples), job.cfg.micro_batch_size, job.cfg.grad_accum, 1, job.seed)
+    micro = sampler.micro_batches(0, dp_rank=0)
+    tokens = float(sum(response_tokens(job.samples, m) for m in micro))
+    examples = float(sum(len(m) for m in micro))
+    final = num_layers(job.student)
+    assert job.teacher is not None
+    plan = plan_step(job.loss_fn, final, job.teacher.final_layer, True, job.needs_aux)
+    with torch.no_grad():
+        return sum(float(micro_batch_loss(job.student, final, job.loss_fn, collate([job.samples[i] for i in m], job.pad_ids),
+                                          job.teacher, plan, tokens, examples).total) for m in micro)
 
 
 @pytest.mark.parametrize("name", ["sft", "cot2align"])
@@ -76,10 +96,14 @@ def test_resume_reproduces_next_losses(tiny_task: dict[str, Path], tmp_path: Pat
     ids=lambda c: f"{c.name}-{c.base}",
 )
 def test_every_loss_trains_from_config(tiny_task: dict[str, Path], tmp_path: Path, loss_cfg: LossConfig) -> None:
-    """Each registered loss runs in the trainer on real different tokenizers and produces finite, moving losses."""
-    res = _run(tiny_task, tmp_path, loss_cfg, steps=3)
+    """Each registered loss runs in the trainer on real different tokenizers: the loop's first loss is
+    the loss of the sampler's first global batch (recomputed outside the loop), and three steps lower it."""
+    before = _first_batch_loss(_job(tiny_task, tmp_path / "ref", loss_cfg, steps=3))
+    job = _job(tiny_task, tmp_path / "run", loss_cfg, steps=3)
+    res = _run(tiny_task, tmp_path / "run", loss_cfg, steps=3, job=job)
     losses = [h["loss"] for h in res.history]
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
-    assert losses[0] != losses[-1]
+    assert losses[0] == pytest.approx(before, rel=1e-5)
+    assert _first_batch_loss(job) < before
     if loss_cfg.name != "multilevel_ot":
         assert res.history[0]["kd"] != 0.0

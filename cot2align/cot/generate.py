@@ -20,8 +20,6 @@ Each row also carries its own counts under `cot_gen`, so totals survive resumes.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import importlib.util
 import json
 import os
 import zlib
@@ -30,16 +28,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from cot2align.configbase import ConfigBase, ConfigError, require
+from cot2align.configbase import ConfigBase, require
 from cot2align.data.embedded import extract_answer
 from cot2align.data.jsonl import DataError, Example, write_jsonl
 from cot2align.data.prompts import ANSWER_BRIDGE, cot_prompt, generation_tokenizer, model_input_ids
+from cot2align.evaluate import EvalConfig, generate
 from cot2align.logging import log
+from cot2align.models import load_model
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
-
-    from cot2align.config import Config
 
 GenerateFn = Callable[[list[str], int], list[str]]
 """(prompts, seed) -> one generated continuation per prompt, in order."""
@@ -353,8 +351,6 @@ def merge_shards(examples: Sequence[Example], shards: Sequence[Path], out: Path)
 def hf_generate_fn(model: PreTrainedModel, tok: PreTrainedTokenizerBase, cfg: CotGenConfig) -> GenerateFn:
     """A GenerateFn over `evaluate.generate` (batched, left-padded, length-sorted, KV cache) with cfg's
     sampling; prompts go through the chat template per `cfg.chat_template` (`data.prompts`)."""
-    from cot2align.evaluate import EvalConfig, generate
-
     ecfg = EvalConfig(decoding="sample" if cfg.temperature > 0 else "greedy", temperature=cfg.temperature or 1.0,
                       top_p=cfg.top_p, top_k=0, no_repeat_ngram_size=0, max_new_tokens=cfg.max_new_tokens,
                       batch_size=cfg.batch_size)
@@ -387,7 +383,7 @@ def vllm_generate_fn(model_dir: Path, tok: PreTrainedTokenizerBase, cfg: CotGenC
     return fn
 
 
-class _LazyTeacher:
+class LazyTeacher:
     """A GenerateFn that loads the teacher on its first call (a finished output needs no model)."""
 
     def __init__(self, model_dir: Path, dtype: str, tok: PreTrainedTokenizerBase, cfg: CotGenConfig) -> None:
@@ -396,72 +392,8 @@ class _LazyTeacher:
 
     def __call__(self, prompts: list[str], seed: int) -> list[str]:
         if self.fn is None:
-            from cot2align.models import load_model
-
             if self.cfg.backend == "vllm":
                 self.fn = vllm_generate_fn(self.model_dir, self.tok, self.cfg)
             else:
                 self.fn = hf_generate_fn(load_model(self.model_dir, self.dtype), self.tok, self.cfg)
         return self.fn(prompts, seed)
-
-
-def output_path(cfg: Config) -> Path:
-    """`cot.output`, else <run.work_dir>/cot-<digest of the teacher, train data and sampling settings>.jsonl."""
-    if cfg.cot.output:
-        return Path(cfg.cot.output)
-    from cot2align import pipeline
-
-    p = pipeline.paths(cfg)
-    sampling = {k: v for k, v in cfg.cot.to_dict().items() if k not in ("enabled", "output", "batch_size", "backend")}
-    if sampling.get("chat_template") == "auto":  # the default: keeps the names of outputs made before the key
-        del sampling["chat_template"]
-    blob = json.dumps({"teacher": str(p.teacher_model), "train": str(p.train), "cot": sampling,
-                       "seed": cfg.run.seed}, sort_keys=True)
-    return Path(cfg.run.work_dir) / f"cot-{hashlib.sha256(blob.encode()).hexdigest()[:12]}.jsonl"
-
-
-def read_source(cfg: Config) -> list[Example]:
-    """The train split WITHOUT its gold rationales (the teacher's replace them)."""
-    from cot2align import pipeline
-
-    examples = pipeline.load_split(pipeline.paths(cfg).train, cfg.data)
-    return [dataclasses.replace(ex, rationale=None) for ex in examples]
-
-
-def generate_cot(cfg: Config, rank: int = 0, world_size: int = 1) -> Path:
-    """The generate-cot stage: teacher rationales for the train split; returns the written JSONL.
-
-    Trains the embedded teacher first when it is missing. With world_size > 1 this rank writes
-    its shard (`shard_path`) and returns it; `merge_cot_shards` joins the shards afterwards.
-    """
-    from cot2align import pipeline
-    from cot2align.evaluate import prompt_ids
-    from cot2align.models import load_tokenizer
-
-    p = pipeline.paths(cfg)
-    if (p.teacher_model / "config.json").is_file():
-        pipeline.prepare_data(cfg)
-    elif cfg.teacher.path:
-        raise FileNotFoundError(f"teacher.path: {p.teacher_model} is not an HF checkpoint")
-    else:
-        pipeline.train_teacher(cfg)
-    if cfg.cot.backend == "vllm" and importlib.util.find_spec("vllm") is None:
-        raise ConfigError("cot.backend=vllm: vLLM is not installed (pip install vllm, on a GPU machine); "
-                          "use cot.backend=hf")
-    out = output_path(cfg)
-    target = out if world_size == 1 else shard_path(out, rank, world_size)
-    tok = load_tokenizer(p.teacher_tokenizer)
-    gen_tok = generation_tokenizer(tok, cfg.cot.chat_template)
-    stats = generate_rationales(read_source(cfg), _LazyTeacher(p.teacher_model, cfg.teacher.dtype, tok, cfg.cot),
-                                cfg.cot, target, rank=rank, world_size=world_size, seed=cfg.run.seed,
-                                sort_key=lambda s: len(prompt_ids(gen_tok, s)))
-    print(stats.summary())
-    return target
-
-
-def merge_cot_shards(cfg: Config, world_size: int) -> Path:
-    """Join the `world_size` shard files of `generate_cot` into its output path (run once, after all ranks)."""
-    out = output_path(cfg)
-    stats = merge_shards(read_source(cfg), [shard_path(out, r, world_size) for r in range(world_size)], out)
-    print(stats.summary())
-    return out

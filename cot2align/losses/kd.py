@@ -26,7 +26,8 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
-from cot2align.losses.base import KDTerm, LossInputs, ResponseView
+from cot2align.data.views import ResponseView
+from cot2align.losses.base import KDTerm, LossInputs
 
 #: log-probabilities are clamped here before differences, so 0 * (-inf) never yields NaN
 _LOG_FLOOR = -1e30

@@ -38,9 +38,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from cot2align.distributed.parallel import DataParallel
 from cot2align.losses.base import LossOutput
-from cot2align.train import (
-    DataParallel,
+from cot2align.optim import (
     FullWeights,
     TrainConfig,
     build_optimizer,

@@ -16,9 +16,8 @@ import torch
 
 from cot2align.data.dataset import Batch
 from cot2align.data.sampler import GlobalBatchSampler
-from cot2align.losses.base import ResponseView
-from cot2align.student.teacher_io import TeacherIO
-from cot2align.transport import (
+from cot2align.data.views import ResponseView
+from cot2align.distributed.transport import (
     DATA,
     DONE,
     END,
@@ -31,6 +30,7 @@ from cot2align.transport import (
     checksum,
     unpack,
 )
+from cot2align.student.teacher_io import TeacherIO
 
 
 @dataclass

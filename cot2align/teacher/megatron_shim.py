@@ -1,7 +1,7 @@
 """CPU shims for the places where megatron-core hard-codes CUDA.
 
 megatron-core runs on CPU with gloo once two kinds of hard-coded CUDA device are
-redirected (measured with megatron-core 0.16.1; see docs/platform-notes.md):
+redirected (measured with megatron-core 0.16.1; see docs/architecture.md, "Platform facts"):
 
 1. ``torch.cuda.current_device()`` used as a *device argument* when allocating
    tensors, e.g. (0.16.1 line numbers)

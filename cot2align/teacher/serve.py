@@ -28,9 +28,8 @@ from torch import Tensor, nn
 
 from cot2align.data.dataset import Sample, SeqBatch, collate
 from cot2align.data.sampler import GlobalBatchSampler
-from cot2align.models import frozen, response_view
-from cot2align.topology import Topology
-from cot2align.transport import (
+from cot2align.distributed.topology import Topology
+from cot2align.distributed.transport import (
     DATA,
     DONE,
     END,
@@ -45,6 +44,7 @@ from cot2align.transport import (
     checksum,
     pack,
 )
+from cot2align.models import frozen, num_layers, response_view
 
 FAULT_ENV = "COT2ALIGN_FAULT"
 """Fault injection for tests: "exit:<rank>:<n>" makes teacher rank <rank> exit (os._exit) right
@@ -67,8 +67,6 @@ class HFHiddenStates:
 
     def __init__(self, model: nn.Module, device: torch.device, autocast: AbstractContextManager[Any] | None = None
                  ) -> None:
-        from cot2align.models import num_layers
-
         self.model = frozen(model.to(device))
         self.device = device
         self.num_layers = num_layers(model)  # type: ignore[arg-type]

@@ -22,9 +22,9 @@ import torch
 import yaml
 from jobs import tiny_job_config, tiny_teacher
 
-from cot2align import launch
 from cot2align.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from cot2align.config import Config
+from cot2align.launch import submit as launch
 from cot2align.preemption import StopRequest
 
 STEPS = 30
@@ -96,7 +96,7 @@ def _tasks() -> list[psutil.Process]:
 @pytest.mark.slow
 def test_preempted_job_requeues_and_matches_the_uninterrupted_run(tiny_task: dict[str, Path], tmp_path: Path,
                                                                    no_slurm: None) -> None:
-    from cot2align.runtime import launch_local
+    from cot2align.recipes.served import launch_local
 
     teacher = tiny_teacher(tiny_task, tmp_path / "teacher")
 

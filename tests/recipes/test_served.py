@@ -16,17 +16,16 @@ import pytest
 import torch
 import torch.distributed as dist
 from dist import run_distributed
+from tiny import STUDENT, TEACHER
 from torch import Tensor, nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from cot2align.config import Config
 from cot2align.configbase import ConfigError
-from cot2align.models import TinyModelConfig, build_tiny_model, load_tokenizer
+from cot2align.distributed.transport import DATA, DataHeader, DesyncError, Request, checksum, pack, unpack
+from cot2align.models import build_tiny_model, load_tokenizer
 from cot2align.train import TrainResult
-from cot2align.transport import DATA, DataHeader, DesyncError, Request, checksum, pack, unpack
 
-TEACHER = TinyModelConfig(arch="llama", layers=2, hidden=32, heads=4, kv_heads=2, intermediate=64)
-STUDENT = {"arch": "gpt2", "layers": 2, "hidden": 24, "heads": 2, "kv_heads": 2, "intermediate": 48}
 STEPS = 5
 
 
@@ -52,7 +51,7 @@ def _cfg(tiny_task: dict[str, Path], teacher_dir: Path, out: Path, *, mode: str,
         "teacher": {"path": str(teacher_dir), "tokenizer": str(tiny_task["tok_teacher"]),
                     "parallel": {"replicas": replicas}},
         "student": {"tokenizer": str(tiny_task["tok_student"]), "parallel": {"dp": dp}},
-        "embedded": {"student_model": STUDENT},
+        "embedded": {"student_model": STUDENT.to_dict()},
         "loss": {"name": loss},
         "train": {"lr": 1e-2, "min_lr": 1e-4, "max_steps": steps, "micro_batch_size": 4,
                   "grad_accum": dp if mode == "colocated" else 1},
@@ -70,7 +69,7 @@ _REFERENCES: dict[tuple[Any, ...], TrainResult] = {}
 def _colocated(tiny_task: dict[str, Path], teacher_dir: Path, out: Path, loss: str, dp: int,
                steps: int = STEPS, base: str = "dskd") -> TrainResult:
     """The colocated run with the same global batches (cached: several served cases share it)."""
-    from cot2align.pipeline import distill
+    from cot2align.recipes.pipeline import distill
 
     key = (loss, dp, steps, base)
     if key not in _REFERENCES:
@@ -132,7 +131,7 @@ def test_teacher_io_reads_only_head_and_embedding(teacher_dir: Path, tmp_path: P
 
 
 def test_served_config_is_checked(tiny_task: dict[str, Path], teacher_dir: Path, tmp_path: Path) -> None:
-    from cot2align.runtime import check_served, local_world_size
+    from cot2align.recipes.served import check_served, local_world_size
 
     cfg = _cfg(tiny_task, teacher_dir, tmp_path, mode="served", overrides=["teacher.parallel.tp=2"])
     with pytest.raises(ConfigError, match="teacher_backend=hf runs the teacher on one rank"):
@@ -182,8 +181,9 @@ def _zero3_data() -> Tensor:
 def _zero3_worker(rank: int, world: int, out: str) -> dict[str, Any]:
     """2 students, ZeRO-3 (only the 16-element norms stay whole): 3 steps on half batches each,
     then save, gather, reload into a fresh stepper and step again."""
+    from cot2align.distributed.parallel import DataParallel
+    from cot2align.optim import TrainConfig
     from cot2align.student.engine import DeepSpeedStepper, StudentMPU
-    from cot2align.train import DataParallel, TrainConfig
 
     cfg = TrainConfig(lr=1e-2, min_lr=1e-4, max_steps=4, micro_batch_size=2, clip_grad=1.0)
     dp = DataParallel(size=world, rank=rank, group=dist.group.WORLD)
@@ -228,7 +228,7 @@ def _zero3_worker(rank: int, world: int, out: str) -> dict[str, Any]:
 def test_zero3_stepper_matches_one_process(tmp_path: Path) -> None:
     """ZeRO-3 over 2 students == one process (loss, norm, weights), with the output-head weight read
     outside its module; weights are really partitioned; save -> load reproduces the next step."""
-    from cot2align.train import PlainStepper, TrainConfig
+    from cot2align.optim import PlainStepper, TrainConfig
 
     results = run_distributed(_zero3_worker, 2, str(tmp_path), timeout_s=300)
     first = results[0]
@@ -264,7 +264,7 @@ def test_served_hf_matches_colocated(tiny_task: dict[str, Path], teacher_dir: Pa
                                      zero_stage: int) -> None:
     """1 hf teacher rank + 2 DeepSpeed students == one colocated process, step by step; for
     cot2align also: resuming from the step-4 checkpoint reproduces step 5 (teacher starts at 4)."""
-    from cot2align.pipeline import distill
+    from cot2align.recipes.pipeline import distill
 
     ref = _colocated(tiny_task, teacher_dir, tmp_path / "ref", loss, dp=2)
     cfg = _cfg(tiny_task, teacher_dir, tmp_path, mode="served", loss=loss,
@@ -291,7 +291,7 @@ def test_served_zero3_matches_colocated_resumes_and_exports(tiny_task: dict[str,
     from safetensors.torch import load_file
 
     from cot2align.checkpoint import latest_checkpoint, load_checkpoint
-    from cot2align.pipeline import distill
+    from cot2align.recipes.pipeline import distill
 
     ref = _colocated(tiny_task, teacher_dir, tmp_path / "ref", "cot2align", dp=2, base="none")
     cfg = _cfg(tiny_task, teacher_dir, tmp_path, mode="served", overrides=[
@@ -322,7 +322,7 @@ def test_served_zero3_matches_colocated_resumes_and_exports(tiny_task: dict[str,
 def test_served_megatron_matches_colocated(tiny_task: dict[str, Path], teacher_dir: Path, tmp_path: Path, tp: int,
                                            pp: int, dp: int) -> None:
     """megatron-core teacher shards (TP2 or PP2, fp32) serving the students == colocated HF teacher."""
-    from cot2align.runtime import launch_local
+    from cot2align.recipes.served import launch_local
 
     ref = _colocated(tiny_task, teacher_dir, tmp_path / "ref", "cot2align", dp=dp)
     cfg = _cfg(tiny_task, teacher_dir, tmp_path, mode="served", dp=dp, overrides=[
@@ -335,7 +335,7 @@ def test_served_megatron_matches_colocated(tiny_task: dict[str, Path], teacher_d
 def test_odd_layout_two_replicas_three_students(tiny_task: dict[str, Path], teacher_dir: Path,
                                                 tmp_path: Path) -> None:
     """2 hf teacher replicas serving 3 students (replica 0 serves students 0 and 2)."""
-    from cot2align.runtime import launch_local
+    from cot2align.recipes.served import launch_local
 
     ref = _colocated(tiny_task, teacher_dir, tmp_path / "ref", "cot2align", dp=3, steps=2)
     cfg = _cfg(tiny_task, teacher_dir, tmp_path, mode="served", dp=3, replicas=2, steps=2,
@@ -350,7 +350,8 @@ def test_students_fail_fast_when_a_teacher_dies(tiny_task: dict[str, Path], teac
                                                 fault: str) -> None:
     """Teacher rank 0 exits (or stops sending) after 6 messages: the students fail within their
     deadline with an error naming that rank and its role; nothing hangs."""
-    from cot2align.runtime import WorldError, launch_local
+    from cot2align.distributed.spawn import WorldError
+    from cot2align.recipes.served import launch_local
     from cot2align.teacher.serve import FAULT_ENV
 
     cfg = _cfg(tiny_task, teacher_dir, tmp_path, mode="served", steps=8, overrides=["runtime.timeout_s=4"])

@@ -12,9 +12,10 @@ import pytest
 import yaml
 from jobs import tiny_job_config, tiny_teacher
 
-from cot2align import launch
-from cot2align.config import REPO_ROOT, load_config
-from cot2align.configbase import ConfigError
+from cot2align.config import Config, load_config
+from cot2align.configbase import REPO_ROOT, ConfigError
+from cot2align.launch import layout, slurm
+from cot2align.launch import submit as launch
 
 PRESET_70B = REPO_ROOT / "configs" / "llama70b-to-1b-8nodes.yaml"
 PRESETS = sorted(p for p in (REPO_ROOT / "configs").rglob("*.yaml") if "models" not in p.parts)
@@ -78,13 +79,13 @@ def _recorder(calls: list[Any], result: Any) -> Any:
     ("1-00:30", 1470),
 ])
 def test_slurm_minutes(value: str, minutes: int) -> None:
-    assert launch.slurm_minutes(value) == minutes
+    assert slurm.slurm_minutes(value) == minutes
 
 
 @pytest.mark.parametrize("value", ["abc", "1:2:3:4", "", "12h"])
 def test_slurm_minutes_rejects(value: str) -> None:
     with pytest.raises(ValueError, match="Slurm time"):
-        launch.slurm_minutes(value)
+        slurm.slurm_minutes(value)
 
 
 def test_unquoted_yaml_time_is_an_error(tmp_path: Path) -> None:
@@ -120,7 +121,7 @@ def test_paper_presets_follow_the_recipe(name: str) -> None:
     assert (cfg.data.max_length, cfg.data.max_prompt_length, cfg.run.seed) == (512, 256, 10)
     assert (cfg.loss.temperature, cfg.loss.projector_lr, cfg.eval.answer_mode) == (2.0, 1e-3, "none")
     assert (cfg.launch.teacher_config, cfg.launch.student_config) == (teacher, student)
-    prep = launch.prepare(cfg)  # plans: the 4 + 4 layout fits one 8-GPU node
+    prep = layout.prepare(cfg)  # plans: the 4 + 4 layout fits one 8-GPU node
     assert prep.plan is not None and (prep.plan.replicas, prep.plan.dp) == (4, 4)
 
 
@@ -258,28 +259,25 @@ def test_several_nodes_without_slurm_is_a_clear_error(no_slurm: None, monkeypatc
     assert "cluster.nodes=2 (--nodes) needs Slurm" in err and "--world-size N" in err and "--dry-run" in err
 
 
-def test_no_arguments_runs_the_embedded_pipeline(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_no_arguments_runs_the_embedded_pipeline(fake_slurm: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import importlib.util
 
-    import cot2align.cli
-
-    calls: list[list[str]] = []
-    monkeypatch.setattr(cot2align.cli, "main", _recorder(calls, 0))
+    calls: list[Config] = []
+    monkeypatch.setattr(launch, "run_embedded", calls.append)
     spec = importlib.util.spec_from_file_location("submit_script", REPO_ROOT / "launcher" / "submit.py")
     assert spec is not None and spec.loader is not None
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    assert script.main([]) == 0
-    assert calls == [["pipeline"]]
+    assert script.main([]) == 0  # here, even with Slurm on PATH
+    assert [c.to_dict() for c in calls] == [load_config().to_dict()]
+    assert not fake_slurm.exists()
 
 
 def test_local_one_node_runs_the_pipeline_with_the_flags(fake_slurm: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import cot2align.cli
-
-    calls: list[list[str]] = []
-    monkeypatch.setattr(cot2align.cli, "main", _recorder(calls, 0))
+    calls: list[Config] = []
+    monkeypatch.setattr(launch, "run_embedded", calls.append)
     assert launch.main(["--local", "--name", "x", "train.lr=0.001"]) == 0
-    assert calls == [["pipeline", "train.lr=0.001", 'run.name="x"']]
+    assert [c.to_dict() for c in calls] == [load_config(None, ["train.lr=0.001", "run.name=x"]).to_dict()]
     assert not fake_slurm.exists()
 
 
@@ -299,7 +297,7 @@ def _slurm_task_env(monkeypatch: pytest.MonkeyPatch) -> None:
 def _record_run_rank(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Any, dict[str, str]]]:
     import os
 
-    import cot2align.runtime
+    import cot2align.recipes.served
 
     seen: list[tuple[Any, dict[str, str]]] = []
     keys = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "CUDA_VISIBLE_DEVICES")
@@ -308,7 +306,7 @@ def _record_run_rank(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Any, dict[st
         seen.append((cfg, {k: os.environ[k] for k in keys}))
         return "done"
 
-    monkeypatch.setattr(cot2align.runtime, "run_rank", run_rank)
+    monkeypatch.setattr(cot2align.recipes.served, "run_rank", run_rank)
     return seen
 
 

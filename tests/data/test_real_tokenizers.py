@@ -6,19 +6,19 @@ Needs the tokenizers prepared by `python scripts/prepare_test_assets.py` under
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from loss_fixtures import Case, assert_close, config, grads, make_case
 
+from cot2align.configbase import REPO_ROOT
 from cot2align.losses.mined import MinED
 from cot2align.losses.uld import ULD
 
 pytestmark = pytest.mark.assets
 
-ROOT = Path(__file__).resolve().parent.parent / ".cache" / "test-assets" / "tokenizers"
+ROOT = REPO_ROOT / ".cache" / "test-assets" / "tokenizers"
 SENTENCES = [
     "Let's think step by step. Natalia sold 48 clips in April, and then she sold half as many in May.",
     "Therefore, the answer is: 72.\nThe café served naïve customers 1234 croissants!",

@@ -10,7 +10,12 @@ import torch.distributed as dist
 from dist import run_distributed
 
 from cot2align.configbase import ConfigError
-from cot2align.topology import StudentParallelConfig, TeacherCoord, TeacherParallelConfig, Topology
+from cot2align.distributed.topology import (
+    StudentParallelConfig,
+    TeacherCoord,
+    TeacherParallelConfig,
+    Topology,
+)
 
 
 def topo(tp: int, pp: int, replicas: int, dp: int, world: int, rank: int = 0) -> Topology:

@@ -235,7 +235,7 @@ def test_shards_merge_in_input_order(tmp_path: Path) -> None:
 def test_generate_cot_stage_leaves_input_untouched(tiny_task: dict[str, Path], teacher: tuple,
                                                    tmp_path: Path) -> None:
     from cot2align.config import Config
-    from cot2align.cot.generate import generate_cot, output_path, read_source
+    from cot2align.recipes.cot import generate_cot, output_path, read_source
 
     model, tok = teacher
     model.save_pretrained(tmp_path / "teacher")
@@ -265,7 +265,7 @@ def test_vllm_backend_without_vllm_is_a_clear_error(tiny_task: dict[str, Path], 
                                                      tmp_path: Path) -> None:
     from cot2align.config import Config
     from cot2align.configbase import ConfigError
-    from cot2align.cot.generate import generate_cot, output_path
+    from cot2align.recipes.cot import generate_cot, output_path
 
     model, tok = teacher
     model.save_pretrained(tmp_path / "teacher")
@@ -334,7 +334,7 @@ def test_generation_tokenizer_stops_at_end_of_turn(chat_tok: PreTrainedTokenizer
 def test_cot_chat_template_config(tiny_task: dict[str, Path], tmp_path: Path) -> None:
     from cot2align.config import Config
     from cot2align.configbase import ConfigError
-    from cot2align.cot.generate import output_path
+    from cot2align.recipes.cot import output_path
 
     cfg = Config().with_overrides([f"run.work_dir={tmp_path}"])
     assert cfg.cot.chat_template == "auto"

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from cot2align.configbase import REPO_ROOT
 from cot2align.data.instructions import OPPOSITES, PLURALS, instruction_rows, write_instruction_set
 from cot2align.data.jsonl import read_jsonl
 
-SHIPPED = Path(__file__).resolve().parent.parent / "configs" / "data" / "instructions"
+SHIPPED = REPO_ROOT / "configs" / "data" / "instructions"
 
 
 def test_generation_is_deterministic_and_the_shipped_copy_is_current(tmp_path: Path) -> None:

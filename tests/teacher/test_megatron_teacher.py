@@ -90,8 +90,8 @@ def _teacher_world(
     """Every case on every rank: build the topology (collective), run the teacher on its ranks."""
     import torch.distributed as dist
 
+    from cot2align.distributed.topology import StudentParallelConfig, TeacherParallelConfig, Topology
     from cot2align.teacher.megatron_model import MegatronTeacher
-    from cot2align.topology import StudentParallelConfig, TeacherParallelConfig, Topology
 
     results: dict[str, Any] = {}
     for case, ckpt, tp, pp, dtype in CASES:

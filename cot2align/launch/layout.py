@@ -1,0 +1,150 @@
+"""The layout of a cluster run: the planner's choice of teacher tp x pp x replicas and student dp
+for `cluster.*`, written into the config, checked against the world before anything is submitted."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cot2align.config import Config
+from cot2align.configbase import ConfigError
+from cot2align.distributed.topology import Topology
+from cot2align.launch.slurm import render_sbatch, sbatch_parameters
+from cot2align.modelspec import load_model_spec, resolve_model_config
+from cot2align.plan import Plan, WorkloadSpec, plan
+from cot2align.recipes.served import check_served
+
+SIZE_KEYS: dict[str, str] = {
+    "tp": "teacher.parallel.tp",
+    "pp": "teacher.parallel.pp",
+    "replicas": "teacher.parallel.replicas",
+    "dp": "student.parallel.dp",
+}
+"""Config keys of the four layout sizes the planner chooses (or checks)."""
+
+
+def workload_for(cfg: Config) -> WorkloadSpec:
+    """The planner's workload derived from data / train / loss / runtime, then `launch.workload`."""
+    loss = cfg.loss
+    kd_base = loss.name in ("kd", "uld", "mined", "dskd") or (loss.name == "cot2align" and loss.base != "none")
+    dskd = loss.name == "dskd" or (loss.name == "cot2align" and loss.base == "dskd")
+    ot = loss.name == "cot2align"
+    wl = WorkloadSpec(
+        teacher_seq_len=cfg.data.max_length,
+        student_seq_len=cfg.data.max_length,
+        micro_batch_size=cfg.train.micro_batch_size,
+        formats=2 if cfg.data.use_cot and cfg.data.pairing in ("reference", "pair") else 1,
+        grad_accum=cfg.train.grad_accum,
+        prefetch=cfg.runtime.prefetch,
+        student_zero_stage=cfg.runtime.zero_stage,  # type: ignore[arg-type]  # 0-2, validated by runtime
+        dtype="bf16" if cfg.teacher.dtype == "bfloat16" else "fp32",
+        served_layers=max(1, len(set(loss.ot.teacher_layers))) if ot else 1,
+        student_holds_teacher_head=kd_base,
+        teacher_head_flops_per_param=6.0 if dskd else 2.0,
+        ot_pairs=(3 if loss.ot.cross_pairs else 1) if ot else 0,
+    )
+    return wl.merged(cfg.launch.workload, "launch.workload")
+
+
+def _model_ref(explicit: str, path: str, role: str) -> tuple[str | None, str]:
+    """(what the planner reads for `role`, or None and why not)."""
+    if explicit:
+        return explicit, ""
+    if not path:
+        return None, (f"{role}.path is empty (the embedded tiny model); set launch.{role}_config to a "
+                      "config.json or a configs/models/ preset to plan")
+    try:
+        resolve_model_config(path)
+    except ConfigError:
+        return None, (f"{role}.path {path!r} has no config.json on this machine; set launch.{role}_config "
+                      "to a config.json or a configs/models/ preset to plan")
+    return path, ""
+
+
+def plan_for(cfg: Config) -> tuple[Plan | None, str]:
+    """The planner's layout for `cfg.cluster`, or (None, why no plan was made).
+
+    Sizes named in `launch.fixed` are kept (the hf teacher backend fixes tp = pp = 1).
+    Raises ConfigError (naming keys and numbers) when no layout fits.
+    """
+    if not cfg.launch.plan:
+        return None, "launch.plan is false"
+    teacher, why_t = _model_ref(cfg.launch.teacher_config, cfg.teacher.path, "teacher")
+    student, why_s = _model_ref(cfg.launch.student_config, cfg.student.path, "student")
+    if teacher is None or student is None:
+        return None, why_t or why_s
+    sizes = {"tp": cfg.teacher.parallel.tp, "pp": cfg.teacher.parallel.pp,
+             "replicas": cfg.teacher.parallel.replicas, "dp": cfg.student.parallel.dp}
+    fixed: dict[str, int | None] = {k: (sizes[k] if k in cfg.launch.fixed and sizes[k] >= 1 else None)
+                                    for k in SIZE_KEYS}
+    if cfg.runtime.teacher_backend == "hf":  # one rank per replica
+        fixed["tp"], fixed["pp"] = 1, 1
+    t, s, wl = load_model_spec(teacher), load_model_spec(student), workload_for(cfg)
+    return plan(t, s, cfg.cluster, wl, fixed, SIZE_KEYS), ""
+
+
+def apply_plan(cfg: Config, plan: Plan) -> Config:
+    """`cfg` with the plan's layout written into teacher.parallel / student.parallel, all four fixed."""
+    return cfg.merged({
+        "teacher": {"parallel": {"tp": plan.tp, "pp": plan.pp, "replicas": plan.replicas}},
+        "student": {"parallel": {"dp": plan.dp}},
+        "launch": {"fixed": list(SIZE_KEYS)},
+    })
+
+
+@dataclass
+class Prepared:
+    """A cluster run ready to submit: resolved config, plan (or why none), run directory."""
+
+    cfg: Config
+    plan: Plan | None
+    plan_note: str
+    run_dir: Path
+
+    @property
+    def world_size(self) -> int:
+        """nodes * gpus_per_node: one rank per GPU."""
+        return self.cfg.cluster.world_size
+
+    @property
+    def logs(self) -> Path:
+        """submitit's folder: the per-rank logs and its pickles."""
+        return self.run_dir / "logs"
+
+    def sbatch_parameters(self) -> dict[str, Any]:
+        """submitit SlurmExecutor parameters of this job (see `launch.slurm.sbatch_parameters`)."""
+        return sbatch_parameters(self.cfg.launch.slurm, self.cfg.cluster, self.cfg.run.name)
+
+    def sbatch_script(self) -> str:
+        """The sbatch script submitit will write for this job."""
+        return render_sbatch(self.sbatch_parameters(), self.logs)
+
+    def plan_markdown(self) -> str:
+        """plan.md: the plan's tables, or why there is none and the layout used."""
+        if self.plan is not None:
+            return self.plan.to_markdown()
+        t, s = self.cfg.teacher.parallel, self.cfg.student.parallel
+        return (f"No plan: {self.plan_note}.\n\nLayout from the config: {t.replicas} teacher replica(s) x "
+                f"(tp {t.tp} x pp {t.pp}), student dp {s.dp} (-1 = the rest), world size {self.world_size}.\n")
+
+
+def prepare(cfg: Config, world_size: int | None = None) -> Prepared:
+    """Resolve a served run for `world_size` ranks (default: the cluster's GPUs): plan, check the layout.
+
+    Raises ConfigError naming the key when the layout cannot work (before anything is submitted).
+    """
+    if cfg.runtime.mode != "served":
+        print("note: a cluster job runs the served world: runtime.mode=served", file=sys.stderr)
+        cfg = cfg.merged({"runtime": {"mode": "served"}})
+    if world_size:  # a local world: one node, one task per rank
+        cfg = cfg.merged({"cluster": {"nodes": 1, "gpus_per_node": world_size}})
+    world = cfg.cluster.world_size
+    result, note = plan_for(cfg) if world_size is None else (None, "a local world is not planned")
+    if result is not None:
+        cfg = apply_plan(cfg, result)
+    cfg.validate()
+    check_served(cfg)
+    Topology(cfg.teacher.parallel, cfg.student.parallel, world, 0)  # sizes add up to the world
+    return Prepared(cfg, result, note, cfg.run_dir.resolve())

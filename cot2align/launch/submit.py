@@ -1,0 +1,314 @@
+"""Start a run: a Slurm job through submitit, a local world of ranks, or the embedded pipeline.
+
+    python launcher/submit.py                                    # the embedded default, in-process
+    python launcher/submit.py --config C --nodes 8 --partition gpu   # ONE Slurm job: 8 nodes x 8 tasks
+    python launcher/submit.py --config C --dry-run               # config, plan, sbatch script; submits nothing
+    python launcher/submit.py --config C --world-size 4 --local  # a served world of 4 ranks on this machine
+    python launcher/submit.py --resume runs/NAME                 # resubmit a run directory (resumes training)
+
+Every cluster run gets a run directory `<run.output_dir>/<run.name>` holding the resolved
+config (`config.yaml`, with the planned layout written in), the plan (`plan.md`), the sbatch
+script (`submit.sh`) and `logs/` (`<jobid>_<task>_log.out|err`, one pair per rank). Every task
+of the job is a `RankTask`: it exports the torch.distributed environment of its Slurm task and
+runs `cot2align.recipes.served.run_rank`; on preemption or time-out submitit calls its `checkpoint()`
+and requeues the job, which resumes from `<run_dir>/checkpoints/latest`.
+
+Merge order of settings: config defaults <- YAML <- dotted overrides <- command-line flags
+(`--nodes 8` is `cluster.nodes=8`, `--partition gpu` is `launch.slurm.partition=gpu`, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import submitit
+import torch
+import yaml
+from submitit import LocalExecutor, SlurmExecutor
+from submitit.helpers import DelayedSubmission, TorchDistributedEnvironment
+
+from cot2align.config import Config, load_config
+from cot2align.configbase import REPO_ROOT, ConfigError, changed_keys
+from cot2align.distributed.topology import Topology
+from cot2align.launch.layout import Prepared, prepare
+from cot2align.launch.slurm import slurm_available
+from cot2align.logging import setup_console_logging
+from cot2align.preemption import stop_request, stopped_early
+from cot2align.recipes import served
+from cot2align.recipes.pipeline import run_embedded
+
+# ----------------------------------------------------------------------------- the job
+
+
+class RankTask:
+    """One task of the job = one rank of the served world; submitit requeues it on preemption/time-out."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.config = config
+        """The resolved config as a plain dict (pickled into the job)."""
+        self.requeues = 0
+        """How often `checkpoint()` requeued this task."""
+
+    def __call__(self) -> Any:
+        """Export RANK / WORLD_SIZE / MASTER_ADDR / ... of this task and run `run_rank`; return its result."""
+        # all GPUs of the node stay visible: run_rank selects cuda:LOCAL_RANK
+        TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+        setup_console_logging()
+        cfg = Config().merged(self.config)
+        cfg.validate()
+        stop_request.install()  # SIGUSR2 now only asks to stop at the next step boundary
+        result = served.run_rank(cfg)
+        if stopped_early(result) and int(os.environ["RANK"]) == 0:
+            stop_request.chain()  # submitit's handler: checkpoint() below, requeue, exit
+        return result
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
+        """Called through submitit's handler by global rank 0 once the world stopped at a step
+        boundary and the students saved (see `cot2align.preemption`): requeue this task, resuming
+        from the run's checkpoint."""
+        self.requeues += 1
+        self.config = {**self.config, "run": {**self.config.get("run", {}), "resume": True}}
+        return DelayedSubmission(self, *args, **kwargs)
+
+
+
+# ----------------------------------------------------------------------------- actions
+
+
+def write_run_dir(prep: Prepared, script: str | None = None) -> None:
+    """config.yaml, plan.md, logs/ (and submit.sh when given); warns when an existing run's config changed."""
+    prep.logs.mkdir(parents=True, exist_ok=True)
+    cfg_file = prep.run_dir / "config.yaml"
+    if cfg_file.is_file():
+        old = yaml.safe_load(cfg_file.read_text(encoding="utf-8")) or {}
+        changed = changed_keys(old, prep.cfg.to_dict())
+        if changed:
+            shown = ", ".join(changed[:8]) + (" ..." if len(changed) > 8 else "")
+            print(f"warning: {cfg_file} exists and this config differs in: {shown}", file=sys.stderr)
+    cfg_file.write_text(prep.cfg.to_yaml(), encoding="utf-8")
+    (prep.run_dir / "plan.md").write_text(prep.plan_markdown(), encoding="utf-8")
+    if script is not None:
+        (prep.run_dir / "submit.sh").write_text(script, encoding="utf-8")
+
+
+def _resume_note(run_dir: Path) -> str:
+    latest = run_dir / "checkpoints" / "latest"
+    if latest.is_file():
+        return f"resumes from {latest}: {latest.read_text().strip()}"
+    return "new run: no checkpoints/latest yet"
+
+
+def _wandb_line(cfg: Config) -> str:
+    mode = os.environ.get("WANDB_MODE", cfg.logging.wandb_mode)
+    where = f"{cfg.logging.entity}/" if cfg.logging.entity else ""
+    extra = f"; upload later: wandb sync {cfg.run_dir.resolve()}/wandb/offline-run-*" if mode == "offline" else ""
+    return f"W&B run:  {cfg.run.name!r} in project {where}{cfg.logging.project} (mode {mode}{extra})"
+
+
+def submit_slurm(prep: Prepared) -> str:
+    """Submit ONE job of nodes x gpus_per_node tasks; write the run directory; print where things are.
+
+    Returns the job id.
+    """
+    cfg = prep.cfg
+    if not cfg.train.save_every:
+        print("warning: train.save_every is 0: preemption and time-outs still checkpoint at a step boundary, "
+              "but a failed node loses every step since the start; set train.save_every", file=sys.stderr)
+    script = prep.sbatch_script()
+    write_run_dir(prep, script)
+    ex = SlurmExecutor(folder=prep.logs, max_num_timeout=cfg.launch.slurm.max_requeues)
+    ex.update_parameters(**prep.sbatch_parameters())
+    job = ex.submit(RankTask(cfg.to_dict()))
+    submitted = Path(job.paths.submission_file)
+    if submitted.is_file():  # what sbatch really got (same text as `script`)
+        shutil.copyfile(submitted, prep.run_dir / "submit.sh")
+    with (prep.run_dir / "job_ids.txt").open("a", encoding="utf-8") as f:
+        f.write(f"{job.job_id}\n")
+    n = prep.world_size
+    out = prep.logs / f"{job.job_id}_<task>_log.out"  # submitit's %j_%t_log.out / .err
+    print(f"submitted Slurm job {job.job_id}: {cfg.cluster.nodes} node(s) x {cfg.cluster.gpus_per_node} "
+          f"task(s) = world size {n}")
+    print(f"run dir:  {prep.run_dir} ({_resume_note(prep.run_dir)})")
+    print(f"logs:     {out} and .err, task 0..{n - 1}")
+    print(_wandb_line(cfg))
+    print(f"resubmit: python launcher/submit.py --resume {prep.run_dir}")
+    return str(job.job_id)
+
+
+def run_local_world(prep: Prepared) -> int:
+    """The same job on this machine: submitit LocalExecutor, one node, world_size tasks; waits for it."""
+    write_run_dir(prep)
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
+    ex = LocalExecutor(folder=prep.logs, max_num_timeout=prep.cfg.launch.slurm.max_requeues)
+    gpus = _local_gpus(prep)
+    ex.update_parameters(nodes=1, tasks_per_node=prep.world_size, gpus_per_node=gpus,
+                         timeout_min=prep.cfg.launch.slurm.minutes, signal_delay_s=prep.cfg.launch.slurm.signal_delay_s)
+    job = ex.submit(RankTask(prep.cfg.to_dict()))
+    print(f"local world of {prep.world_size} rank(s) ({gpus} GPU(s)), job {job.job_id}")
+    print(f"run dir:  {prep.run_dir}")
+    print(f"logs:     {prep.logs}/{job.job_id}_<task>_log.out|err")
+    try:
+        results = job.results()
+    except Exception as e:  # submitit re-raises a failed task's error with its traceback
+        print(f"local world failed: {e}", file=sys.stderr)
+        return 1
+    first_student = Topology(prep.cfg.teacher.parallel, prep.cfg.student.parallel, prep.world_size, 0).student_ranks[0]
+    res = results[first_student]
+    if hasattr(res, "steps"):  # a TrainResult
+        print(f"done: {res.steps} steps, best dev {res.best_dev}, exported {res.export_dir}")
+    else:
+        print(f"done: {res}")
+    print(_wandb_line(prep.cfg))
+    return 0
+
+
+def _local_gpus(prep: Prepared) -> int:
+    if prep.cfg.runtime.backend == "gloo":
+        return 0
+    return min(prep.world_size, torch.cuda.device_count())
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    """The launcher's flags (see the module docstring)."""
+    ap = argparse.ArgumentParser(prog="launcher/submit.py", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=None, help="YAML config (default: configs/embedded.yaml)")
+    ap.add_argument("--resume", metavar="RUN_DIR", default=None,
+                    help="resubmit a run directory: its config.yaml (training resumes from its checkpoints)")
+    ap.add_argument("--nodes", type=int, help="Slurm nodes (cluster.nodes)")
+    ap.add_argument("--gpus-per-node", type=int, help="GPUs = tasks per node (cluster.gpus_per_node)")
+    ap.add_argument("--partition", help="launch.slurm.partition")
+    ap.add_argument("--account", help="launch.slurm.account")
+    ap.add_argument("--qos", help="launch.slurm.qos")
+    ap.add_argument("--time", help="time limit, e.g. 24:00:00 or 2-00:00:00 (launch.slurm.time)")
+    ap.add_argument("--mem", help="memory per node, e.g. 480G (launch.slurm.mem)")
+    ap.add_argument("--constraint", help="launch.slurm.constraint")
+    ap.add_argument("--cpus-per-task", type=int, help="launch.slurm.cpus_per_task")
+    ap.add_argument("--name", help="run name = job name = W&B run name (run.name)")
+    ap.add_argument("--local", action="store_true", help="run on this machine even where Slurm is available")
+    ap.add_argument("--world-size", type=int, default=0,
+                    help="run the served world with this many ranks on this machine (submitit LocalExecutor)")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="print the resolved config, the plan and the sbatch script; submit nothing")
+    ap.add_argument("--prepare", action="store_true",
+                    help="write the run directory, print its path and submit nothing (slurm/cot2align.sbatch)")
+    ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-4 cluster.gpu_memory_gib=141")
+    args = ap.parse_args(argv)
+    if args.resume and args.config:
+        ap.error("--resume RUN_DIR uses RUN_DIR/config.yaml; do not pass --config as well")
+    return args
+
+
+def flag_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The flags given, as a nested config mapping (merged after the dotted overrides)."""
+    slurm = {k: getattr(args, k) for k in ("partition", "account", "qos", "time", "mem", "constraint", "cpus_per_task")
+             if getattr(args, k) is not None}
+    cluster = {k: getattr(args, k) for k in ("nodes", "gpus_per_node") if getattr(args, k) is not None}
+    out: dict[str, Any] = {}
+    if cluster:
+        out["cluster"] = cluster
+    if slurm:
+        out["launch"] = {"slurm": slurm}
+    if args.name is not None:
+        out["run"] = {"name": args.name}
+    return out
+
+
+def _run_pipeline(cfg: Config) -> int:
+    """The embedded pipeline in this process (`cot2align pipeline`)."""
+    run_embedded(cfg)
+    return 0
+
+
+def no_slurm_message(nodes: int) -> str:
+    """What to do when more than one node is asked for without Slurm."""
+    return (f"cluster.nodes={nodes} (--nodes) needs Slurm, but `sbatch`/`srun` are not on PATH.\n"
+            "  On this machine: python launcher/submit.py [--config FILE] [--world-size N] "
+            "(one node: the pipeline in-process, or a served world of N local ranks)\n"
+            "  To check a cluster run here: add --dry-run (prints the plan and the sbatch script)\n"
+            "  On the cluster's login node: the same command submits the job; or submit by hand with "
+            "sbatch slurm/cot2align.sbatch (see slurm/README.md)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python launcher/submit.py ...`; returns the exit status (2 for configuration errors)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["rank"]:
+        return rank_main(argv[1:])
+    args = parse(argv)
+    setup_console_logging()
+    if not argv:  # the embedded default pipeline, here, even where Slurm is available
+        return _run_pipeline(load_config())
+    config = str(Path(args.resume) / "config.yaml") if args.resume else args.config
+    flags = flag_values(args)
+    try:
+        cfg = load_config(config, args.overrides).merged(flags)
+        cfg.validate()
+        slurm = slurm_available() and not args.local and not args.world_size
+        cluster_run = args.dry_run or args.prepare or slurm
+        if not cluster_run and cfg.cluster.nodes > 1:
+            print(f"error: {no_slurm_message(cfg.cluster.nodes)}", file=sys.stderr)
+            return 2
+        prep: Prepared | None = None
+        if cluster_run:
+            prep = prepare(cfg)
+        elif args.world_size:
+            prep = prepare(cfg, args.world_size)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    if prep is None:  # one node, no Slurm (or --local): the pipeline in this process
+        return _run_pipeline(cfg)
+    if args.dry_run:
+        print(f"# Resolved config ({prep.run_dir / 'config.yaml'})\n")
+        print(prep.cfg.to_yaml())
+        print(f"# Plan ({prep.run_dir / 'plan.md'})\n")
+        print(prep.plan_markdown())
+        print(f"# sbatch script ({prep.run_dir / 'submit.sh'})\n")
+        print(prep.sbatch_script())
+        print(f"dry run: nothing submitted, nothing written; run directory would be {prep.run_dir}")
+        return 0
+    if args.prepare:
+        write_run_dir(prep, prep.sbatch_script())
+        print(prep.run_dir)
+        return 0
+    if slurm:
+        submit_slurm(prep)
+        return 0
+    return run_local_world(prep)
+
+
+def rank_main(argv: list[str]) -> int:
+    """`python -m cot2align.launch.submit rank --config RUN_DIR/config.yaml`: one rank under a hand-written srun.
+
+    Reads the rank layout of the Slurm task through submitit's environment helpers (as the
+    submitit job does) and runs `cot2align.recipes.served.run_rank`.
+    """
+    ap = argparse.ArgumentParser(prog="cot2align.launch.submit rank")
+    ap.add_argument("--config", required=True)
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args(argv)
+    setup_console_logging()
+    cfg = load_config(args.config, args.overrides)
+    if "SLURM_JOB_ID" in os.environ:
+        os.environ.setdefault("SUBMITIT_EXECUTOR", "slurm")
+        TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+    stop_request.install()  # the batch script passes SIGUSR2 on to every rank
+    result = served.run_rank(cfg)
+    if stopped_early(result) and int(os.environ["RANK"]) == 0 and "SLURM_JOB_ID" in os.environ:
+        print(f"stopped early: requeueing job {os.environ['SLURM_JOB_ID']}", flush=True)
+        subprocess.run(["scontrol", "requeue", os.environ["SLURM_JOB_ID"]], check=True, timeout=120)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

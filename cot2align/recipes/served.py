@@ -1,0 +1,188 @@
+"""The served recipe: one torch.distributed world, teacher ranks serve, student ranks train.
+
+    world = [ teacher replica 0: TP x PP ranks | replica 1 | ... | student DP ranks ]
+
+`run_rank(cfg)` is what every process of the world runs (the local launcher below and the
+cluster launcher call it): it initialises torch.distributed (gloo on CPU, nccl on GPU), builds
+the `Topology`, creates the process groups once, and dispatches by role: teacher ranks run
+`teacher.serve.serve`, student ranks run the ONE training loop (`train.train`) with a
+`ServedTeacher` as teacher source and DeepSpeed (over the student group only) as optimizer.
+`launch_local(cfg)` spawns such a world on this machine and returns what the first student
+returned. The colocated recipe (`recipes.colocated`) is the reference it is tested against.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from transformers import PreTrainedTokenizerBase
+
+from cot2align.config import Config
+from cot2align.configbase import require
+from cot2align.data.dataset import Sample
+from cot2align.data.sampler import GlobalBatchSampler
+from cot2align.distributed.parallel import DataParallel
+from cot2align.distributed.spawn import spawn_world
+from cot2align.distributed.topology import Topology
+from cot2align.distributed.transport import Transport
+from cot2align.distributed.world import device_of, init_world, wire_dtype
+from cot2align.lora import base_model
+from cot2align.models import DTYPES, load_model, load_tokenizer
+from cot2align.preemption import stop_request
+from cot2align.recipes.build import callbacks, distill_loss, needs, open_logger, student_model
+from cot2align.recipes.inputs import ensure_inputs, input_paths
+from cot2align.recipes.prepare import Paths, load_split, read_samples, write_run_files
+from cot2align.student.engine import DeepSpeedStepper, StudentMPU
+from cot2align.student.served import ServedTeacher
+from cot2align.student.teacher_io import load_teacher_io
+from cot2align.teacher.megatron_model import MegatronTeacher
+from cot2align.teacher.serve import HFHiddenStates, HiddenStates, MegatronHiddenStates, serve
+from cot2align.train import TrainJob, TrainResult, train
+
+
+def check_served(cfg: Config) -> None:
+    """Cross-section checks of a served run (before anything heavy starts)."""
+    tp = cfg.teacher.parallel
+    require(tp.replicas >= 1, "teacher.parallel.replicas", "must be >= 1 in runtime.mode=served")
+    if cfg.runtime.teacher_backend == "hf":
+        require(tp.tp == 1 and tp.pp == 1, "teacher.parallel.tp",
+                f"runtime.teacher_backend=hf runs the teacher on one rank: tp and pp must be 1 "
+                f"(got tp={tp.tp}, pp={tp.pp}); use runtime.teacher_backend=megatron to shard it")
+
+
+def local_world_size(cfg: Config) -> int:
+    """World size of a local launch: runtime.world_size, else teacher ranks + students."""
+    if cfg.runtime.world_size:
+        return cfg.runtime.world_size
+    tp = cfg.teacher.parallel
+    return tp.tp * tp.pp * tp.replicas + max(cfg.student.parallel.dp, 1)
+
+
+def describe_rank(topo: Topology, rank: int) -> str:
+    """"teacher rank 1 (replica 0, pp 0, tp 1)" / "student rank 3 (dp 1)"."""
+    if topo.role(rank) == "teacher":
+        c = topo.teacher_coord(rank)
+        return f"teacher rank {rank} (replica {c.replica}, pp {c.pp_rank}, tp {c.tp_rank})"
+    return f"student rank {rank} (dp {topo.student_index(rank)})"
+
+
+# --------------------------------------------------------------------------- one rank
+def run_rank(cfg: Config) -> Any:
+    """Entry point of every process of the world (RANK, WORLD_SIZE, MASTER_ADDR/PORT from the
+    environment). Returns the rank's result: a TrainResult on students, ServeStats on teachers."""
+    init_world(cfg.runtime, cfg.train.threads)
+    try:
+        if dist.get_rank() == 0:
+            ensure_inputs(cfg)  # data, tokenizers, teacher, rationales: once, before the ranks read them
+        dist.barrier()
+        return run_world(cfg)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_world(cfg: Config, run_dir: Path | None = None) -> Any:
+    """This rank's part of a served run in an initialised world (see the module docstring)."""
+    check_served(cfg)
+    topo = Topology(cfg.teacher.parallel, cfg.student.parallel)
+    topo.create_groups(timeout=timedelta(seconds=cfg.runtime.startup_timeout_s))
+    device = device_of(dist.get_backend())
+    transport = Transport(describe=lambda r: describe_rank(topo, r), device=device,
+                          send_timeout_s=cfg.runtime.startup_timeout_s)
+    p = input_paths(cfg)
+    s_tok, t_tok = load_tokenizer(p.student_tokenizer), load_tokenizer(p.teacher_tokenizer)
+    samples = read_samples(p.train, cfg.data, s_tok, t_tok)
+    pad_ids = {"student": s_tok.pad_token_id, "teacher": t_tok.pad_token_id}
+    if topo.role() == "teacher":
+        return _teacher(cfg, topo, transport, device, p, samples, pad_ids)
+    return _student(cfg, topo, transport, device, p, s_tok, t_tok, samples, pad_ids, run_dir or cfg.run_dir)
+
+
+def _teacher(cfg: Config, topo: Topology, transport: Transport, device: torch.device, p: Paths,
+             samples: list[Sample], pad_ids: dict[str, int]) -> Any:
+    states: HiddenStates
+    if cfg.runtime.teacher_backend == "megatron":
+        teacher = MegatronTeacher(p.teacher_model, topo.teacher_pg_collection(), dtype=DTYPES[cfg.teacher.dtype])
+        states = MegatronHiddenStates(teacher, sends=topo.teacher_coord().tp_rank == 0)
+    else:
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.dtype == "bfloat16")
+        states = HFHiddenStates(load_model(p.teacher_model, cfg.teacher.dtype), device, autocast)
+    return serve(topo=topo, transport=transport, states=states, samples=samples, pad_ids=pad_ids,
+                 seed=cfg.run.seed, prefetch=cfg.runtime.prefetch, wire_dtype=wire_dtype(cfg.runtime, device),
+                 request_timeout_s=cfg.runtime.startup_timeout_s)
+
+
+def _student(cfg: Config, topo: Topology, transport: Transport, device: torch.device, p: Paths,
+             s_tok: PreTrainedTokenizerBase, t_tok: PreTrainedTokenizerBase, samples: list[Sample],
+             pad_ids: dict[str, int], run_dir: Path) -> TrainResult:
+    dp = DataParallel(size=topo.dp, rank=topo.student_index(), group=topo.student_group(), device=device)
+    student = student_model(cfg, s_tok)
+    # transformers writes checkpoints only on global rank 0 of an initialised world, which here is
+    # a teacher rank: let the first student (the only one that exports) write them.
+    setattr(base_model(student), "should_save_on_this_rank", lambda is_main_process: is_main_process)  # noqa: B010
+    io = load_teacher_io(p.teacher_model, DTYPES[cfg.teacher.dtype], device)
+    need = needs(cfg.loss)
+    tc = cfg.train
+    sampler = GlobalBatchSampler(len(samples), tc.micro_batch_size, tc.grad_accum, topo.dp, cfg.run.seed)
+    replica = topo.replica_of()
+    teacher = ServedTeacher(
+        transport, io, sampler, dp.rank, topo.teacher_ranks(replica),
+        {x: topo.sender_rank(replica, x, io.num_layers) for x in range(io.num_layers + 1)},
+        wire_dtype(cfg.runtime, device), cfg.runtime.timeout_s, cfg.runtime.startup_timeout_s, cfg.run.seed)
+    if not need.teacher:  # tell the replica there is nothing to serve
+        teacher.start(0, 0, [], [])
+    loss_fn = distill_loss(cfg, student, io.hidden_size, s_tok, t_tok)
+    # DeepSpeed all-reduces gradient norms over a "model-parallel" group: each student alone
+    mpu = StudentMPU(dp, topo.student_ranks, topo.student_self_group())
+
+    def make_stepper(total_steps: int) -> DeepSpeedStepper:
+        return DeepSpeedStepper(student, loss_fn, tc, cfg.loss.projector_lr, total_steps, cfg.runtime.zero_stage,
+                                mpu, cfg.runtime.zero3_persist_below)
+
+    job = TrainJob(run_dir=run_dir, student=student, student_tok=s_tok, loss_fn=loss_fn, samples=samples,
+                   pad_ids=pad_ids, cfg=tc, seed=cfg.run.seed, teacher=teacher if need.teacher else None,
+                   needs_aux=need.aux, projector_lr=cfg.loss.projector_lr, make_stepper=make_stepper,
+                   data_parallel=dp, device=device, resume=cfg.run.resume)
+    if dp.main:
+        write_run_files(cfg, run_dir, "distill (served)")
+    plan = run_dir / "plan.md"  # written by the launcher
+    logger = open_logger(cfg, run_dir, cfg.run.name, main=dp.main,
+                         extra={"plan": plan.read_text()} if plan.is_file() else None)
+    t0 = time.perf_counter()
+    try:
+        res = train(job, logger=logger, log_cfg=cfg.logging,
+                    callbacks=callbacks(cfg.logging, cfg.eval, tc.eval_every, run_dir,
+                                        load_split(p.dev, cfg.data) if dp.main else None,
+                                        stop=lambda: stop_request.requested))
+        if not need.teacher:  # the replica waits for this student's last word
+            if res.interrupted:
+                teacher.stop(res.steps)
+            else:
+                teacher.done()
+        logger.log(res.steps, {"wall_s": time.perf_counter() - t0, "received_bytes": teacher.bytes_received,
+                               "received_positions": teacher.positions_received}, prefix="distill/")
+    finally:
+        logger.close()
+    return res
+
+
+# --------------------------------------------------------------------------- local launcher
+def launch_local(cfg: Config, world_size: int | None = None, env: dict[str, str] | None = None,
+                 timeout_s: float | None = None, return_all: bool = False) -> Any:
+    """Run a served world of `world_size` processes on this machine; return the first student's result
+    (return_all: every rank's, by rank: ServeStats on teachers, TrainResult on students).
+
+    On a failure the other ranks get until their own deadlines (runtime.timeout_s) to report what
+    they saw (or until every student has finished), then everything still running is killed and
+    `distributed.spawn.WorldError` lists every failed rank's error. timeout_s bounds the whole run
+    (default: none). env: extra environment variables of the ranks (fault injection in tests).
+    """
+    world = world_size or local_world_size(cfg)
+    students = Topology(cfg.teacher.parallel, cfg.student.parallel, world, 0).student_ranks
+    results = spawn_world(run_rank, cfg, world, essential=students, grace_s=cfg.runtime.timeout_s + 60, env=env,
+                          timeout_s=timeout_s)
+    return results if return_all else results[students[0]]
