@@ -7,7 +7,7 @@
 "OT engine": the 48 problems of one CoT2Align micro-batch (batch 8 x 3 Cross-CoT pairs
 x 2 layers), attention costs between student states and projected teacher states,
 solved side by side on identical inputs by: the reference per-sample loop of plain
-Sinkhorn with autograd (method.md), our batched engine (several settings), POT's
+Sinkhorn with autograd (docs/method.md), our batched engine (several settings), POT's
 batched solver and a loop of POT's sinkhorn2. Float64 for the equality columns,
 float32 for the timings. "eps sweep": what a smaller epsilon does to the plan.
 "OT term end to end": the same problems from their states (student X, projected teacher Y, shared
@@ -110,7 +110,7 @@ def make_costs(sz: Sizes, seed: int = 0) -> list[Tensor]:
 
 
 def reference_loop(costs: list[Tensor], eps: float, iters: int) -> Tensor:
-    """The per-sample loop of method.md: K = exp(-C/eps), v = b/(K^T u), u = a/(K v) from u = 1 (POT's
+    """The per-sample loop of docs/method.md: K = exp(-C/eps), v = b/(K^T u), u = a/(K v) from u = 1 (POT's
     order, so that unconverged iterates compare exactly), autograd throughout."""
     values = []
     for c in costs:

@@ -138,6 +138,8 @@ class Config(ConfigBase):
     """Teacher SFT (train-teacher) settings."""
     teacher_train_lora: LoraConfig = field(default_factory=LoraConfig)
     """LoRA adapters for teacher SFT (off: full fine-tuning); the export has them merged."""
+    student_lora: LoraConfig = field(default_factory=LoraConfig)
+    """LoRA adapters for the distilled student (off: every weight trains); exports have them merged."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     cot: CotGenConfig = field(default_factory=CotGenConfig)
     """Teacher rationale generation (generate-cot)."""
@@ -150,6 +152,11 @@ class Config(ConfigBase):
     """How launcher/submit.py starts the run: Slurm job settings and the planner's choices."""
 
     def check(self, prefix: str) -> None:
+        dskd = self.loss.name == "dskd" or (self.loss.name == "cot2align" and self.loss.base == "dskd")
+        require(not (dskd and self.runtime.mode == "served" and self.runtime.zero_stage == 3), "runtime.zero_stage",
+                "3 does not support the dskd KD term yet (it reads the student's output-layer weight outside its "
+                "module, which ZeRO-3 keeps partitioned there): use runtime.zero_stage <= 2, or loss.base "
+                "uld / mined / none")
         ot = self.loss.ot
         for key, layers in (("student_layers", ot.student_layers), ("teacher_layers", ot.teacher_layers)):
             for layer in layers:

@@ -1,14 +1,17 @@
-"""LoRA for teacher SFT (`teacher_train_lora.*`), with peft as an optional dependency.
+"""LoRA for teacher SFT (`teacher_train_lora.*`) and for students (`student_lora.*`), with peft as
+an optional dependency.
 
-`train-teacher` wraps the teacher with `apply_lora` before handing it to the one training
-loop (`cot2align.train.train`): only the adapter matrices require grad, so the loop's
-optimizer, checkpoints and resume cover them without knowing about LoRA. The loop's
-exports of a peft model are adapter folders; `export_merged` folds the best one
-into the base weights and saves a plain HF checkpoint (no peft needed to load it).
+`train-teacher` and `distill` wrap the model with `apply_lora` before handing it to the one
+training loop (`cot2align.train.train`, colocated or under DeepSpeed on the served students):
+only the adapter matrices require grad, so the loop's optimizer, checkpoints and resume cover
+them without knowing about LoRA. The loop exports a peft model with `save_export`: a plain HF
+checkpoint with the adapters merged (what evaluation loads, no peft needed) and the adapter
+folder beside it in `adapter/`.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -16,16 +19,21 @@ from typing import Any
 
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers.pytorch_utils import Conv1D
 
-from cot2align.configbase import ConfigBase, require
+from cot2align.configbase import ConfigBase, ConfigError, require
 
 #: attention and MLP projections of Llama-family models (Llama, Qwen2, Mistral, SmolLM2, ...)
 LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+#: attention and MLP projections of GPT-2 (transformers' Conv1D layers)
+GPT2_PROJECTIONS = ["c_attn", "c_proj", "c_fc"]
+#: sub-folder of an export that holds the adapters of a LoRA model
+ADAPTER_DIR = "adapter"
 
 
 @dataclass
 class LoraConfig(ConfigBase):
-    """LoRA adapters for teacher SFT (`teacher_train_lora.*`; needs `pip install 'cot2align[lora]'`)."""
+    """LoRA adapters (`teacher_train_lora.*`, `student_lora.*`; needs `pip install 'cot2align[lora]'`)."""
 
     enabled: bool = False
     """Train low-rank adapters on a frozen teacher instead of every weight."""
@@ -36,7 +44,8 @@ class LoraConfig(ConfigBase):
     dropout: float = 0.05
     """Dropout on the adapter's input."""
     target_modules: list[str] = field(default_factory=lambda: list(LLAMA_PROJECTIONS))
-    """Names (last component) of the nn.Linear modules that get adapters; each must exist in the model."""
+    """Names (last component) of the linear layers (nn.Linear, GPT-2's Conv1D) that get adapters; each
+    must exist in the model."""
 
     def check(self, prefix: str) -> None:
         require(self.r >= 1, f"{prefix}.r", f"must be >= 1, got {self.r}")
@@ -57,8 +66,9 @@ def require_peft(key: str = "teacher_train_lora.enabled") -> ModuleType:
 
 
 def linear_names(model: nn.Module) -> list[str]:
-    """Sorted distinct last-component names of the model's nn.Linear modules (what target_modules can name)."""
-    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)})
+    """Sorted distinct last-component names of the model's linear layers, nn.Linear and transformers'
+    Conv1D (GPT-2): what target_modules can name."""
+    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D))})
 
 
 def apply_lora(model: PreTrainedModel, cfg: LoraConfig, key: str = "teacher_train_lora") -> Any:
@@ -66,10 +76,8 @@ def apply_lora(model: PreTrainedModel, cfg: LoraConfig, key: str = "teacher_trai
 
     Returns the peft model (a PeftModelForCausalLM, an nn.Module whose forward/generate take the base
     model's arguments). The adapters start as a no-op (B = 0), so its outputs equal the base model's.
-    Raises ConfigError naming `key.target_modules` when a name matches no nn.Linear of the model.
+    Raises ConfigError naming `key.target_modules` when a name matches no linear layer of the model.
     """
-    from cot2align.configbase import ConfigError
-
     peft = require_peft(f"{key}.enabled")
     have = linear_names(model)
     missing = [m for m in cfg.target_modules if m not in have]
@@ -116,4 +124,31 @@ def export_merged(peft_model: Any, tok: PreTrainedTokenizerBase, out: Path, adap
     merged = merged_model(peft_model, adapter_dir)
     merged.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
+    return out
+
+
+def is_peft_model(model: object) -> bool:
+    """Whether `model` is a peft wrapper (has adapters to merge)."""
+    return hasattr(model, "peft_config") and hasattr(model, "merge_and_unload")
+
+
+def base_model(model: Any) -> PreTrainedModel:
+    """The HF model under a peft wrapper (itself for a plain model)."""
+    return model.get_base_model() if is_peft_model(model) else model  # type: ignore[no-any-return]
+
+
+def save_export(model: Any, out: Path) -> Path:
+    """Save a model the way the training loop exports it: a plain HF safetensors checkpoint in `out`.
+
+    A peft model is saved merged (a copy: `model` keeps training) with its adapters in
+    `out/adapter` (peft's adapter folder, for `merged_model(adapter_dir=...)`).
+    """
+    if not is_peft_model(model):
+        model.save_pretrained(out, safe_serialization=True)
+        return out
+    model.save_pretrained(out / ADAPTER_DIR, safe_serialization=True)
+    merged = copy.deepcopy(model).merge_and_unload()
+    for p in merged.parameters():
+        p.requires_grad_(True)
+    merged.save_pretrained(out, safe_serialization=True)
     return out

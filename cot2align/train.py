@@ -32,6 +32,7 @@ from cot2align.data.sampler import GlobalBatchSampler
 from cot2align.data.views import ResponseView
 from cot2align.distributed.parallel import DataParallel
 from cot2align.logging import LoggingConfig, MetricsLogger, log
+from cot2align.lora import save_export
 from cot2align.losses.base import DistillLoss, LossInputs, LossOutput
 from cot2align.models import input_embed, num_layers, output_head, resolve_layers, response_view
 from cot2align.optim import FullWeights, PlainStepper, Stepper, TrainConfig
@@ -125,7 +126,12 @@ def micro_batch_loss(student: PreTrainedModel, student_final: int, loss_fn: Dist
         teacher_embed=t_embed, num_tokens=num_tokens, num_examples=num_examples,
         extras={"student_head_weight": head.weight},
     )
-    return loss_fn(inputs)
+    out = loss_fn(inputs)
+    # every student forward stays in the graph, even one whose rows are all padding (an "aux" pass over
+    # unpaired records): ZeRO-3 gathers weights in backward per module call, so the students' backward
+    # passes must visit the same modules
+    unused = sum((h.sum() for v in s_views.values() for h in v.hidden.values()), logits.new_zeros(()))
+    return LossOutput(out.total + 0.0 * unused, out.parts)
 
 
 def response_tokens(samples: list[Sample], idx: list[int]) -> int:
@@ -135,8 +141,9 @@ def response_tokens(samples: list[Sample], idx: list[int]) -> int:
 
 
 def export_student(out: Path, full: FullWeights, tok: PreTrainedTokenizerBase) -> Path:
-    """An HF checkpoint folder of the student (whole weights), its tokenizer and the loss modules."""
-    full.student.save_pretrained(out, safe_serialization=True)  # type: ignore[operator]
+    """An HF checkpoint folder of the student (whole weights; LoRA: merged, the adapters in out/adapter),
+    its tokenizer and the loss modules."""
+    save_export(full.student, out)
     tok.save_pretrained(out)
     torch.save(full.loss, out / "loss_modules.pt")
     return out
@@ -245,7 +252,7 @@ def train(job: TrainJob, *, logger: MetricsLogger, log_cfg: LoggingConfig, callb
             loop.stepper.zero_grad()
             parts_sum: dict[str, float] = defaultdict(float)
             for idx in micro:
-                batch = collate([job.samples[i] for i in idx], job.pad_ids)
+                batch = collate([job.samples[i] for i in idx], job.pad_ids, plan.fmts)
                 batch = batch.to(job.device) if job.device is not None else batch
                 with autocast:
                     out = loop.stepper.forward(partial(micro_batch_loss, job.student, student_final, loss_fn, batch,

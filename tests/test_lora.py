@@ -1,4 +1,5 @@
-"""LoRA teacher SFT: only adapters train, the merged export equals the peft model, resume is exact."""
+"""LoRA teacher SFT: only adapters train, the merged export equals the peft model, resume is exact
+(LoRA students: tests/test_lora_student.py)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from cot2align.configbase import ConfigError
 from cot2align.data.dataset import DataConfig, build_samples, collate
 from cot2align.data.jsonl import read_jsonl
 from cot2align.logging import LoggingConfig, MetricsLogger
-from cot2align.lora import LLAMA_PROJECTIONS, LoraConfig, apply_lora, export_merged, require_peft
+from cot2align.lora import ADAPTER_DIR, LLAMA_PROJECTIONS, LoraConfig, apply_lora, export_merged, require_peft
 from cot2align.losses import LossConfig, LossContext, build_loss
 from cot2align.models import build_tiny_model, hidden_size, load_tokenizer
 from cot2align.optim import TrainConfig
@@ -101,8 +102,11 @@ def test_merged_export_equals_peft_model(lora_run: tuple, tiny_task: dict[str, P
     assert diff <= 1e-5, diff
     base = build_tiny_model(TEACHER, load_tokenizer(tiny_task["tok_teacher"]), seed=5)
     assert (_logits(base, tiny_task) - peft_logits).abs().max() > 1e-3  # the adapters did change the model
-    # the loop's exports are adapter folders; merging the best one gives the same kind of checkpoint
-    assert (res.export_dir / "adapter_config.json").is_file()
+    # the loop's exports are merged checkpoints equal to the peft model, with the adapter folder beside them
+    assert (res.export_dir / ADAPTER_DIR / "adapter_config.json").is_file()
+    assert not (res.export_dir / "adapter_config.json").exists()
+    exported = AutoModelForCausalLM.from_pretrained(res.export_dir)
+    assert (_logits(exported, tiny_task) - _logits(model, tiny_task)).abs().max() <= 1e-5
 
 
 @needs_peft
@@ -147,7 +151,7 @@ def test_train_teacher_stage_with_lora(tiny_task: dict[str, Path], tmp_path: Pat
     assert not any("lora" in k for k in merged.state_dict())
     run_dir = out.parent / (out.name + ".run")
     assert (run_dir / "checkpoints" / "latest").is_file()
-    assert (run_dir / "best" / "adapter_config.json").is_file()
+    assert (run_dir / "best" / ADAPTER_DIR / "adapter_config.json").is_file()
     # only the targeted projections moved away from the fresh model
     fresh = build_tiny_model(cfg.embedded.teacher_model, load_tokenizer(tiny_task["tok_teacher"]), seed=cfg.run.seed)
     moved = {k.split(".")[-2] for k, v in merged.state_dict().items() if not torch.equal(v, fresh.state_dict()[k])}

@@ -1,6 +1,6 @@
 """`cot2align generate-cot`: the teacher writes a rationale for every training example.
 
-The teacher is prompted with the CoT template (method.md section 2) and samples a
+The teacher is prompted with the CoT template (docs/method.md section 2) and samples a
 continuation, which (the teacher being trained on the CoT target format) reads
 "<rationale>\\nTherefore, the answer is: X". The rationale is the part before the
 answer bridge; X is checked against the gold answer when the task has a checkable one

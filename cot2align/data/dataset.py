@@ -1,9 +1,10 @@
-"""CoT pairing, dual tokenization with response masks, and collation.
+"""Training records (CoT pairing), dual tokenization with response masks, and collation.
 
-An example with a rationale becomes a PAIR: main = (CoT prompt, CoT target) and
-aux = (standard prompt, gold output); without one it is a single std sample (main).
-Every member is tokenized separately by the student's AND the teacher's tokenizer;
-labels are -100 on prompt tokens and padding.
+Records (`data.pairing`, docs/method.md section 2): by default ("reference", the CoT2Align
+reference data builder) EVERY example yields its standard record, main = (standard prompt, gold
+output), and an example with a rationale ADDS a paired record, main = (CoT prompt, CoT target)
+and aux = (standard prompt, gold output). Every member is tokenized separately by the student's
+AND the teacher's tokenizer; labels are -100 on prompt tokens and padding.
 """
 
 from __future__ import annotations
@@ -37,9 +38,10 @@ class DataConfig(ConfigBase):
     """A malformed row stops the run (naming file:line) or is skipped and counted."""
     use_cot: bool = True
     """Use rationales (CoT members); false trains on std samples only."""
-    pairing: Literal["pair", "separate"] = "pair"
-    """pair: an example with a rationale is one sample (main = CoT, aux = std);
-    separate: its CoT and std members become two independent samples (teacher SFT)."""
+    pairing: Literal["reference", "pair", "separate"] = "reference"
+    """Records of an example with a rationale. reference: its std record (main = std) AND a paired
+    record (main = CoT, aux = std), as the CoT2Align reference; pair: the paired record only (its
+    std answer gets no CE / KD); separate: a CoT record and a std record, never paired (teacher SFT)."""
     max_length: int = 256
     """Maximum prompt + response tokens per sequence (each tokenizer)."""
     max_prompt_length: int = 128
@@ -78,7 +80,7 @@ class Sequence:
 
 @dataclass
 class Sample:
-    """One training example after pairing and dual tokenization.
+    """One training record after pairing and dual tokenization (an example yields one or two).
 
     seqs[side][fmt]: side in ("student", "teacher"), fmt in ("main", "aux"); "aux" only when paired.
     """
@@ -144,7 +146,8 @@ def tokenize_member(
 def build_samples(
     examples: list[Example], student_tok: Tokenizer, teacher_tok: Tokenizer, cfg: DataConfig
 ) -> tuple[list[Sample], TokenizeReport]:
-    """Pair and dual-tokenize examples. Skipped examples (on_overlength=skip) are counted."""
+    """Records of `examples` (see `DataConfig.pairing`), dual-tokenized, in example order (an example's
+    std record before its paired one). Records skipped for length (on_overlength=skip) are counted."""
     report = TokenizeReport()
     samples: list[Sample] = []
     toks = {"student": student_tok, "teacher": teacher_tok}
@@ -153,7 +156,9 @@ def build_samples(
         groups: list[dict[str, tuple[str, str]]]
         if cfg.use_cot and ex.rationale is not None:
             cot = (cot_prompt(ex), cot_target(ex.rationale, ex.output))
-            groups = [{"main": cot, "aux": std}] if cfg.pairing == "pair" else [{"main": cot}, {"main": std}]
+            groups = {"reference": [{"main": std}, {"main": cot, "aux": std}],
+                      "pair": [{"main": cot, "aux": std}],
+                      "separate": [{"main": cot}, {"main": std}]}[cfg.pairing]
         else:
             groups = [{"main": std}]
         for members in groups:
@@ -246,10 +251,16 @@ def _pad_side(seqs: list[Sequence | None], pad_id: int) -> SeqBatch:
     return SeqBatch(ids, att, labels, resp_index, resp_mask)
 
 
-def collate(samples: list[Sample], pad_ids: dict[str, int]) -> Batch:
-    """Pad a list of samples into a Batch; "aux" is present when any sample is paired."""
+def collate(samples: list[Sample], pad_ids: dict[str, int], fmts: list[str] | tuple[str, ...] | None = None) -> Batch:
+    """Pad a list of samples into a Batch.
+
+    fmts None: "aux" is present when any sample is paired. Given (e.g. the step's formats): exactly
+    those formats, "aux" made of 1-token dummy rows where a sample is unpaired, so every micro-batch
+    runs the same forward passes whatever its records (what ZeRO-3's collective gathers need).
+    """
     paired = torch.tensor([s.paired for s in samples], dtype=torch.bool)
-    fmts = ["main", "aux"] if bool(paired.any()) else ["main"]
+    if fmts is None:
+        fmts = ["main", "aux"] if bool(paired.any()) else ["main"]
     seqs = {
         side: {fmt: _pad_side([s.seqs[side].get(fmt) for s in samples], pad_ids[side]) for fmt in fmts}
         for side in SIDES

@@ -1,4 +1,4 @@
-"""Prompt templates (method.md section 2): standard (Alpaca) and chain-of-thought; model input.
+"""Prompt templates (docs/method.md section 2): standard (Alpaca) and chain-of-thought; model input.
 
 `model_input_ids` is the one place a prompt string becomes the token ids a model is asked to
 continue: BOS + prompt, or, for chat (instruct) models, the prompt as a user turn in the

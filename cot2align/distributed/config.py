@@ -33,8 +33,8 @@ class RuntimeConfig(ConfigBase):
     """DeepSpeed ZeRO stage of the students (0-3; 1 partitions the optimizer state, 2 also the
     gradients, 3 also the weights: evaluation, export and checkpoints then gather them, one
     module at a time, from every student into a whole copy kept on the first student; every
-    student must then call the same modules in each micro-batch: checked before training, see
-    cot2align.student.engine.check_lockstep_formats)."""
+    student then calls the same modules in each micro-batch, as every micro-batch runs the
+    step's formats: see cot2align.data.dataset.collate)."""
     zero3_persist_below: int = 100_000
     """ZeRO-3: parameters with fewer elements stay whole on every student (DeepSpeed's
     stage3_param_persistence_threshold; 0 = partition every parameter)."""

@@ -35,7 +35,7 @@ def workload_for(cfg: Config) -> WorkloadSpec:
         teacher_seq_len=cfg.data.max_length,
         student_seq_len=cfg.data.max_length,
         micro_batch_size=cfg.train.micro_batch_size,
-        formats=2 if cfg.data.use_cot and cfg.data.pairing == "pair" else 1,
+        formats=2 if cfg.data.use_cot and cfg.data.pairing in ("reference", "pair") else 1,
         grad_accum=cfg.train.grad_accum,
         prefetch=cfg.runtime.prefetch,
         student_zero_stage=cfg.runtime.zero_stage,  # type: ignore[arg-type]  # 0-2, validated by runtime

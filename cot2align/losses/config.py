@@ -43,7 +43,7 @@ class SinkhornConfig(ConfigBase):
 
 @dataclass
 class OTConfig(ConfigBase):
-    """Cross-CoT, layer-wise sequence-level OT of CoT2Align (method.md section 3)."""
+    """Cross-CoT, layer-wise sequence-level OT of CoT2Align (docs/method.md section 3)."""
 
     cost: Literal["attention", "cosine", "euclidean"] = "attention"
     """Cost between student positions and projected teacher positions."""
@@ -95,6 +95,17 @@ class KDConfig(ConfigBase):
 
 
 @dataclass
+class ULDConfig(ConfigBase):
+    """ULD (`uld`) settings."""
+
+    temperature: float = 1.0
+    """Temperature of both softmaxes; 1 = none, as the ULD reference (loss.temperature does not apply)."""
+
+    def check(self, prefix: str) -> None:
+        require(self.temperature > 0, f"{prefix}.temperature", f"must be > 0, got {self.temperature}")
+
+
+@dataclass
 class MinEDConfig(ConfigBase):
     """MinED: edit-distance token alignment across tokenizers."""
 
@@ -112,7 +123,7 @@ class MinEDConfig(ConfigBase):
 
 @dataclass
 class DSKDConfig(ConfigBase):
-    """DSKD with cross-model attention (method.md section 4)."""
+    """DSKD with cross-model attention (docs/method.md section 4)."""
 
     std_scope: Literal["sequence", "batch"] = "sequence"
     """Scope of the std that normalises teacher embeddings / hidden states: each sequence's response
@@ -130,20 +141,21 @@ class DSKDConfig(ConfigBase):
 
 @dataclass
 class MultiLevelOTConfig(ConfigBase):
-    """MultiLevelOT settings (method.md section 4)."""
+    """MultiLevelOT settings (docs/method.md section 4)."""
 
     top_k: int = 50
     """Probability columns kept on each side after re-ordering."""
     token_weight: float = 1.5
     """Weight of [token terms + sequence_weight * sequence term] added to CE."""
     sequence_weight: float = 0.1
-    """Weight of the sequence-level Sinkhorn term inside the bracket."""
+    """Weight of the sequence-level Sinkhorn term inside the bracket (the reference's 0.1)."""
     sinkhorn_iterations: int = 10
     """Row/column normalisation rounds of the sequence-level Sinkhorn."""
     sinkhorn_epsilon: float = 0.1
     """Kernel K = exp(-W / epsilon)."""
-    sequence_scale: float = 1e-4
-    """Scale of the sequence term (the reference's 1e-3 * 0.1)."""
+    sequence_scale: float = 1e-3
+    """Scale of each example's sequence OT value before the sum over the micro-batch (the reference's
+    1e-3; sequence_weight's 0.1 is applied on top, once)."""
     temperature: float = 2.0
     """Temperature T of the re-softmax of the top-k vectors before the sequence-level cost."""
     token_ce_weight: float = 0.1
@@ -169,12 +181,12 @@ class LossConfig(ConfigBase):
     """Which loss to train with and its settings (`loss.*`)."""
 
     name: Literal["sft", "kd", "uld", "mined", "dskd", "multilevel_ot", "cot2align"] = "cot2align"
-    base: Literal["none", "kd", "uld", "mined", "dskd"] = "none"
-    """KD term inside cot2align (the paper's default is dskd)."""
+    base: Literal["none", "kd", "uld", "mined", "dskd"] = "dskd"
+    """KD term inside cot2align: dskd (DSKD-CMA, the paper's base), uld, mined, kd, or none (OT only)."""
     kd_rate: float = 0.5
     """lambda in L = (1 - lambda) CE + lambda (KD + L_OT)."""
     temperature: float = 2.0
-    """KD temperature tau."""
+    """KD temperature tau of kd, dskd and mined (ULD has its own: loss.uld.temperature)."""
     projector_lr: float = 1e-3
     """Learning rate of the loss's own parameters (OT / DSKD projectors)."""
     token_chunk: int = 1024
@@ -184,6 +196,7 @@ class LossConfig(ConfigBase):
     [chunk, vocab] activations between chunks; off trades memory for ~1 extra loss forward."""
     ot: OTConfig = field(default_factory=OTConfig)
     kd: KDConfig = field(default_factory=KDConfig)
+    uld: ULDConfig = field(default_factory=ULDConfig)
     mined: MinEDConfig = field(default_factory=MinEDConfig)
     dskd: DSKDConfig = field(default_factory=DSKDConfig)
     multilevel_ot: MultiLevelOTConfig = field(default_factory=MultiLevelOTConfig)

@@ -1,4 +1,4 @@
-"""Dual-Space KD with cross-model attention (`dskd`, Zhang et al. EMNLP 2024), method.md section 4."""
+"""Dual-Space KD with cross-model attention (`dskd`, Zhang et al. EMNLP 2024), docs/method.md section 4."""
 
 from __future__ import annotations
 
@@ -69,7 +69,7 @@ class DSKD(KDTerm):
         S   = Q K^T / sqrt(2 d_T)                            [n, m]
         A   = softmax over teacher positions j of S          (rows: student positions)
         A'  = softmax over student positions i of S          (columns: the DSKD code's
-              softmax(S^T); "A^T" of method.md, each teacher position's weights over students)
+              softmax(S^T); "A^T" of docs/method.md, each teacher position's weights over students)
         t2s = A P_t2s(h_T / std(h_T) + E_T(y') / std(E_T(y')))          [n, d_S]
         z_t2s = t2s W_S^T (+ b_S), W_S frozen (detached)                 [n, V_S]
         s2t = A'^T P_s2t(h_S)                                            [m, d_T]

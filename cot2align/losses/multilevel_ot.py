@@ -1,4 +1,4 @@
-"""MultiLevelOT (Cui et al. AAAI 2025) as a full loss (`multilevel_ot`), method.md section 4."""
+"""MultiLevelOT (Cui et al. AAAI 2025) as a full loss (`multilevel_ot`), docs/method.md section 4."""
 
 from __future__ import annotations
 
@@ -66,8 +66,12 @@ class MultiLevelOT(DistillLoss):
     Sequence level, per row over ALL n_s x n_t position pairs: s'_i = softmax(s_i / T),
     t'_j = softmax(t_j / T) (T = multilevel_ot.temperature), W_ij = ||s'_i - t'_j||_1,
     OT_b = <P, W> with P from `sinkhorn_cost` (epsilon, iterations; uniform marginals so P
-    sums to 1: the reference instead rescales rows and columns to sum 1), and
-        sequence = sequence_scale * sum_b OT_b / num_examples.
+    sums to 1: the reference instead rescales rows and columns to sum 1), and, as the
+    reference, the per-example values are SUMMED over the micro-batch of B rows:
+        sequence = sequence_scale * sum_b OT_b * B / num_examples
+    (B / num_examples = 1 / (accumulation steps x data-parallel ranks): the step's gradient is
+    then the mean over micro-batches of 1e-3 * sum_b OT_b, which is what the reference's
+    DeepSpeed loop averages; with one micro-batch it is exactly 1e-3 * sum_b OT_b).
     CE is the student's token CE on its main response (sum / num_tokens).
 
     Rows with an empty response on either side contribute 0 to both KD levels.
@@ -187,7 +191,7 @@ class MultiLevelOT(DistillLoss):
             seq = seq + sinkhorn_cost(w, mcfg.sinkhorn_epsilon, mcfg.sinkhorn_iterations)
         denom = token_denominator(inputs.num_tokens)
         token = (l1 + mcfg.token_ce_weight * xe) / denom
-        sequence = mcfg.sequence_scale * seq / max(float(inputs.num_examples), 1.0)
+        sequence = mcfg.sequence_scale * seq * bsz / max(float(inputs.num_examples), 1.0)
         kd = token + mcfg.sequence_weight * sequence
         total = ce + mcfg.token_weight * kd
         parts = {

@@ -1,32 +1,29 @@
-"""`loss.name` -> loss module. Each KD term lives in its own module, imported on demand."""
+"""`loss.name` -> loss module. Each KD term lives in its own module."""
 
 from __future__ import annotations
-
-import importlib
 
 from torch import Tensor, nn
 
 from cot2align.configbase import ConfigError
 from cot2align.losses.base import DistillLoss, KDTerm, LossContext, LossInputs, LossOutput, masked_token_ce
 from cot2align.losses.config import LossConfig
+from cot2align.losses.dskd import DSKD
+from cot2align.losses.kd import LogitKD
+from cot2align.losses.mined import MinED
+from cot2align.losses.multilevel_ot import MultiLevelOT
+from cot2align.losses.ot import CrossCoTOT
+from cot2align.losses.uld import ULD
 
-#: KD term name -> "module:Class"; each class is built as Cls(cfg: LossConfig, ctx: LossContext)
+#: KD term name -> class; each class is built as Cls(cfg: LossConfig, ctx: LossContext)
 #: and called as term(inputs: LossInputs) -> (scalar, {part: scalar}).
-KD_TERMS: dict[str, str] = {
-    "kd": "cot2align.losses.kd:LogitKD",
-    "uld": "cot2align.losses.uld:ULD",
-    "mined": "cot2align.losses.mined:MinED",
-    "dskd": "cot2align.losses.dskd:DSKD",
-}
+KD_TERMS: dict[str, type[KDTerm]] = {"kd": LogitKD, "uld": ULD, "mined": MinED, "dskd": DSKD}
 
 
 def build_kd_term(name: str, cfg: LossConfig, ctx: LossContext) -> KDTerm:
     """Instantiate the KD term `name` (one of KD_TERMS)."""
     if name not in KD_TERMS:
         raise ConfigError(f"loss.base: unknown KD term {name!r}; expected one of {', '.join(KD_TERMS)}")
-    module_name, cls_name = KD_TERMS[name].split(":")
-    cls = getattr(importlib.import_module(module_name), cls_name)
-    return cls(cfg, ctx)
+    return KD_TERMS[name](cfg, ctx)
 
 
 class Distiller(DistillLoss):
@@ -66,13 +63,31 @@ class Distiller(DistillLoss):
             parts["kd"] = kd.detach()
             parts.update({f"kd/{k}": v.detach() for k, v in kd_parts.items()})
         if self.ot is not None:
-            ot, ot_parts = self.ot(inputs)
+            ot, ot_parts = _with_every_call_in_graph(self.ot, inputs)
             distill = distill + self.cfg.ot.weight * ot
             parts["ot"] = ot.detach()
             parts.update({f"ot/{k}": v.detach() for k, v in ot_parts.items()})
         lam = self.cfg.kd_rate
         total = (1.0 - lam) * ce + lam * distill
         return LossOutput(total, parts)
+
+
+def _with_every_call_in_graph(term: nn.Module, inputs: LossInputs) -> tuple[Tensor, dict[str, Tensor]]:
+    """term(inputs), with 0 x the outputs of every call of its parametrised submodules added to the value.
+
+    A projection whose output no problem uses (the teacher "aux" states of a micro-batch without
+    CoT-paired records) then still gets its backward pass: ZeRO-3 gathers a module's weights in
+    backward once per call in the graph, so every student must have the same calls there.
+    """
+    outs: list[Tensor] = []
+    hooks = [m.register_forward_hook(lambda _m, _i, o: outs.append(o) if isinstance(o, Tensor) else None)
+             for m in term.modules() if any(True for _ in m.parameters(recurse=False))]
+    try:
+        value, parts = term(inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return value + 0.0 * sum((o.sum() for o in outs), value.new_zeros(())), parts
 
 
 def build_loss(cfg: LossConfig, ctx: LossContext) -> DistillLoss:
@@ -87,12 +102,8 @@ def build_loss(cfg: LossConfig, ctx: LossContext) -> DistillLoss:
     if cfg.name == "sft":
         return Distiller(cfg, None, None)
     if cfg.name == "multilevel_ot":
-        from cot2align.losses.multilevel_ot import MultiLevelOT
-
         return MultiLevelOT(cfg, ctx)
     if cfg.name == "cot2align":
-        from cot2align.losses.ot import CrossCoTOT
-
         kd = None if cfg.base == "none" else build_kd_term(cfg.base, cfg, ctx)
         return Distiller(cfg, kd, CrossCoTOT(cfg.ot, ctx))
     return Distiller(cfg, build_kd_term(cfg.name, cfg, ctx), None)

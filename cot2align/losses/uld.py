@@ -166,8 +166,8 @@ class ULD(KDTerm):
     "averaged over positions and batch" whenever the student side is the shorter one; when
     the teacher response is shorter, student positions past it contribute 0 (they have no
     teacher counterpart) but still count in the denominator, as they do for CE. A row with an
-    empty response on either side contributes 0. No temperature is used in the ULD paper:
-    set loss.temperature = 1 to reproduce it.
+    empty response on either side contributes 0. tau = loss.uld.temperature, default 1: the ULD
+    reference uses no temperature (loss.temperature, the other KD terms' tau, does not apply).
 
     Cost: only the top w = min(V_S, V_T) entries of each side need sorting (the padded ranks
     past w contribute the plain sum of the rest), values only. The gradient is taken in
@@ -196,7 +196,7 @@ class ULD(KDTerm):
         h_t = final_hidden(t_view, inputs.teacher_final, "uld teacher")
         flat_t = h_t.reshape(-1, h_t.shape[-1])  # [B*N_t, d_T]
         s_idx, t_idx = aligned_prefix_indices(s_view.mask, t_view.mask)
-        tau = self.cfg.temperature
+        tau = self.cfg.uld.temperature
 
         def teacher(a: int, b: int, v_s: int) -> tuple[Tensor, Tensor]:
             with torch.no_grad():

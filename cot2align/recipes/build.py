@@ -17,7 +17,8 @@ from cot2align.callbacks import DevEvaluation, OTPlanHeatmaps, StopOnRequest
 from cot2align.config import Config
 from cot2align.data.jsonl import Example
 from cot2align.evaluate import EvalConfig
-from cot2align.logging import LoggingConfig, MetricsLogger
+from cot2align.logging import LoggingConfig, MetricsLogger, log
+from cot2align.lora import apply_lora, trainable_parameters
 from cot2align.losses import DistillLoss, LossContext, build_loss
 from cot2align.losses.config import LossConfig
 from cot2align.models import build_tiny_model, hidden_size, load_model
@@ -39,10 +40,17 @@ def needs(loss: LossConfig) -> Needs:
 
 
 def student_model(cfg: Config, tok: PreTrainedTokenizerBase) -> PreTrainedModel:
-    """`student.path` (an HF checkpoint), else a fresh embedded tiny student for `tok`."""
-    if cfg.student.path:
-        return load_model(cfg.student.path, cfg.student.dtype)
-    return build_tiny_model(cfg.embedded.student_model, tok, seed=cfg.run.seed)
+    """`student.path` (an HF checkpoint), else a fresh embedded tiny student for `tok`; wrapped with LoRA
+    adapters when `student_lora.enabled` (then a peft model whose base weights are frozen)."""
+    model = (load_model(cfg.student.path, cfg.student.dtype) if cfg.student.path
+             else build_tiny_model(cfg.embedded.student_model, tok, seed=cfg.run.seed))
+    if not cfg.student_lora.enabled:
+        return model
+    lora_model: PreTrainedModel = apply_lora(model, cfg.student_lora, "student_lora")
+    n_train, n_all = trainable_parameters(lora_model)
+    log.info("student: LoRA r=%d on %s: %d of %d parameters trainable", cfg.student_lora.r,
+             ",".join(cfg.student_lora.target_modules), n_train, n_all)
+    return lora_model
 
 
 def distill_loss(cfg: Config, student: PreTrainedModel, teacher_hidden: int, s_tok: PreTrainedTokenizerBase,

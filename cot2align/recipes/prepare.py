@@ -23,7 +23,7 @@ from cot2align.data.embedded import write_embedded_task
 from cot2align.data.jsonl import Example, read_jsonl
 from cot2align.data.tokenizer_training import tokenizer_corpus, train_tokenizer
 from cot2align.logging import log
-from cot2align.lora import apply_lora, export_merged, require_peft, trainable_parameters
+from cot2align.lora import ADAPTER_DIR, apply_lora, export_merged, require_peft, trainable_parameters
 from cot2align.losses import LossContext, build_loss
 from cot2align.models import build_tiny_model, hidden_size, load_model, load_tokenizer
 from cot2align.recipes.build import callbacks, open_logger
@@ -164,8 +164,8 @@ def train_teacher(cfg: Config, force: bool = False) -> Path:
                                         load_split(p.dev, cfg.data)))
     finally:
         logger.close()
-    if lora.enabled:  # the loop's exports are adapter folders
-        export_merged(model, tok, out, adapter_dir=res.export_dir)
+    if lora.enabled:  # the loop's exports hold their adapters in adapter/
+        export_merged(model, tok, out, adapter_dir=res.export_dir / ADAPTER_DIR)
     else:
         load_model(res.export_dir).save_pretrained(out, safe_serialization=True)
         tok.save_pretrained(out)

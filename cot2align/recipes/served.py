@@ -32,6 +32,7 @@ from cot2align.distributed.spawn import spawn_world
 from cot2align.distributed.topology import Topology
 from cot2align.distributed.transport import Transport, blame, check_in
 from cot2align.distributed.world import device_of, init_world, wire_dtype
+from cot2align.lora import base_model
 from cot2align.models import DTYPES, load_model, load_tokenizer
 from cot2align.preemption import stop_request
 from cot2align.recipes.build import callbacks, distill_loss, needs, open_logger, student_model
@@ -46,7 +47,7 @@ from cot2align.recipes.cache import (
 from cot2align.recipes.inputs import ensure_inputs, input_paths
 from cot2align.recipes.prepare import Paths, load_split, read_samples, write_run_files
 from cot2align.student.cached import CachedTeacher
-from cot2align.student.engine import DeepSpeedStepper, StudentMPU, check_lockstep_formats
+from cot2align.student.engine import DeepSpeedStepper, StudentMPU
 from cot2align.student.served import ServedTeacher
 from cot2align.student.teacher_io import load_teacher_io
 from cot2align.teacher.cache import CacheWriter, is_complete
@@ -160,7 +161,7 @@ def _student(cfg: Config, topo: Topology, transport: Transport, device: torch.de
     student = student_model(cfg, s_tok)
     # transformers writes checkpoints only on global rank 0 of an initialised world, which here is
     # a teacher rank: let the first student (the only one that exports) write them.
-    setattr(student, "should_save_on_this_rank", lambda is_main_process: is_main_process)  # noqa: B010
+    setattr(base_model(student), "should_save_on_this_rank", lambda is_main_process: is_main_process)  # noqa: B010
     io = load_teacher_io(p.teacher_model, DTYPES[cfg.teacher.dtype], device)
     need = needs(cfg.loss)
     tc = cfg.train
@@ -179,9 +180,6 @@ def _student(cfg: Config, topo: Topology, transport: Transport, device: torch.de
             wire_dtype(cfg.runtime, device), cfg.runtime.timeout_s, cfg.runtime.startup_timeout_s, cfg.run.seed)
         if not need.teacher:  # tell the replica there is nothing to serve
             teacher.start(0, 0, [], [])
-    if cfg.runtime.zero_stage == 3 and need.aux:  # the aux forward pass runs only when the loss needs it
-        check_lockstep_formats(sampler, [s.paired for s in samples],
-                               tc.max_steps or tc.epochs * sampler.steps_per_epoch)
     # DeepSpeed all-reduces gradient norms over a "model-parallel" group: each student alone
     mpu = StudentMPU(dp, topo.student_ranks, topo.student_self_group())
 

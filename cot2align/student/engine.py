@@ -22,11 +22,9 @@ their module (the student's output-head weight in DSKD-style products, the
 Evaluation and export need whole weights on the first student: `full_weights`
 (collective over the students) gathers them one module at a time into a full copy of
 the student kept on the first student only. Each gather is a collective, so every
-student must call the same modules in the same order in each micro-batch: true when all
-micro-batches of a step have the same formats. A step where one student's micro-batch has
-"aux" rows and another's has none would break it (mismatched gathers hang until the process
-groups' timeout), so `check_lockstep_formats` refuses such a run before training, naming the
-step.
+student must call the same modules in the same order in each micro-batch: true because every
+micro-batch is collated with the step's formats (`collate(..., fmts)`: a micro-batch without
+CoT-paired records still runs the "aux" forward, on 1-token dummy rows).
 
 Checkpoints under ZeRO are saved per student (`state_dict()["shard"]`, written by each rank
 into the step folder by `checkpoint.save_sharded`): for every parameter a student holds a
@@ -49,11 +47,16 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from cot2align.checkpoint import CheckpointError, load_shard, shard_name
-from cot2align.configbase import ConfigError
-from cot2align.data.sampler import GlobalBatchSampler
 from cot2align.distributed.parallel import DataParallel
 from cot2align.losses.base import LossOutput
-from cot2align.optim import FullWeights, TrainConfig, build_optimizer, lr_lambda
+from cot2align.optim import (
+    FullWeights,
+    TrainConfig,
+    build_optimizer,
+    load_trained_state,
+    lr_lambda,
+    trained_state,
+)
 
 ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 """AdamW's per-element state, saved per student next to the fp32 master weights."""
@@ -271,9 +274,11 @@ class DeepSpeedStepper:
         return state
 
     def _scatter(self, state: dict[str, Tensor]) -> None:
-        """ZeRO-3: load a whole StudentModules state dict into the partitioned modules (collective)."""
+        """ZeRO-3: load a StudentModules state dict into the partitioned modules (collective). Frozen
+        parameters (a LoRA student's base weights) may be absent: they keep the model's values."""
         from deepspeed.runtime.zero.partition_parameters import GatheredParameters
 
+        frozen_names = {n for n, p in self.modules.named_parameters(remove_duplicate=False) if not p.requires_grad}
         for prefix, module in self.modules.named_modules():
             params = list(module.parameters(recurse=False))
             with GatheredParameters(params, modifier_rank=0):
@@ -282,16 +287,17 @@ class DeepSpeedStepper:
                     missing: list[str] = []
                     errors: list[str] = []
                     module._load_from_state_dict(state, head, {}, True, missing, [], errors)
+                    missing = [k for k in missing if k not in frozen_names]
                     if missing or errors:
                         raise ValueError(f"checkpoint does not fit the student: missing {missing}, {errors}")
 
     def state_dict(self) -> dict[str, Any]:
-        """Weights ("student", "loss": whole, on the first student), schedule and optimizer.
-        Under ZeRO the optimizer is NOT gathered: "shard" holds this student's own part (see
-        `_shard`), which the loop saves per rank. Collective over the students under ZeRO-3
-        (the weights are gathered)."""
+        """Weights ("student": its trainable parameters, all of them unless LoRA freezes the base; "loss";
+        whole, on the first student), schedule and optimizer. Under ZeRO the optimizer is NOT gathered:
+        "shard" holds this student's own part (see `_shard`), which the loop saves per rank. Collective
+        over the students under ZeRO-3 (the weights are gathered)."""
         full = self.full_weights()
-        out: dict[str, Any] = {"student": full.student.state_dict(), "loss": full.loss,
+        out: dict[str, Any] = {"student": trained_state(full.student), "loss": full.loss,
                                "scheduler": self.scheduler.state_dict()}
         if self.zero_stage == 0:
             return {**out, "optimizer": self.optimizer.state_dict()}
@@ -386,7 +392,7 @@ class DeepSpeedStepper:
                            **{f"loss.{k}": v for k, v in state["loss"].items()}})
             self._gathered_at = -1
         else:
-            self.modules.student.load_state_dict(state["student"])
+            load_trained_state(self.modules.student, state["student"])
             self.modules.loss.load_state_dict(state["loss"])
         if self.zero_stage == 0:
             if "optimizer" not in state:
@@ -401,22 +407,3 @@ class DeepSpeedStepper:
             for group, lr in zip(self.optimizer.param_groups, state["zero"]["lr"], strict=True):
                 group["lr"] = lr
         self.scheduler.load_state_dict(state["scheduler"])
-
-
-def check_lockstep_formats(sampler: GlobalBatchSampler, paired: list[bool], total_steps: int) -> None:
-    """ZeRO-3 gathers each module's weights with collectives, so every student must run the same
-    forward passes in each micro-batch: raise ConfigError (naming the first step where it fails)
-    when one replica's micro-batch holds CoT-paired samples (a second, "aux" forward) and
-    another's holds none. paired[i]: whether sample i has both formats. Every replica derives
-    every replica's micro-batches from the shared sampler, so this needs no communication."""
-    for step in range(total_steps):
-        per_replica = [sampler.micro_batches(step, r) for r in range(sampler.dp)]
-        for micro in range(sampler.accum):
-            has_aux = [any(paired[i] for i in batches[micro]) for batches in per_replica]
-            if len(set(has_aux)) > 1:
-                raise ConfigError(
-                    f"runtime.zero_stage=3: at step {step}, micro-batch {micro}, student replicas "
-                    f"{[r for r, a in enumerate(has_aux) if a]} have CoT-paired samples and "
-                    f"{[r for r, a in enumerate(has_aux) if not a]} have none, so they would run different "
-                    "forward passes (ZeRO-3 needs them in lockstep); use runtime.zero_stage <= 2, a larger "
-                    "train.micro_batch_size, or data with a rationale on (nearly) every row")

@@ -267,7 +267,7 @@ def serve(*, topo: Topology, transport: Transport, states: HiddenStates, samples
                 break
             for student in students:
                 idx = sampler.micro_batches(step, topo.student_index(student))[micro]
-                batch = collate([samples[i] for i in idx], pad_ids)
+                batch = collate([samples[i] for i in idx], pad_ids, req.fmts)
                 for fmt in [f for f in req.fmts if f in batch.seqs["teacher"]]:
                     seq = batch.seqs["teacher"][fmt]
                     t = time.perf_counter()

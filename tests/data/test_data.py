@@ -12,6 +12,8 @@ from cot2align.data.dataset import DataConfig, OverlengthError, build_samples, c
 from cot2align.data.jsonl import DataError, read_jsonl
 from cot2align.data.prompts import ANSWER_BRIDGE, cot_prompt, std_prompt
 from cot2align.data.sampler import GlobalBatchSampler
+from cot2align.losses import LossConfig, LossContext, build_loss
+from cot2align.losses.base import LossInputs, ResponseView
 from cot2align.models import load_tokenizer
 
 GOOD = {"instruction": "Add 2 and 3.", "input": "", "output": "5", "rationale": "2 + 3 = 5."}
@@ -82,7 +84,8 @@ def test_pairs_have_nonempty_masks_on_both_tokenizers(tiny_task: dict[str, Path]
     examples, _ = read_jsonl(tiny_task["train"])
     s_tok, t_tok = load_tokenizer(tiny_task["tok_student"]), load_tokenizer(tiny_task["tok_teacher"])
     assert s_tok.get_vocab() != t_tok.get_vocab()
-    samples, report = build_samples(examples[:12], s_tok, t_tok, DataConfig(max_length=512, max_prompt_length=256))
+    samples, report = build_samples(examples[:12], s_tok, t_tok,
+                                    DataConfig(max_length=512, max_prompt_length=256, pairing="pair"))
     assert report.paired == 12 and not report.truncated
     batch = collate(samples, {"student": s_tok.pad_token_id, "teacher": t_tok.pad_token_id})
     for side, tok in (("student", s_tok), ("teacher", t_tok)):
@@ -109,10 +112,44 @@ def test_pairs_have_nonempty_masks_on_both_tokenizers(tiny_task: dict[str, Path]
         assert bool((batch.seqs["student"][s_fmt].resp_mask.any(1) & batch.seqs["teacher"][t_fmt].resp_mask.any(1)).all())
 
 
+def test_reference_records_train_the_standard_answer_of_a_paired_example(tiny_task: dict[str, Path]) -> None:
+    """Default records: the paired example 0 gives its std record (CE on the gold answer) AND the paired
+    record; the example without a rationale gives its std record. CE of the loss = CE over both mains."""
+    examples, _ = read_jsonl(tiny_task["train"])
+    tok = load_tokenizer(tiny_task["tok_teacher"])
+    mixed = [examples[0], examples[1].__class__(**{**examples[1].__dict__, "rationale": None})]
+    cfg = DataConfig(max_length=512, max_prompt_length=256)
+    assert cfg.pairing == "reference"
+    samples, report = build_samples(mixed, tok, tok, cfg)
+    assert [(s.id, s.paired) for s in samples] == [(mixed[0].id, False), (mixed[0].id, True), (mixed[1].id, False)]
+    assert report.paired == 1 and report.samples == 3
+    std = samples[0].seqs["student"]["main"]
+    assert std.ids[: std.prompt_len] == [tok.bos_token_id, *tok.encode(std_prompt(mixed[0]), add_special_tokens=False)]
+    assert tok.decode(std.ids[std.prompt_len :], skip_special_tokens=True).strip() == mixed[0].output
+    assert samples[1].seqs["student"]["aux"].ids == std.ids  # the paired record's aux is the same std member
+    # the loss: CE covers the std answer of the paired example (its gradient reaches those positions)
+    batch = collate(samples, {"student": tok.pad_token_id, "teacher": tok.pad_token_id})
+    main = batch.seqs["student"]["main"]
+    view = ResponseView(hidden={}, mask=main.resp_mask, inputs=main.inputs, targets=main.targets)
+    logits = torch.randn(*main.resp_mask.shape, len(tok), dtype=torch.float64, requires_grad=True)
+    n_tok = float(main.resp_mask.sum())
+    inputs = LossInputs(student={"main": view}, teacher={}, student_logits=logits, student_final=1, teacher_final=1,
+                        student_head=lambda h: h, teacher_head=lambda h: h, student_embed=lambda x: x,
+                        teacher_embed=lambda x: x, num_tokens=n_tok, num_examples=3.0)
+    d = 4
+    out = build_loss(LossConfig(name="sft"), LossContext(d, d, len(tok), len(tok), True))(inputs)
+    m = main.resp_mask
+    ref = torch.nn.functional.cross_entropy(logits[m], main.targets[m], reduction="sum") / n_tok
+    torch.testing.assert_close(out.total, ref.float(), rtol=1e-6, atol=0)
+    (g,) = torch.autograd.grad(out.total, [logits])
+    n_std = len(std.ids) - std.prompt_len
+    assert bool(g[0, :n_std].abs().sum(-1).gt(0).all())
+
+
 def test_prompt_ids_do_not_depend_on_response(tiny_task: dict[str, Path]) -> None:
     examples, _ = read_jsonl(tiny_task["train"])
     tok = load_tokenizer(tiny_task["tok_teacher"])
-    samples, _ = build_samples(examples[:3], tok, tok, DataConfig(max_length=512, max_prompt_length=256))
+    samples, _ = build_samples(examples[:3], tok, tok, DataConfig(max_length=512, max_prompt_length=256, pairing="pair"))
     for ex, s in zip(examples, samples):
         main = s.seqs["teacher"]["main"]
         assert main.ids[: main.prompt_len] == [tok.bos_token_id, *tok.encode(cot_prompt(ex), add_special_tokens=False)]
@@ -125,7 +162,7 @@ def test_unpaired_and_mixed_batches(tiny_task: dict[str, Path]) -> None:
     examples, _ = read_jsonl(tiny_task["train"])
     tok = load_tokenizer(tiny_task["tok_teacher"])
     mixed = [examples[0], examples[1].__class__(**{**examples[1].__dict__, "rationale": None})]
-    samples, report = build_samples(mixed, tok, tok, DataConfig(max_length=512, max_prompt_length=256))
+    samples, report = build_samples(mixed, tok, tok, DataConfig(max_length=512, max_prompt_length=256, pairing="pair"))
     assert [s.paired for s in samples] == [True, False] and report.paired == 1
     batch = collate(samples, {"student": 0, "teacher": 0})
     assert batch.seqs["student"]["aux"].resp_mask[1].sum() == 0
@@ -135,6 +172,23 @@ def test_unpaired_and_mixed_batches(tiny_task: dict[str, Path]) -> None:
     nocot, _ = build_samples(mixed, tok, tok, DataConfig(max_length=512, max_prompt_length=256, use_cot=False))
     assert len(nocot) == 2 and not any(s.paired for s in nocot)
     assert ANSWER_BRIDGE.strip() not in tok.decode(nocot[0].seqs["teacher"]["main"].ids)
+
+
+def test_collate_with_the_steps_formats_always_has_aux(tiny_task: dict[str, Path]) -> None:
+    """A micro-batch of unpaired records still gets an (all-dummy) aux format when the step runs aux, so
+    every ZeRO-3 replica runs the same forward passes."""
+    examples, _ = read_jsonl(tiny_task["train"])
+    tok = load_tokenizer(tiny_task["tok_teacher"])
+    samples, _ = build_samples(examples[:2], tok, tok, DataConfig(max_length=512, max_prompt_length=256))
+    unpaired = [s for s in samples if not s.paired]
+    assert set(collate(unpaired, {"student": 0, "teacher": 0}).seqs["student"]) == {"main"}
+    batch = collate(unpaired, {"student": 0, "teacher": 0}, ["main", "aux"])
+    for side in ("student", "teacher"):
+        aux = batch.seqs[side]["aux"]
+        assert aux.input_ids.shape == (2, 1) and not bool(aux.resp_mask.any())
+    paired = collate(samples, {"student": 0, "teacher": 0})
+    assert set(paired.seqs["student"]) == {"main", "aux"}
+    assert set(collate(samples, {"student": 0, "teacher": 0}, ["main"]).seqs["teacher"]) == {"main"}
 
 
 def test_truncation_counted_skipped_or_error(tiny_task: dict[str, Path]) -> None:

@@ -104,7 +104,7 @@ def test_every_preset_loads(path: Path) -> None:
     assert cfg.launch.slurm.minutes >= 1
 
 
-PAPER = {  # method.md section 5: lr, epochs, kd_rate
+PAPER = {  # docs/method.md section 5: lr, epochs, kd_rate
     "qwen1.5-1.8b-to-gpt2.yaml": (5e-4, 20, 0.5, "qwen1.5-1.8b", "gpt2-120m"),
     "mistral-7b-to-tinyllama.yaml": (1e-3, 10, 0.9, "mistral-7b", "tinyllama-1.1b"),
     "qwen2.5-7b-to-gpt2-1.5b.yaml": (1e-3, 10, 0.9, "qwen2.5-7b-instruct", "gpt2-1.5b"),

@@ -1,4 +1,4 @@
-"""DSKD-CMA against a plain per-row, per-position float64 implementation of method.md section 4."""
+"""DSKD-CMA against a plain per-row, per-position float64 implementation of docs/method.md section 4."""
 
 from __future__ import annotations
 

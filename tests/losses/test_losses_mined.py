@@ -12,9 +12,8 @@ import pytest
 import torch
 from loss_fixtures import CORPUS, Case, assert_close, config, grads, make_case, train_tokenizers
 
-from cot2align.losses import mined as mined_mod
-from cot2align.losses.mined import (
-    MinED,
+from cot2align.data import token_alignment as alignment_mod
+from cot2align.data.token_alignment import (
     TokenTable,
     _offsets,
     _surface,
@@ -23,6 +22,7 @@ from cot2align.losses.mined import (
     one_to_one,
     overlapping,
 )
+from cot2align.losses.mined import MinED
 from cot2align.losses.registry import Distiller, build_loss
 
 
@@ -84,7 +84,7 @@ def test_id_map_and_its_cache(toks: tuple[Any, Any], tmp_path: Path, monkeypatch
     data = json.loads(files[0].read_text())
     assert data["teacher_vocab"] == len(teacher) and [t_the, s_the] in data["pairs"]
     # second build reads the cache (building would raise)
-    monkeypatch.setattr(mined_mod, "build_id_map", lambda *a, **k: (_ for _ in ()).throw(AssertionError("rebuilt")))
+    monkeypatch.setattr(alignment_mod, "build_id_map", lambda *a, **k: (_ for _ in ()).throw(AssertionError("rebuilt")))
     assert MinED(config(name="mined"), case.ctx).id_map == loss.id_map
     # a stale fingerprint is rebuilt
     monkeypatch.undo()

@@ -49,7 +49,8 @@ def ref_mlot(case: Case, k: int, T: float, eps: float, iters: int, scale: float,
             P = P / P.sum(0, keepdim=True) / m
         seq = seq + (P * W).sum()
     d = case.inputs.num_tokens
-    return {"token_l1": l1 / d, "token_xe": xe / d, "sequence": scale * seq / case.inputs.num_examples}
+    micro = len(case.s_len)
+    return {"token_l1": l1 / d, "token_xe": xe / d, "sequence": scale * seq * micro / case.inputs.num_examples}
 
 
 def _ce(case: Case) -> torch.Tensor:
@@ -90,6 +91,36 @@ def test_sequence_term_gradient_alone() -> None:
     (g_seq_ref,) = grads(ref["sequence"], [case.s_logits])
     assert g_seq_ref.abs().sum() > 0
     assert_close(g, g_ref, rtol=1e-5, atol=1e-9, what="grad")
+
+
+def _reference_plan_cost(s: list[torch.Tensor], t: list[torch.Tensor]) -> torch.Tensor:
+    """One example's sequence OT value, written out as the reference computes it (T = 2, eps 0.1, 10 rounds)."""
+    W = torch.stack([torch.stack([(torch.softmax(a / 2, 0) - torch.softmax(b / 2, 0)).abs().sum() for b in t])
+                     for a in s])
+    P = torch.exp(-W / 0.1)
+    for _ in range(10):
+        P = P / P.sum(1, keepdim=True) / len(s)
+        P = P / P.sum(0, keepdim=True) / len(t)
+    return (P * W).sum()
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_sequence_term_is_the_reference_sum_over_the_batch(accum: int) -> None:
+    """Defaults: total = CE + 1.5 * [token terms + 0.1 * sum_b 1e-3 * OT_b] on one micro-batch of the
+    reference's; with `accum` micro-batches per step each contributes 1/accum of that (DeepSpeed's mean)."""
+    s_len, t_len = [5, 3, 4], [3, 6, 4]
+    case = make_case(s_len=s_len, t_len=t_len, v_s=23, v_t=31, seed=35, num_examples=float(3 * accum))
+    out = MultiLevelOT(config(name="multilevel_ot"), case.ctx)(case.inputs)
+    ot_sum = torch.zeros((), dtype=torch.float64)
+    for b in range(3):
+        s = [_kvec(case.s_logits[b, i], 50, None) for i in range(s_len[b])]
+        t = [_kvec(case.t_hidden[b, j] @ case.W_t.T, 50, None) for j in range(t_len[b])]
+        ot_sum = ot_sum + 1e-3 * _reference_plan_cost(s, t)
+    ref = ref_mlot(case, 50, 2.0, 0.1, 10, 1.0, "position")
+    ref_total = _ce(case) + 1.5 * (ref["token_l1"] + 0.1 * ref["token_xe"] + 0.1 * ot_sum / accum)
+    assert_close(out.parts["sequence"], ot_sum / accum, rtol=1e-9, what="sequence")
+    assert_close(out.total, ref_total, rtol=1e-6, what="total")
+    assert float(ot_sum.detach()) > 0
 
 
 def test_chunking_and_checkpointing_do_not_change_results() -> None:

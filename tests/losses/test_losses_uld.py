@@ -32,7 +32,7 @@ def ref_uld(case: Case, tau: float) -> torch.Tensor:
 def test_matches_reference_values_and_gradients(tau: float, v_s: int, v_t: int) -> None:
     # rows: teacher longer, student longer, teacher empty, student empty, 1-token
     case = make_case(s_len=[4, 6, 3, 0, 1], t_len=[7, 2, 0, 5, 1], v_s=v_s, v_t=v_t, seed=11)
-    uld, parts = ULD(config(name="uld", temperature=tau, token_chunk=4), case.ctx)(case.inputs)
+    uld, parts = ULD(config(name="uld", uld={"temperature": tau}, token_chunk=4), case.ctx)(case.inputs)
     ref = ref_uld(case, tau)
     assert torch.isfinite(uld) and float(uld.detach()) > 0
     assert_close(uld, ref, what="value")
@@ -58,7 +58,7 @@ def test_permuted_vocabulary_gives_zero() -> None:
 
 def test_very_different_vocabularies_1k_vs_50k() -> None:
     case = make_case(s_len=[3, 1], t_len=[2, 4], v_s=1000, v_t=50_000, d_t=8, seed=4)
-    uld, _ = ULD(config(name="uld", temperature=1.0, token_chunk=2), case.ctx)(case.inputs)
+    uld, _ = ULD(config(name="uld", token_chunk=2), case.ctx)(case.inputs)
     # vectorised reference (the loop one is slow at 50k): sorted L1 with zero padding
     total = torch.zeros((), dtype=torch.float64)
     for b, k in [(0, 0), (0, 1), (1, 0)]:
@@ -87,9 +87,21 @@ def test_all_padding_batch_is_zero() -> None:
     assert float(uld) == 0.0
 
 
+def test_no_temperature_by_default_and_kd_temperature_does_not_apply() -> None:
+    """The ULD reference has no temperature: defaults give tau = 1 even at loss.temperature = 2 (the
+    other KD terms' tau); loss.uld.temperature sets one explicitly."""
+    case = make_case(s_len=[4, 3], t_len=[5, 2], seed=7)
+    assert config(name="uld").temperature == 2.0
+    uld, _ = ULD(config(name="uld"), case.ctx)(case.inputs)
+    assert_close(uld, ref_uld(case, 1.0), what="default")
+    hot, _ = ULD(config(name="uld", uld={"temperature": 2.0}), case.ctx)(case.inputs)
+    assert_close(hot, ref_uld(case, 2.0), what="explicit")
+    assert abs(float(hot.detach()) - float(uld.detach())) > 1e-6
+
+
 def test_registry_distiller_combines_ce_and_uld() -> None:
     case = make_case(s_len=[4, 3], t_len=[2, 5], seed=6)
-    cfg = config(name="uld", kd_rate=0.6, temperature=1.0)
+    cfg = config(name="uld", kd_rate=0.6)
     loss = build_loss(cfg, case.ctx)
     assert isinstance(loss, Distiller)
     out = loss(case.inputs)
