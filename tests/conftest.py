@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import submitit  # noqa: F401  # see below
+from jobs import tiny_teacher
 
 # submitit configures logging when first imported (logging.config.dictConfig), which closes every
 # logging handler that exists by then. absl's handler (imported with rouge-score) closes its stream
@@ -42,3 +43,9 @@ def no_slurm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     empty.mkdir()
     monkeypatch.setenv("PATH", str(empty))
     monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def teacher_dir(tiny_task: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Llama teacher checkpoint (safetensors) with the teacher tokenizer (`jobs.tiny_teacher`)."""
+    return tiny_teacher(tiny_task, tmp_path_factory.mktemp("teacher"))

@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny import STUDENT, TEACHER
+from tiny import STUDENT
 from transformers import AutoModelForCausalLM
 
 from cot2align.checkpoint import latest_checkpoint, load_checkpoint
 from cot2align.config import Config
 from cot2align.lora import ADAPTER_DIR, GPT2_PROJECTIONS, LoraConfig, apply_lora, merged_model
-from cot2align.models import build_tiny_model, load_tokenizer
+from cot2align.models import load_tokenizer
 from cot2align.recipes.build import student_model
 from cot2align.recipes.pipeline import distill
 from cot2align.train import TrainResult
@@ -23,15 +23,6 @@ from cot2align.train import TrainResult
 LORA = {"enabled": True, "r": 4, "alpha": 8.0, "dropout": 0.0, "target_modules": list(GPT2_PROJECTIONS)}
 STEPS = 5
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="peft is not installed")
-
-
-@pytest.fixture(scope="module")
-def teacher_dir(tiny_task: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("lora_student_teacher")
-    tok = load_tokenizer(tiny_task["tok_teacher"])
-    build_tiny_model(TEACHER, tok, seed=2).save_pretrained(out, safe_serialization=True)
-    tok.save_pretrained(out)
-    return out
 
 
 def _cfg(tiny_task: dict[str, Path], teacher_dir: Path, out: Path, mode: str, overrides: list[str] | None = None,

@@ -15,10 +15,10 @@ DeepSpeed averages over replicas, hence each loss is multiplied by the replica c
 ZeRO-3 partitions the weights themselves: outside a module's forward a parameter is
 an empty tensor on every student. So the whole micro-batch loss runs inside the
 engine (`forward`: `StudentModules.forward` calls it), where DeepSpeed's hooks gather
-each module's weights for its own forward and backward, and parameters used outside
-their module (the student's output-head weight in DSKD-style products, the
-`student_head_weight` extra) are gathered as "external parameters" of the wrapper
-(DeepSpeed discovers them when they are read during the engine's forward).
+each module's weights for its own forward and backward. A weight read outside its module
+is not gathered there: DSKD's products with the student's output-head weight (the
+`student_head_weight` extra) would see an empty tensor, so DSKD under served ZeRO-3 is refused
+before training (`Config.check`, key runtime.zero_stage).
 Evaluation and export need whole weights on the first student: `full_weights`
 (collective over the students) gathers them one module at a time into a full copy of
 the student kept on the first student only. Each gather is a collective, so every

@@ -9,21 +9,11 @@ from typing import Any
 
 import pytest
 import torch
-from tiny import STUDENT, TEACHER
+from tiny import STUDENT
 
 from cot2align.config import Config
-from cot2align.models import build_tiny_model, load_tokenizer
 from cot2align.teacher.cache import MANIFEST, CacheError
 from cot2align.teacher.colocated import ColocatedTeacher
-
-
-@pytest.fixture(scope="module")
-def teacher_dir(tiny_task: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("cache_teacher")
-    tok = load_tokenizer(tiny_task["tok_teacher"])
-    build_tiny_model(TEACHER, tok, seed=2).save_pretrained(out, safe_serialization=True)
-    tok.save_pretrained(out)
-    return out
 
 
 def _cfg(tiny_task: dict[str, Path], teacher_dir: Path, out: Path, name: str, *, mode: str = "colocated",

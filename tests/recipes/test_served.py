@@ -22,27 +22,16 @@ import torch.distributed as dist
 import yaml
 from dist import run_distributed
 from supervised import alive, children, wait_gone
-from tiny import STUDENT, TEACHER
+from tiny import STUDENT
 from torch import Tensor, nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from cot2align.config import Config
 from cot2align.configbase import ConfigError
 from cot2align.distributed.transport import DATA, DataHeader, DesyncError, Request, checksum, pack, unpack
-from cot2align.models import build_tiny_model, load_tokenizer
 from cot2align.train import TrainResult
 
 STEPS = 5
-
-
-@pytest.fixture(scope="module")
-def teacher_dir(tiny_task: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny Llama teacher checkpoint (safetensors) with the teacher tokenizer."""
-    out = tmp_path_factory.mktemp("runtime_teacher")
-    tok = load_tokenizer(tiny_task["tok_teacher"])
-    build_tiny_model(TEACHER, tok, seed=2).save_pretrained(out, safe_serialization=True)
-    tok.save_pretrained(out)
-    return out
 
 
 def _cfg(tiny_task: dict[str, Path], teacher_dir: Path, out: Path, *, mode: str, loss: str = "cot2align",
