@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import ot
 import torch
 from torch import Tensor, nn
 
@@ -204,3 +205,16 @@ def train_tokenizers() -> tuple[Any, Any]:
     )
     teacher = PreTrainedTokenizerFast(tokenizer_object=uni, eos_token="</s>", unk_token="<unk>")
     return student, teacher
+
+
+def uniform_marginals(c: Tensor) -> tuple[Tensor, Tensor]:
+    """a = 1/n, b = 1/m for a cost [n, m]."""
+    return (torch.full((c.shape[0],), 1.0 / c.shape[0], dtype=c.dtype),
+            torch.full((c.shape[1],), 1.0 / c.shape[1], dtype=c.dtype))
+
+
+def pot_value(c: Tensor, eps: float, iters: int, method: str = "sinkhorn") -> Tensor:
+    """POT's <P, C> after exactly `iters` Sinkhorn iterations with uniform marginals (differentiable
+    through them): the reference every OT test compares against."""
+    a, b = uniform_marginals(c)
+    return ot.sinkhorn2(a, b, c, reg=eps, numItermax=iters, stopThr=0.0, method=method, warn=False)

@@ -9,6 +9,7 @@ from typing import Any
 import ot
 import pytest
 import torch
+from loss_fixtures import pot_value, uniform_marginals
 from torch import Tensor
 
 from cot2align.configbase import ConfigError
@@ -77,17 +78,9 @@ def reference_cost(name: str, x: Tensor, y: Tensor) -> Tensor:
     return torch.cdist(x, y)
 
 
-def pot_value(c: Tensor, eps: float, iters: int) -> Tensor:
-    """POT's <P, C> after exactly `iters` Sinkhorn iterations with uniform marginals."""
-    a = torch.full((c.shape[0],), 1.0 / c.shape[0], dtype=c.dtype)
-    b = torch.full((c.shape[1],), 1.0 / c.shape[1], dtype=c.dtype)
-    return ot.sinkhorn2(a, b, c, reg=eps, numItermax=iters, stopThr=0.0, warn=False)
-
-
 def pot_entropy_ratio(c: Tensor, eps: float, iters: int) -> float:
     """H(P) / log(nm) of POT's plan after exactly `iters` iterations."""
-    a = torch.full((c.shape[0],), 1.0 / c.shape[0], dtype=c.dtype)
-    b = torch.full((c.shape[1],), 1.0 / c.shape[1], dtype=c.dtype)
+    a, b = uniform_marginals(c)
     p = ot.sinkhorn(a, b, c.detach(), reg=eps, numItermax=iters, stopThr=0.0, warn=False)
     return float(-torch.special.xlogy(p, p).sum() / math.log(c.numel()))
 

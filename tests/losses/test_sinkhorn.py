@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import ot
 import pytest
 import torch
+from loss_fixtures import pot_value
 from torch import Tensor
 
 from cot2align.losses import sinkhorn as sk
@@ -15,14 +15,6 @@ from cot2align.losses.sinkhorn import batched_ot, sinkhorn
 
 F64 = torch.float64
 SIZES = [(3, 5), (1, 4), (6, 2), (5, 5)]
-
-
-def pot_value(c: Tensor, eps: float, iters: int, method: str = "sinkhorn") -> Tensor:
-    """POT's <P, C> after exactly `iters` iterations (differentiable through them)."""
-    n, m = c.shape
-    a = torch.full((n,), 1.0 / n, dtype=c.dtype)
-    b = torch.full((m,), 1.0 / m, dtype=c.dtype)
-    return ot.sinkhorn2(a, b, c, reg=eps, numItermax=iters, stopThr=0.0, method=method, warn=False)
 
 
 def reference_plan(c: Tensor, eps: float, iters: int) -> Tensor:
