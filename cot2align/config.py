@@ -191,10 +191,16 @@ def _deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def read_config_file(path: str | Path | None = None) -> dict[str, Any]:
+    """The raw mapping a YAML config file sets (its `base` chain merged under it; default:
+    configs/embedded.yaml), before defaults and validation: which keys a user gave."""
+    return _read_chain(Path(path) if path else DEFAULT_CONFIG)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """defaults <- YAML (default: configs/embedded.yaml) <- overrides, validated."""
     path = Path(path) if path else DEFAULT_CONFIG
-    data = _read_chain(path)
+    data = read_config_file(path)
     try:
         cfg = Config().merged(data)
     except ConfigError as e:

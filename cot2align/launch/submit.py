@@ -33,7 +33,7 @@ import yaml
 from submitit import LocalExecutor, SlurmExecutor
 from submitit.helpers import DelayedSubmission, TorchDistributedEnvironment
 
-from cot2align.config import DEFAULT_CONFIG, Config, _read_chain, load_config
+from cot2align.config import Config, load_config, read_config_file
 from cot2align.configbase import REPO_ROOT, ConfigError, changed_keys
 from cot2align.distributed.topology import Topology
 from cot2align.launch.layout import Prepared, fit_to_partition, prepare
@@ -63,7 +63,7 @@ def given_keys(config: str | None, overrides: list[str], flags: dict[str, Any]) 
         return {k for key, v in d.items()
                 for k in (dotted(v, f"{prefix}{key}.") if isinstance(v, dict) and v else {f"{prefix}{key}"})}
 
-    return (dotted(_read_chain(Path(config) if config else DEFAULT_CONFIG)) | dotted(flags)
+    return (dotted(read_config_file(config)) | dotted(flags)
             | {o.split("=", 1)[0].strip() for o in overrides})
 
 
