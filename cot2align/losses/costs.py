@@ -104,17 +104,19 @@ class _PackedAttentionCost(torch.autograd.Function):
             iy = ctx.num_x + iy
             s = ctx.soft[j]
             n, m = s.shape
-            # C = 1 - softmax(L): dL = -softmax_backward(dC); the sign and 1/sqrt(d) go into the GEMMs' alpha
-            dl = torch._softmax_backward_data(grad[j, :n, :m], s, 1, s.dtype)  # [n, m]
+            # C = 1 - softmax(L): dL = -softmax_backward(dC); the sign and 1/sqrt(d) go into the GEMMs' alpha.
+            # At least fp32 (a no-op for fp32 / fp64 states): under bf16 autocast s and states may be bf16
+            wide = torch.promote_types(torch.promote_types(grad.dtype, s.dtype), torch.float32)
+            dl = torch._softmax_backward_data(grad[j, :n, :m].to(wide), s.to(wide), 1, wide)  # [n, m]
             for i, a, b in ((ix, dl, states[iy]), (iy, dl.t(), states[ix])):
                 if need[i]:
                     acc = grads[i]
                     grads[i] = (
-                        torch.addmm(a.new_zeros(()), a, b, beta=0.0, alpha=-ctx.scale)
+                        torch.addmm(a.new_zeros(()), a, b.to(wide), beta=0.0, alpha=-ctx.scale)
                         if acc is None
-                        else acc.addmm_(a, b, alpha=-ctx.scale)
+                        else acc.addmm_(a, b.to(wide), alpha=-ctx.scale)
                     )
-        return (None, None, None, None, *grads)
+        return (None, None, None, None, *(g if g is None else g.to(x.dtype) for g, x in zip(grads, states, strict=True)))
 
 
 def packed_attention_cost(problems: Sequence[tuple[Tensor, Tensor]], n_max: int, m_max: int) -> Tensor:
