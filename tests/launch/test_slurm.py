@@ -244,14 +244,16 @@ def test_usr2_mid_run_checkpoints_requeues_and_resumes_with_the_same_losses(
 @needs_cluster
 def test_time_limit_signal_requeues_and_finishes_in_two_allocations(
         on_slurm: dict[str, str], job: dict[str, Any]) -> None:
-    # 2 minutes per allocation and SIGUSR2 105 s before its end: Slurm checks time limits every
-    # ~30 s, so the signal comes 15-45 s in, while the ~60 s of training still run; the ranks stop
-    # at a step boundary, rank 0 requeues the job. The second allocation gets a longer limit (else
-    # its own signal would stop it 15-45 s in as well) and trains the rest.
-    steps = 240
+    # 3 minutes per allocation and SIGUSR2 135 s before its end: Slurm checks time limits every
+    # ~30 s, so the signal comes ~35-75 s in (seen 9 s before its due time), after the ranks have
+    # installed their handler (a signal during start-up, while submitit unpickles the task, ends the
+    # job) and while the ~100 s of training still run; the ranks stop at a step boundary, rank 0
+    # requeues the job. The second allocation gets a longer limit (else its own signal would stop it
+    # as early) and trains the rest.
+    steps = 400
     f, run_dir = job["write"]("timed", train={"max_steps": steps, "save_every": 0},
                               launch={"fixed": ["tp", "pp", "replicas", "dp"],
-                                      "slurm": {"cpus_per_task": 1, "time": "2:00", "signal_delay_s": 105}})
+                                      "slurm": {"cpus_per_task": 1, "time": "3:00", "signal_delay_s": 135}})
     job_id = _submit(f)
     assert _requeued(job_id, 300), f"the time limit's signal did not requeue the job: {_job(job_id)}"
     subprocess.run(["scontrol", "update", f"JobId={job_id}", "TimeLimit=10:00"], check=True, timeout=30)
