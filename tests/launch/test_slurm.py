@@ -244,24 +244,33 @@ def test_usr2_mid_run_checkpoints_requeues_and_resumes_with_the_same_losses(
 @needs_cluster
 def test_time_limit_signal_requeues_and_finishes_in_two_allocations(
         on_slurm: dict[str, str], job: dict[str, Any]) -> None:
-    # 3 minutes per allocation and SIGUSR2 135 s before its end: Slurm checks time limits every
-    # ~30 s, so the signal comes ~35-75 s in (seen 9 s before its due time), after the ranks have
-    # installed their handler (a signal during start-up, while submitit unpickles the task, ends the
-    # job) and while the ~100 s of training still run; the ranks stop at a step boundary, rank 0
-    # requeues the job. The second allocation gets a longer limit (else its own signal would stop it
-    # as early) and trains the rest.
-    steps = 400
+    # SIGUSR2 135 s before the time limit. The first allocation starts with 10 minutes; once the ranks
+    # train (their handlers are installed: a signal while submitit still unpickles the task ends the
+    # job), the limit is cut to 1-2 minutes from now, so Slurm's next time-limit check (every ~30 s)
+    # sends the signal while training still runs, whatever the machine's speed. The ranks stop at a
+    # step boundary and rank 0 requeues the job; the second allocation gets 30 minutes and trains the rest.
+    steps = 2000
     f, run_dir = job["write"]("timed", train={"max_steps": steps, "save_every": 0},
                               launch={"fixed": ["tp", "pp", "replicas", "dp"],
-                                      "slurm": {"cpus_per_task": 1, "time": "3:00", "signal_delay_s": 135}})
+                                      "slurm": {"cpus_per_task": 1, "time": "10:00", "signal_delay_s": 135}})
     job_id = _submit(f)
+    _wait_for_step(run_dir, job_id, 2)
+    elapsed_min = _minutes(_job(job_id)["RunTime"])
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", f"TimeLimit={elapsed_min + 2}"], check=True, timeout=30)
     assert _requeued(job_id, 300), f"the time limit's signal did not requeue the job: {_job(job_id)}"
-    subprocess.run(["scontrol", "update", f"JobId={job_id}", "TimeLimit=10:00"], check=True, timeout=30)
-    info = _wait(job_id, 400)
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "TimeLimit=30:00"], check=True, timeout=30)
+    info = _wait(job_id, 1500)
     assert info["JobState"] == "COMPLETED" and int(info["Restarts"]) == 1, info
     logs = _logs(run_dir, job_id)
     assert re.search(rf"stopped at step \d+ of {steps} on request", logs) and "Requeued job" in logs
     assert sorted(_losses(run_dir)) == list(range(1, steps + 1))  # every step once, across the two
+
+
+def _minutes(run_time: str) -> int:
+    """Whole minutes (rounded up) of a Slurm RunTime: [D-]HH:MM:SS."""
+    days, _, hms = run_time.rpartition("-")
+    h, m, s = (int(x) for x in hms.split(":"))
+    return -(-((int(days or 0) * 24 + h) * 3600 + m * 60 + s) // 60)
 
 
 def _requeued(job_id: str, timeout_s: float) -> bool:
