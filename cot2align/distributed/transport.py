@@ -60,6 +60,8 @@ class PeerDied(PeerError):
 DIED_PREFIX = "died:"
 """An ERROR message that starts with `died:<rank>,<rank>:` blames those ranks, not its sender."""
 CHECK_IN_KEY = "cot2align/after_failure/"
+BLAME_WAIT_S = 10.0
+"""How long a rank whose collective failed waits for its peers to check in before calling them dead."""
 
 
 def check_in(rank: int, reason: str) -> None:
@@ -70,8 +72,38 @@ def check_in(rank: int, reason: str) -> None:
         pass
 
 
+EXIT_KEY = "cot2align/exit/"
+
+
+def check_out(rank: int) -> None:
+    """Record in the rendezvous store that `rank` is done (it no longer reads the store; best effort)."""
+    try:
+        dist.distributed_c10d._get_default_store().set(f"{EXIT_KEY}{rank}", "")
+    except Exception:
+        pass
+
+
+def hold_store(world_size: int, dead: Sequence[int], wait_s: float) -> list[int]:
+    """On a failing global rank 0, which hosts the rendezvous store: keep it (and so every check-in
+    that names a culprit) up until every rank but the known `dead` has checked out, at most `wait_s`.
+
+    Without this, a peer still deciding whom to blame (`silent_peers`) would find the store gone
+    and blame rank 0. Returns the ranks that never checked out.
+    """
+    waiting = [r for r in range(1, world_size) if r not in dead]
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        deadline = time.monotonic() + wait_s
+        while waiting and time.monotonic() < deadline:
+            waiting = [r for r in waiting if not store.check([f"{EXIT_KEY}{r}"])]
+            time.sleep(0.1)
+    except Exception:
+        pass
+    return waiting
+
+
 def silent_peers(group: Sequence[int], rank: int, reason: str,
-                 wait_s: float = 10.0) -> tuple[list[int], dict[int, str]]:
+                 wait_s: float = BLAME_WAIT_S) -> tuple[list[int], dict[int, str]]:
     """After a collective over `group` failed on `rank`: (the peers that never checked in within
     `wait_s`, what the others said).
 
@@ -95,7 +127,7 @@ def silent_peers(group: Sequence[int], rank: int, reason: str,
 
 
 def blame(error: Exception, group: Sequence[int], rank: int, describe: Callable[[int], str],
-          wait_s: float = 10.0) -> Exception:
+          wait_s: float = BLAME_WAIT_S) -> Exception:
     """`error` of a collective over `group`, naming the peer at fault: `PeerDied` when peers died,
     a PeerError quoting a peer that failed first and named its own culprit, else `error` itself.
 
@@ -275,7 +307,7 @@ class Transport:
     peers_of: Callable[[int], Sequence[int]] = lambda rank: [rank]
     """The ranks that compute together with `rank` (its teacher replica); a closed connection to
     `rank` may come from any of them."""
-    blame_wait_s: float = 10.0
+    blame_wait_s: float = BLAME_WAIT_S
     """How long a rank that lost a connection waits for the others to check in (see `silent_peers`)."""
     max_in_flight: int = 2
     send_timeout_s: float = 1800.0

@@ -30,7 +30,7 @@ from cot2align.data.sampler import GlobalBatchSampler
 from cot2align.distributed.parallel import DataParallel
 from cot2align.distributed.spawn import spawn_world
 from cot2align.distributed.topology import Topology
-from cot2align.distributed.transport import Transport, blame, check_in
+from cot2align.distributed.transport import BLAME_WAIT_S, Transport, blame, check_in, check_out, hold_store
 from cot2align.distributed.world import device_of, init_world, wire_dtype
 from cot2align.lora import base_model
 from cot2align.models import DTYPES, load_model, load_tokenizer
@@ -91,15 +91,20 @@ def run_rank(cfg: Config) -> Any:
     """Entry point of every process of the world (RANK, WORLD_SIZE, MASTER_ADDR/PORT from the
     environment). Returns the rank's result: a TrainResult on students, ServeStats on teachers."""
     init_world(cfg.runtime, cfg.train.threads)
+    rank = dist.get_rank()
     try:
-        if dist.get_rank() == 0:
+        if rank == 0:
             ensure_inputs(cfg)  # data, tokenizers, teacher, rationales: once, before the ranks read them
         dist.barrier()
         return run_world(cfg)
     except Exception as e:  # peers of a failed collective learn that this rank is alive and why it fails
-        check_in(dist.get_rank(), f"{type(e).__name__}: {str(e).splitlines()[0][:400] if str(e) else ''}")
+        check_in(rank, f"{type(e).__name__}: {str(e).splitlines()[0][:400] if str(e) else ''}")
+        if rank == 0:  # the peers still blaming read the store, which lives in this process
+            check_out(rank)
+            hold_store(dist.get_world_size(), getattr(e, "ranks", []), cfg.runtime.timeout_s + BLAME_WAIT_S)
         raise
     finally:
+        check_out(rank)
         dist.destroy_process_group()
 
 
