@@ -42,6 +42,9 @@ class TrainConfig(ConfigBase):
     """Checkpoint every N steps (0 = only at the end)."""
     eval_every: int = 0
     """Dev evaluation every N steps (0 = only at the end); the best student is exported."""
+    patience: int = 0
+    """Early stopping: end the run after this many dev evaluations in a row without a better score
+    (0 = train all steps). Needs eval_every > 0; the best student is the one exported."""
     threads: int = 0
     """torch.set_num_threads (0 = leave torch's default)."""
 
@@ -52,6 +55,9 @@ class TrainConfig(ConfigBase):
         require(self.grad_accum >= 1, f"{prefix}.grad_accum", f"must be >= 1, got {self.grad_accum}")
         require(self.epochs >= 1 or self.max_steps > 0, f"{prefix}.epochs", "set epochs >= 1 or max_steps > 0")
         require(self.clip_grad >= 0, f"{prefix}.clip_grad", f"must be >= 0, got {self.clip_grad}")
+        require(self.patience >= 0, f"{prefix}.patience", f"must be >= 0, got {self.patience}")
+        require(not self.patience or self.eval_every > 0, f"{prefix}.patience",
+                f"early stopping needs dev evaluations: set {prefix}.eval_every > 0")
 
 
 def lr_lambda(cfg: TrainConfig, total_steps: int) -> Callable[[int], float]:

@@ -157,6 +157,8 @@ class TrainResult:
     history: list[dict[str, float]]
     interrupted: bool = False
     """Stopped early on request after checkpointing; resume to go on."""
+    early_stopped: bool = False
+    """Ended before its last step because dev stopped improving (`train.patience`); complete."""
 
 
 @dataclass
@@ -171,9 +173,13 @@ class Loop:
     total_steps: int
     best: float | None = None
     """Best dev score so far (callbacks that evaluate update it; it is checkpointed)."""
+    since_best: int = 0
+    """Dev evaluations since the best one (checkpointed, for early stopping)."""
     history: list[dict[str, float]] = field(default_factory=list)
     stop: bool = False
     """Set by a callback: checkpoint, tell the teacher and return after this step."""
+    finish: bool = False
+    """Set by a callback (early stopping): the run is complete after this step; export and return."""
     _full: tuple[int, FullWeights] | None = None
 
     @property
@@ -221,13 +227,16 @@ def train(job: TrainJob, *, logger: MetricsLogger, log_cfg: LoggingConfig, callb
         loop.stepper.load_state_dict(state, ckpt)  # weights too (may be collective)
         set_rng_state(state["rng"])
         loop.step, loop.best, loop.history = state["step"], state["best"], state["history"]
+        loop.since_best = state.get("since_best", 0)
         log.info("resumed from %s at step %d", ckpt, loop.step)
     loop.first_step = loop.step
+    loop.finish = bool(cfg.patience) and loop.since_best >= cfg.patience  # resumed after it ended early
 
     def save() -> None:
         trained = loop.stepper.state_dict()  # on every replica: may be collective
         shard = trained.pop("shard", None)  # this replica's part of a partitioned optimizer
-        common = {**trained, "rng": rng_state(), "step": loop.step, "best": loop.best, "history": loop.history,
+        common = {**trained, "rng": rng_state(), "step": loop.step, "best": loop.best, "since_best": loop.since_best,
+                  "history": loop.history,
                   "sampler": {"step": loop.step}} if loop.main else None
         save_sharded(job.run_dir, loop.step, common, shard, dp.rank, dp.size, dp.barrier)
 
@@ -237,13 +246,15 @@ def train(job: TrainJob, *, logger: MetricsLogger, log_cfg: LoggingConfig, callb
     loss_fn.train()
     if teacher is not None:
         teacher.start(loop.step, total_steps, plan.teacher_layers if plan.needs_teacher else [], plan.fmts)
+        if loop.finish:
+            teacher.stop(loop.step)
     running: dict[str, list[float]] = defaultdict(list)
     t_last, tokens_since = time.perf_counter(), 0
     source_last = teacher.metrics() if teacher is not None else {}
     progress = tqdm(total=total_steps, initial=loop.step, disable=not (log_cfg.progress and loop.main),
                     desc="train", dynamic_ncols=True, leave=False)
     try:
-        while loop.step < total_steps:
+        while loop.step < total_steps and not loop.finish:
             step = loop.step
             micro = sampler.micro_batches(step, dp_rank=dp.rank)
             every = [m for r in range(dp.size) for m in sampler.micro_batches(step, dp_rank=r)]  # global batch
@@ -288,11 +299,15 @@ def train(job: TrainJob, *, logger: MetricsLogger, log_cfg: LoggingConfig, callb
                 t_last, tokens_since, source_last = now, 0, source_now
             for callback in callbacks:
                 callback.after_step(loop)
-            if (cfg.save_every and step % cfg.save_every == 0) or step == total_steps or loop.stop:
+            if (cfg.save_every and step % cfg.save_every == 0) or step == total_steps or loop.stop or loop.finish:
                 save()
+            if (loop.stop or loop.finish) and teacher is not None and step < total_steps:
+                teacher.stop(step)
+            if loop.finish:
+                log.info("dev score not better for %d evaluations: done at step %d of %d", loop.since_best, step,
+                         total_steps)
+                break
             if loop.stop:
-                if teacher is not None:
-                    teacher.stop(step)
                 log.info("stopped at step %d of %d on request; the checkpoint resumes from here", step, total_steps)
                 return TrainResult(step, loop.best, job.run_dir, loop.history, interrupted=True)
             if stop_after is not None and step >= stop_after:
@@ -300,11 +315,13 @@ def train(job: TrainJob, *, logger: MetricsLogger, log_cfg: LoggingConfig, callb
     finally:
         progress.close()
     weights = loop.full_weights()  # every replica (gathered at the last step already when evaluated)
+    early = loop.step < total_steps
     if not loop.main:
-        return TrainResult(loop.step, loop.best, job.run_dir / "final", loop.history)
+        return TrainResult(loop.step, loop.best, job.run_dir / "final", loop.history, early_stopped=early)
     final = loop.export("final", weights)
     best = job.run_dir / "best"
-    return TrainResult(loop.step, loop.best, best if loop.best is not None else final, loop.history)
+    return TrainResult(loop.step, loop.best, best if loop.best is not None else final, loop.history,
+                       early_stopped=early)
 
 
 def _source_metrics(now: dict[str, float], last: dict[str, float], seconds: float) -> dict[str, float]:

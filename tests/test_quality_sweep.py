@@ -1,9 +1,10 @@
-"""bench/quality.py bookkeeping: epsilon tuning on dev, which (row, seed) runs, the table."""
+"""bench/quality.py bookkeeping: which (row, seed) runs, the table, plan entropy and dev curves, row configs."""
 
 from __future__ import annotations
 
 import importlib.util
 import statistics
+from pathlib import Path
 
 import pytest
 
@@ -16,45 +17,40 @@ quality = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(quality)
 
 
-def _grid(dev: dict[float, float], seed: int = 1) -> list[dict]:
-    """Dev EM records of the whole epsilon grid at `seed`: 5.0 unless given."""
-    return [{"row": row, "seed": seed, "dev_em": dev.get(eps, 5.0)} for eps, row in quality.EPSILON_ROWS.items()]
-
-
-def test_tuned_epsilon_is_best_dev_and_ties_go_to_reference() -> None:
-    assert quality.tuned_epsilon(_grid({1.0: 5.0, 3.0: 7.5, 10.0: 7.0, 30.0: 6.5}), 1) == 3.0
-    assert quality.tuned_epsilon(_grid({1.0: 7.0, 3.0: 6.0, 10.0: 7.0, 30.0: 2.0}), 1) == 10.0
-    # another seed's dev numbers do not count; an incomplete grid tunes nothing
-    assert quality.tuned_epsilon(_grid({1.0: 9.0, 3.0: 1.0, 10.0: 1.0, 30.0: 1.0}, seed=2), 1) is None
-    grid = _grid({3.0: 7.5})
-    assert quality.tuned_epsilon(grid, 1) == 3.0
-    assert quality.tuned_epsilon([r for r in grid if r["row"] != "cot2align eps 30"], 1) is None
-
-
-def test_only_the_tuned_and_reference_grid_rows_run_the_later_seeds() -> None:
-    records = _grid({0.1: 7.5, 10.0: 7.0})
-    runs = {row for row in quality.ROWS if quality.wanted(row, 2, 1, records)}
-    assert runs == set(quality.ROWS) - set(quality.EPSILON_ROWS.values()) | {"cot2align eps 0.1", "cot2align (dskd)"}
-    assert all(quality.wanted(row, 1, 1, []) for row in quality.ROWS)  # the first seed runs the whole grid
-    # before the grid finished, the later seeds skip every non-reference grid row
-    assert not quality.wanted("cot2align eps 3", 2, 1, records[:2])
-    assert quality.wanted("cot2align (dskd)", 2, 1, [])
+def test_one_seed_rows_run_the_first_seed_only() -> None:
+    assert all(quality.wanted(row, 1, 1) for row in quality.ROWS)
+    assert {row for row in quality.ROWS if not quality.wanted(row, 2, 1)} == quality.ONE_SEED
+    assert quality.ONE_SEED <= set(quality.ROWS)
 
 
 def test_table_is_mean_and_std_over_seeds() -> None:
-    records = [{"row": "sft", "seed": s, "exact_match": em, "rouge_l": em + 1, "held_out_em": 1.0,
-                "greedy_em": 2.0 * s, "dev_em": 5.0, "wall_s": w}
+    records = [{"row": "sft", "seed": s, "exact_match": em, "greedy_em": 2.0 * s, "cot_em": 1.0, "held_out_em": 1.0,
+                "dev_em": 5.0, "steps": 100 * s, "early_stopped": s < 3, "wall_s": w}
                for s, em, w in ((1, 4.0, 60.0), (2, 6.0, 90.0), (3, 11.0, 600.0))]
-    teacher = {"exact_match": 23.0, "rouge_l": 23.0, "held_out_em": 6.0, "greedy_em": 31.0}
-    md = quality.table(records, teacher, 1)
-    sft = next(line for line in md.splitlines() if line.startswith("| sft |")).split("|")
+    teacher = {"exact_match": 63.0, "greedy_em": 71.0, "held_out_em": 40.0}
+    md = quality.table(records, teacher)
+    header = [c.strip() for c in md.splitlines()[0].split("|")]
+    sft = [c.strip() for c in next(line for line in md.splitlines() if line.startswith("| sft |")).split("|")]
+    cell = dict(zip(header, sft, strict=True))
     em = [4.0, 6.0, 11.0]
-    assert sft[2].strip() == "3"
-    assert sft[3].strip() == f"{statistics.mean(em):.1f} ± {statistics.stdev(em):.1f}"
-    assert sft[5].strip() == "1.0 ± 0.0"
-    assert sft[6].strip() == "4.0 ± 2.0"
-    assert sft[8].strip() == "1.5"  # the median run (90 s), robust to one resumed or stalled run
-    assert "| teacher | - | 23.0 | 23.0 | 6.0 | 31.0 |" in md
+    assert cell["seeds"] == "3"
+    assert cell["test EM (std prompt)"] == f"{statistics.mean(em):.1f} ± {statistics.stdev(em):.1f}"
+    assert cell["greedy"] == "4.0 ± 2.0"
+    assert cell["4-step (held out)"] == "1.0 ± 0.0"
+    assert cell["steps"] == "200 ± 100"
+    assert cell["early stops"] == "2/3"
+    assert cell["minutes / run"] == "1.5"  # the median run (90 s), robust to one resumed or stalled run
+    assert md.splitlines()[2].startswith("| teacher (CoT prompt) | - | 63.0 | 71.0 |")
+
+
+def test_plan_entropy_and_dev_curve(tmp_path: Path) -> None:
+    history = [{"step": i, "loss": 1.0, "entropy/main_main": 0.5 + i, "entropy/layer0_0": 1.0} for i in range(60)]
+    ent = quality.plan_entropy(history, last=10)
+    assert ent == {"layer0_0": 1.0, "main_main": statistics.mean(0.5 + i for i in range(50, 60))}
+    (tmp_path / "metrics.jsonl").write_text('{"step": 100, "train/loss": 2.0}\n'
+                                            '{"step": 100, "dev/exact_match": 12.5}\n'
+                                            '{"step": 200, "dev/exact_match": 20.0}\n')
+    assert quality.dev_curve(tmp_path) == [(100, 12.5), (200, 20.0)]
 
 
 @pytest.mark.parametrize("row", list(quality.ROWS))

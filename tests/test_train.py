@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -9,15 +11,25 @@ import torch
 from tiny import STUDENT, TEACHER
 from transformers import AutoModelForCausalLM
 
+from cot2align.callbacks import DevEvaluation
 from cot2align.data.dataset import DataConfig, build_samples, collate
 from cot2align.data.jsonl import read_jsonl
 from cot2align.data.sampler import GlobalBatchSampler
+from cot2align.evaluate import EvalConfig
 from cot2align.logging import LoggingConfig, MetricsLogger
 from cot2align.losses import LossConfig, LossContext, build_loss
 from cot2align.models import build_tiny_model, hidden_size, load_tokenizer, num_layers
 from cot2align.optim import TrainConfig
 from cot2align.teacher.colocated import ColocatedTeacher
-from cot2align.train import TrainJob, TrainResult, micro_batch_loss, plan_step, response_tokens, train
+from cot2align.train import (
+    Callback,
+    TrainJob,
+    TrainResult,
+    micro_batch_loss,
+    plan_step,
+    response_tokens,
+    train,
+)
 
 
 def _job(tiny_task: dict[str, Path], run_dir: Path, loss_cfg: LossConfig, steps: int, resume: bool = True) -> TrainJob:
@@ -37,12 +49,13 @@ def _job(tiny_task: dict[str, Path], run_dir: Path, loss_cfg: LossConfig, steps:
 
 
 def _run(tiny_task: dict[str, Path], run_dir: Path, loss_cfg: LossConfig, steps: int,
-         stop_after: int | None = None, resume: bool = True, job: TrainJob | None = None) -> TrainResult:
+         stop_after: int | None = None, resume: bool = True, job: TrainJob | None = None,
+         callbacks: Sequence[Callback] = ()) -> TrainResult:
     job = job or _job(tiny_task, run_dir, loss_cfg, steps, resume)
     log_cfg = LoggingConfig(wandb_mode="disabled", log_every=1, progress=False)
     logger = MetricsLogger(run_dir, log_cfg, {}, name="t")
     try:
-        return train(job, logger=logger, log_cfg=log_cfg, stop_after=stop_after)
+        return train(job, logger=logger, log_cfg=log_cfg, stop_after=stop_after, callbacks=callbacks)
     finally:
         logger.close()
 
@@ -87,6 +100,41 @@ def test_resume_reproduces_next_losses(tiny_task: dict[str, Path], tmp_path: Pat
     # a run that does not resume starts over (and so cannot pass the check above by accident)
     fresh = _run(tiny_task, tmp_path / "cut", cfg, steps=6, resume=False)
     assert fresh.history[0]["step"] == 1
+
+
+def test_patience_ends_the_run_at_the_best_dev_score(tiny_task: dict[str, Path], tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Dev scores 10, 20, 15, 20 with patience 2: the run ends after the 4th evaluation (the 2nd
+    not better than 20), exports the step-2 student as best, and a resume trains no further."""
+    scores = iter([10.0, 20.0, 15.0, 20.0] + [99.0] * 20)
+    monkeypatch.setattr("cot2align.callbacks.evaluate_examples",
+                        lambda *a, **k: {"exact_match": next(scores), "rouge_l": 0.0})
+    cfg = LossConfig(name="sft")
+
+    def early(run_dir: Path) -> TrainResult:
+        job = _job(tiny_task, run_dir, cfg, steps=10)
+        job.cfg = dataclasses.replace(job.cfg, eval_every=1, patience=2)
+        dev_eval = DevEvaluation([], EvalConfig(), every=1, patience=2)
+        return _run(tiny_task, run_dir, cfg, steps=10, job=job, callbacks=[dev_eval])
+
+    res = early(tmp_path / "early")
+    assert (res.steps, res.early_stopped, res.best_dev) == (4, True, 20.0)
+    assert len(res.history) == 4 and res.export_dir == tmp_path / "early" / "best"
+    assert (tmp_path / "early" / "final").is_dir()
+    # the best export is the student after step 2 of the same (10-step) schedule
+    ref = _job(tiny_task, tmp_path / "ref", cfg, steps=10)
+    _run(tiny_task, tmp_path / "ref", cfg, steps=10, job=ref, stop_after=2)
+    best = AutoModelForCausalLM.from_pretrained(res.export_dir).state_dict()
+    for name, value in ref.student.state_dict().items():
+        torch.testing.assert_close(best[name], value, msg=lambda m, n=name: f"{n}: {m}")
+    # resuming a run that ended early does not train on
+    again = early(tmp_path / "early")
+    assert (again.steps, again.early_stopped, len(again.history)) == (4, True, 4)
+
+
+def test_patience_needs_dev_evaluations() -> None:
+    with pytest.raises(ValueError, match=r"train\.patience.*eval_every"):
+        TrainConfig(patience=3).check("train")
 
 
 @pytest.mark.parametrize(

@@ -22,6 +22,7 @@ from cot2align.lora import apply_lora, trainable_parameters
 from cot2align.losses import DistillLoss, LossContext, build_loss
 from cot2align.losses.config import LossConfig
 from cot2align.models import build_tiny_model, hidden_size, load_model
+from cot2align.optim import TrainConfig
 from cot2align.train import Callback
 
 
@@ -62,14 +63,15 @@ def distill_loss(cfg: Config, student: PreTrainedModel, teacher_hidden: int, s_t
     return build_loss(cfg.loss, ctx)
 
 
-def callbacks(log_cfg: LoggingConfig, eval_cfg: EvalConfig, eval_every: int, run_dir: Path,
+def callbacks(log_cfg: LoggingConfig, eval_cfg: EvalConfig, train_cfg: TrainConfig, run_dir: Path,
               dev: list[Example] | None, stop: Callable[[], bool] | None = None) -> list[Callback]:
-    """Dev evaluation (+ best export), OT heatmaps when `logging.heatmap_every` is set, and stopping
-    on request (preemption) when `stop` is given; in the order the loop must call them."""
+    """Dev evaluation (+ best export, early stopping with `train_cfg.patience`), OT heatmaps when
+    `logging.heatmap_every` is set, and stopping on request (preemption) when `stop` is given; in
+    the order the loop must call them."""
     out: list[Callback] = []
     if log_cfg.heatmap_every:
         out.append(OTPlanHeatmaps(log_cfg.heatmap_every, run_dir))
-    out.append(DevEvaluation(dev, eval_cfg, eval_every))
+    out.append(DevEvaluation(dev, eval_cfg, train_cfg.eval_every, train_cfg.patience))
     if stop is not None:
         out.append(StopOnRequest(stop))
     return out

@@ -58,7 +58,7 @@ def distill_colocated(cfg: Config, run_dir: Path | None = None) -> TrainResult:
     t0 = time.perf_counter()
     try:
         res = train(job, logger=logger, log_cfg=cfg.logging,
-                    callbacks=callbacks(cfg.logging, cfg.eval, cfg.train.eval_every, run_dir,
+                    callbacks=callbacks(cfg.logging, cfg.eval, cfg.train, run_dir,
                                         load_split(p.dev, cfg.data)))
         logger.log(res.steps, {"wall_s": time.perf_counter() - t0}, prefix="distill/")
     finally:

@@ -160,7 +160,7 @@ def train_teacher(cfg: Config, force: bool = False) -> Path:
     logger = open_logger(cfg, run_dir, f"{cfg.run.name}-teacher", job_type="train-teacher")
     try:
         res = train(job, logger=logger, log_cfg=cfg.logging,
-                    callbacks=callbacks(cfg.logging, cfg.eval, cfg.teacher_train.eval_every, run_dir,
+                    callbacks=callbacks(cfg.logging, cfg.eval, cfg.teacher_train, run_dir,
                                         load_split(p.dev, cfg.data)))
     finally:
         logger.close()

@@ -205,12 +205,12 @@ def _student(cfg: Config, topo: Topology, transport: Transport, device: torch.de
     try:
         res = _blaming(topo, transport, lambda: train(
             job, logger=logger, log_cfg=cfg.logging,
-            callbacks=callbacks(cfg.logging, cfg.eval, tc.eval_every, run_dir,
+            callbacks=callbacks(cfg.logging, cfg.eval, tc, run_dir,
                                 load_split(p.dev, cfg.data) if dp.main else None,
                                 stop=lambda: stop_request.requested)))
         if isinstance(teacher, ServedTeacher):
             if not need.teacher:  # the replica waits for this student's last word
-                if res.interrupted:
+                if res.interrupted or res.early_stopped:
                     teacher.stop(res.steps)
                 else:
                     teacher.done()
