@@ -666,8 +666,10 @@ class CachedLayout:
             "",
             "| layout | GPUs | examples/s | student memory GiB | vs served |",
             "|---|---:|---:|---:|---:|",
-            f"| teacher replicas 0, dp {self.dp}, no teacher ranks | {self.dp} | {self.examples_per_s:.2f} | "
+            f"| dp {self.dp}, no teacher ranks | {self.dp} | {self.examples_per_s:.2f} | "
             f"{self.student_memory.total_gib:.2f} |{vs}",
+            "",
+            f"Layout: teacher.parallel.replicas 0 (no teacher rank), student.parallel.dp {self.dp}.",
             "",
             f"{self.disk_line()} {write}",
         ]) + "\n"

@@ -65,21 +65,26 @@ def test_cached_layout_with_no_teacher_replicas_and_its_disk_by_hand(capsys: pyt
     assert main(["--teacher", "llama-3-70b", "--student", "llama-3.2-1b", "cluster.nodes=1",
                  "cluster.gpus_per_node=4", "fixed.replicas=0", "workload.examples=1000"]) == 0
     out = capsys.readouterr().out
-    assert "| teacher replicas 0, dp 4, no teacher ranks | 4 |" in out
+    assert "| dp 4, no teacher ranks | 4 |" in out and "teacher.parallel.replicas 0 (no teacher rank)" in out
     assert "16,384 B x 512,000 tokens x 2 layer(s) x 2 format(s) = **31.25 GiB** (bfloat16)" in out
     assert "## Plan" not in out  # no served layout: there are no teacher ranks
 
 
-def test_a_read_run_is_laid_out_as_students_only() -> None:
+def test_a_read_run_is_laid_out_as_students_only(tmp_path: Path) -> None:
     """layout.prepare of a teacher.cache.mode=read config: replicas 0, every GPU a student, the
-    cached plan in plan.md; the examples of the training file count in the disk estimate."""
-    cfg = load_config(PAPER).merged({"teacher": {"cache": {"mode": "read"}},
+    cached plan in plan.md; the examples of the training file count in the disk estimate (checked
+    by hand: Qwen1.5-1.8B hidden 2048, bf16, 512 tokens, OT layers [0, -1], CoT + standard formats)."""
+    train = tmp_path / "train.jsonl"
+    train.write_text('{"instruction": "a", "output": "b"}\n' * 3 + "\n")
+    cfg = load_config(PAPER).merged({"teacher": {"cache": {"mode": "read"}}, "data": {"train_file": str(train)},
                                      "cluster": {"nodes": 1, "gpus_per_node": 4}})
     prep = layout.prepare(cfg)
     par = prep.cfg.teacher.parallel
     assert (par.replicas, par.tp, par.pp, prep.cfg.student.parallel.dp) == (0, 1, 1, 4)
     assert prep.plan is None and prep.cached is not None and prep.cached.dp == 4
-    assert "| teacher replicas 0, dp 4, no teacher ranks | 4 |" in prep.plan_markdown()
+    assert prep.cached.examples == 3 and prep.cached.disk_bytes == 2048 * 2 * (3 * 512) * 2 * 2
+    md = prep.plan_markdown()
+    assert "| dp 4, no teacher ranks | 4 |" in md and "teacher.parallel.replicas 0 (no teacher rank)" in md
 
 
 # ----------------------------------------------------------------------------- Slurm: two jobs
@@ -117,7 +122,7 @@ def test_cache_first_on_slurm_submits_the_distillation_after_the_cache_job(tmp_p
     assert cached.teacher.cache.mode == "read" and cached.teacher.parallel.replicas == 0
     assert cached.student.parallel.dp == 4
     assert load_config(run_dir / "config.yaml").teacher.parallel.replicas == 0
-    assert "teacher replicas 0, dp 4" in (run_dir / "plan.md").read_text()
+    assert "teacher.parallel.replicas 0 (no teacher rank), student.parallel.dp 4" in (run_dir / "plan.md").read_text()
 
 
 @pytest.mark.parametrize("overrides, key", [
