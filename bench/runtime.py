@@ -12,7 +12,14 @@ embedded-size models (random weights: step time does not depend on training) on 
 small generated task. On a 2-core CPU the served world's 3-4 processes share the
 cores, so served step times here measure overhead, not the speed-up of real hardware.
 
-Two further sections:
+Three further sections:
+
+* cached epoch vs served live (`--only-cached` runs just this one): the same student (dp 1, one
+  torch thread per process) trained with an hf teacher rank serving it live, then from the
+  teacher-state cache (written by `cot2align cache-teacher`, bf16, timed) in a world of the student
+  alone (teacher replicas 0), and the student alone with the teacher's states replayed from memory;
+  epoch seconds = median step x steps per epoch; the ratio that matters is cached step / student-alone
+  step (1.0 = reading the cache costs the step nothing).
 
 * overlap, pinned: one hf teacher rank and one student rank, each pinned to its own core
   (`os.sched_setaffinity`, one torch thread), against the two halves of the work measured
@@ -51,11 +58,16 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from cot2align.config import Config, load_config  # noqa: E402
+from cot2align.models import load_tokenizer  # noqa: E402
+from cot2align.recipes.cache import cache_teacher  # noqa: E402
+from cot2align.recipes.inputs import input_paths  # noqa: E402
 from cot2align.recipes.pipeline import distill  # noqa: E402
-from cot2align.recipes.prepare import paths  # noqa: E402
+from cot2align.recipes.prepare import paths, read_samples  # noqa: E402
+from cot2align.recipes.served import launch_local  # noqa: E402
 
 STEPS = 8
 PINNED_STEPS = 12
+CACHED_STEPS = 16
 
 
 def _artefacts(cfg: Config, work: Path) -> tuple[dict[str, Any], str]:
@@ -95,7 +107,6 @@ def _step_times(run_dir: Path) -> tuple[float, float]:
 
 
 def _case(base: Config, name: str, mode: str, overrides: dict[str, Any]) -> dict[str, Any]:
-    from cot2align.recipes.served import launch_local
 
     cfg = base.merged({"run": {"name": name}, "runtime": {"mode": mode}, **overrides})
     t0 = time.perf_counter()
@@ -330,6 +341,58 @@ def overlap_pinned(base: Config, work: Path) -> dict[str, Any]:
             "sum_alone_s": round(teacher + student, 4), "wall_s": round(time.perf_counter() - t0, 1)}
 
 
+# --------------------------------------------------------------------------- cached vs served
+def _student_alone_threads(cfg: Config, run_dir: str) -> float:
+    """`_student_alone` with train.threads torch threads (as a rank of the worlds it is compared with)."""
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    return _student_alone(cfg, run_dir)
+
+
+def cached_vs_served(base: Config, work: Path) -> dict[str, Any]:
+    """One student trained by a live hf teacher rank, from the cache (students only), and alone."""
+    cfg = base.merged({"runtime": {"mode": "served", "teacher_backend": "hf"}, "student": {"parallel": {"dp": 1}},
+                       "teacher": {"parallel": {"tp": 1, "pp": 1, "replicas": 1},
+                                   "cache": {"dir": str(work / "teacher-cache"), "dtype": "bfloat16"}},
+                       "train": {"max_steps": CACHED_STEPS, "grad_accum": 1, "threads": 1}})
+    live_cfg = cfg.merged({"run": {"name": "served-live"}, "teacher": {"cache": {"mode": "off"}}})
+    launch_local(live_cfg, timeout_s=600)  # rank 0 prepares the data and tokenizers first
+    live = _step_times(live_cfg.run_dir)[0]
+    p = input_paths(cfg)
+    records = len(read_samples(p.train, cfg.data, load_tokenizer(p.student_tokenizer),
+                               load_tokenizer(p.teacher_tokenizer)))
+    per_epoch = records // cfg.train.micro_batch_size
+    t0 = time.perf_counter()
+    _in_process(cache_teacher, None, cfg.merged({"teacher": {"cache": {"mode": "write"}}}))
+    cache_s = time.perf_counter() - t0
+    cached_cfg = cfg.merged({"run": {"name": "cached"}, "teacher": {"cache": {"mode": "read"}}})
+    ranks = launch_local(cached_cfg, timeout_s=600, return_all=True)
+    cached = _step_times(cached_cfg.run_dir)[0]
+    alone = _in_process(_student_alone_threads, None, cfg, str(work / "student-alone-cached"))
+    return {"steps": CACHED_STEPS, "micro_batch": cfg.train.micro_batch_size, "records": records,
+            "steps_per_epoch": per_epoch, "threads_per_process": 1, "cached_world_ranks": len(ranks),
+            "served_live_step_s": round(live, 4), "cached_step_s": round(cached, 4),
+            "student_alone_step_s": round(alone, 4),
+            "served_live_epoch_s": round(live * per_epoch, 2), "cached_epoch_s": round(cached * per_epoch, 2),
+            "student_alone_epoch_s": round(alone * per_epoch, 2), "cache_teacher_s": round(cache_s, 1),
+            "ratio_cached_to_student_alone": round(cached / alone, 3),
+            "ratio_served_live_to_student_alone": round(live / alone, 3)}
+
+
+def _print_cached(c: dict[str, Any]) -> None:
+    print(f"\ncached epoch vs served live (dp 1, {c['threads_per_process']} torch thread per process, "
+          f"{c['steps']} steps of micro-batch {c['micro_batch']}, median step after the first; an epoch = "
+          f"{c['steps_per_epoch']} steps of {c['records']} records):\n")
+    print("| teacher source | step ms | epoch s | / student alone |")
+    print("|---|---:|---:|---:|")
+    for name, key in (("served live (1 hf teacher rank + 1 student)", "served_live"),
+                      (f"cache (world of {c['cached_world_ranks']} student, no teacher rank)", "cached"),
+                      ("student alone (states replayed from memory)", "student_alone")):
+        step = c[f"{key}_step_s"]
+        print(f"| {name} | {step * 1e3:.1f} | {c[f'{key}_epoch_s']:.2f} | {step / c['student_alone_step_s']:.2f} |")
+    print(f"\ncache-teacher (bf16, every record, in-process): {c['cache_teacher_s']:.1f} s")
+
+
 # --------------------------------------------------------------------------- teacher memory
 BIG_TEACHER = {"hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 12,
                "num_attention_heads": 16, "num_key_value_heads": 8}
@@ -400,7 +463,6 @@ def _reader_rss(checkpoint_dir: Path, tp: int) -> dict[str, Any]:
 
 def teacher_memory(base: Config, work: Path, overhead_mb: float | None) -> dict[str, Any]:
     """Peak RSS per megatron teacher rank (tp=2; tp=2 x pp=2) vs one process with the whole teacher."""
-    from cot2align.recipes.served import launch_local
     from cot2align.teacher.serve import ServeStats
 
     params = _in_process(_build_big_teacher, None, paths(base).teacher_tokenizer, work / "big_teacher")
@@ -427,7 +489,11 @@ def teacher_memory(base: Config, work: Path, overhead_mb: float | None) -> dict[
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--skip-base", action="store_true", help="skip the served-vs-colocated table")
+    parser.add_argument("--only-cached", action="store_true",
+                        help="only the cached-epoch vs served-live section (writes bench/results/runtime-cached.json)")
     args = parser.parse_args()
+    if args.only_cached:
+        return main_cached()
     load_start = os.getloadavg()
     base = load_config(ROOT / "configs" / "embedded.yaml")
     with tempfile.TemporaryDirectory(prefix="bench_runtime_") as tmp:
@@ -451,6 +517,7 @@ def main() -> None:
                      _case(base, "served hf (1 teacher + 2 students)", "served", {})]
         rows.append(_case(base, "served megatron tp2 (2 teacher + 2 students)", "served", megatron))
         overhead = rows[-1]["teacher_peak_rss_mb"]  # a megatron teacher rank whose weights are ~1 MB
+        cached = cached_vs_served(base, work)
         pinned = overlap_pinned(base, work)
         memory = teacher_memory(base, work, overhead)
         from transformers import AutoConfig
@@ -462,7 +529,7 @@ def main() -> None:
     summary = {
         "source": source, "steps": STEPS, "served_layers": layers, "teacher_hidden": hidden,
         "teacher_vocab": vocab, "logits_bytes_per_token": logits, "cases": rows, "overlap_pinned": pinned,
-        "teacher_memory": memory, "loadavg_start": load_start, "loadavg_end": os.getloadavg(),
+        "teacher_memory": memory, "cached_vs_served": cached, "loadavg_start": load_start, "loadavg_end": os.getloadavg(),
         "note": "2-core CPU: the served world's processes share the cores; gloo, fp32 on the wire",
     }
     print(f"source: {source}; {STEPS} steps, micro-batch 8 x 2 replicas, loss {base.loss.name}; "
@@ -491,12 +558,49 @@ def main() -> None:
     for r in memory["rows"]:
         print(f"| {r['case']} | {r['ranks']} | {', '.join(f'{x:.0f}' for x in r['peak_rss_mb'])} | "
               f"{r.get('expected_mb') or '-'} |")
+    _print_cached(cached)
     r = memory["reader_tp2"]
     print(f"\nreader alone (tp rank 0 of 2, {r['kept_mb']:.0f} MiB kept): peak {r['file_open']['VmHWM']:.0f} MiB with "
           f"the file open, of which mapped file pages {r['file_open']['RssFile']:.0f} and private "
           f"{r['file_open']['RssAnon']:.0f}; after closing it: RSS {r['closed']['VmRSS']:.0f} "
           f"(started at {r['start']['VmRSS']:.0f})")
     out = ROOT / "bench" / "results" / "runtime.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(summary, indent=2))
+    print(f"wrote {out}")
+
+
+def _bench_base(work: Path) -> tuple[Config, str]:
+    """The embedded config on this script's artefacts, short runs, no W&B."""
+    base = load_config(ROOT / "configs" / "embedded.yaml")
+    arte, source = _artefacts(base, work)
+    return base.merged({
+        **arte,
+        "run": {"output_dir": str(work / "runs"), "resume": False,
+                **({"work_dir": str(work / "work")} if arte else {})},
+        "cot": {"enabled": False},
+        "train": {"max_steps": STEPS, "micro_batch_size": 8, "grad_accum": 1},
+        "student": {"parallel": {"dp": 2}},
+        "eval": {"dev_limit": 1, "max_new_tokens": 1, "seeds": [1]},
+        "logging": {"wandb_mode": "disabled", "progress": False, "log_every": 1},
+        "runtime": {"timeout_s": 120},
+    }), source
+
+
+def main_cached() -> None:
+    """`python bench/runtime.py --only-cached`: the cached-epoch section alone."""
+    load_start = os.getloadavg()
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="bench_runtime_cached_") as tmp:
+        base, source = _bench_base(Path(tmp))
+        cached = cached_vs_served(base, Path(tmp))
+    summary = {"source": source, "cached_vs_served": cached, "loadavg_start": load_start,
+               "loadavg_end": os.getloadavg(), "wall_s": round(time.perf_counter() - t0, 1),
+               "note": f"CPU only, {os.cpu_count()} cores shared with other jobs; gloo, fp32 on the wire"}
+    print(f"source: {source}; load average at start {load_start[0]:.2f}, at end {os.getloadavg()[0]:.2f}; "
+          f"wall {summary['wall_s']:.0f} s")
+    _print_cached(cached)
+    out = ROOT / "bench" / "results" / "runtime-cached.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=2))
     print(f"wrote {out}")

@@ -197,6 +197,10 @@ class WorkloadSpec(ConfigBase):
     """OT problems per example and layer (Cross-CoT: 3 pairs; 1 without cross pairs)."""
     zero_bucket_elements: int = 500_000_000
     """DeepSpeed reduce/all-gather bucket size (elements); two buckets are resident."""
+    examples: int = 0
+    """Training examples (the cache's disk estimate; 0 = unknown: per example and per 100k only)."""
+    cache_dtype: Literal["bfloat16", "float32", "int8"] = "bfloat16"
+    """Storage dtype of the teacher-state cache (teacher.cache.dtype)."""
 
     @property
     def dtype_bytes(self) -> int:
@@ -219,7 +223,7 @@ class WorkloadSpec(ConfigBase):
             "served_layers",
         ):
             require(getattr(self, k) >= 1, f"{p}{k}", f"must be >= 1, got {getattr(self, k)}")
-        for k in ("prefetch", "projectors", "ot_pairs", "zero_bucket_elements"):
+        for k in ("prefetch", "projectors", "ot_pairs", "zero_bucket_elements", "examples"):
             require(getattr(self, k) >= 0, f"{p}{k}", f"must be >= 0, got {getattr(self, k)}")
         require(
             self.teacher_head_flops_per_param >= 0,
@@ -237,7 +241,7 @@ class FixedSizes(ConfigBase):
     pp: int | None = None
     """Teacher pipeline-parallel size."""
     replicas: int | None = None
-    """Teacher replicas."""
+    """Teacher replicas (0 = a run from the teacher-state cache: `cot2align plan` prints the cached layout)."""
     dp: int | None = None
     """Student data-parallel size."""
 
@@ -594,11 +598,24 @@ def evaluate(
     )
 
 
+CACHE_ITEM_BYTES = {"bfloat16": 2, "float32": 4, "int8": 1}
+"""Bytes per stored element of each cache dtype (int8 adds a 4-byte fp32 scale per row and layer)."""
+
+
+def cache_bytes_per_token_layer(hidden: int, dtype: str) -> int:
+    """Disk bytes of one teacher token's state in one layer: h_t x item bytes (+ 4 for int8's scale)."""
+    return hidden * CACHE_ITEM_BYTES[dtype] + (4 if dtype == "int8" else 0)
+
+
 @dataclass
 class CachedLayout:
-    """A run from the teacher-state cache: every GPU a student (no teacher ranks), and the disk the
-    cache needs (bf16 states of the served layers at every teacher position: an upper bound, the
-    cache holds response positions only)."""
+    """A run from the teacher-state cache: teacher replicas 0, every GPU a student, and the disk the
+    cache needs (states of the served layers at every teacher position: an upper bound, the cache
+    holds response positions only).
+
+    disk = bytes per token and layer (h_t x item, + 4 for int8) x tokens (examples x s_t)
+           x served layers x formats
+    """
 
     dp: int
     student_memory: MemoryBreakdown
@@ -609,36 +626,84 @@ class CachedLayout:
     """int8 bytes per teacher token: served layers x (h_t + 4 bytes of row scale)."""
     bytes_per_example: int
     """bytes_per_token x teacher tokens per example (formats x s_t)."""
+    cache_dtype: str = "bfloat16"
+    """workload.cache_dtype (teacher.cache.dtype)."""
+    examples: int = 0
+    """workload.examples (0 = unknown)."""
+    disk_bytes: int = 0
+    """The whole cache in cache_dtype: see the class docstring (0 when examples is unknown)."""
+    served_layers: int = 1
+    teacher_hidden: int = 0
+    formats: int = 1
+    teacher_seq_len: int = 0
 
-    def to_markdown(self, served: Plan) -> str:
+    @property
+    def world_size(self) -> int:
+        """GPUs of the cached run: dp (no teacher ranks)."""
+        return self.dp
+
+    def disk_line(self) -> str:
+        """The disk estimate as one line of markdown."""
+        per_layer = cache_bytes_per_token_layer(self.teacher_hidden, self.cache_dtype)
         per_100k = self.bytes_per_example * 100_000 / GIB
+        total = (f"; for {self.examples:,} examples: {per_layer:,} B x {self.examples * self.teacher_seq_len:,} "
+                 f"tokens x {self.served_layers} layer(s) x {self.formats} format(s) = "
+                 f"**{self.disk_bytes / GIB:,.2f} GiB** ({self.cache_dtype})" if self.examples else "")
+        return (f"Disk: {self.bytes_per_token:,} B per teacher token (bf16, {self.served_layers} layer(s) x "
+                f"h_t {self.teacher_hidden} x 2; int8: {self.bytes_per_token_int8:,} B) x "
+                f"{self.formats * self.teacher_seq_len} tokens per example = "
+                f"{self.bytes_per_example / 2**20:.1f} MiB per example, {per_100k:,.0f} GiB per 100k examples{total} "
+                "(upper bound: the cache holds response positions only).")
+
+    def to_markdown(self, served: Plan | None = None) -> str:
+        """The cached layout's table (compared with `served` when given) and the disk line."""
+        vs = f" {self.examples_per_s / served.examples_per_s:.2f}x |" if served is not None else " - |"
+        write = ("Write it once with `cot2align cache-teacher` (or teacher.cache.mode=auto on the served "
+                 "layout above)." if served is not None else
+                 "Write it first: `python launcher/submit.py --cache-first ...` (or `cot2align cache-teacher`).")
         return "\n".join([
             "## Cached run (teacher.cache.mode=read): every GPU a student",
             "",
             "| layout | GPUs | examples/s | student memory GiB | vs served |",
             "|---|---:|---:|---:|---:|",
             f"| dp {self.dp}, no teacher ranks | {self.dp} | {self.examples_per_s:.2f} | "
-            f"{self.student_memory.total_gib:.2f} | {self.examples_per_s / served.examples_per_s:.2f}x |",
+            f"{self.student_memory.total_gib:.2f} |{vs}",
             "",
-            f"Disk: {self.bytes_per_token:,} B per teacher token (bf16, {served.workload.served_layers} layer(s) x "
-            f"h_t {served.teacher.hidden_size} x 2; int8: {self.bytes_per_token_int8:,} B) x "
-            f"{served.workload.formats * served.workload.teacher_seq_len} tokens per example = "
-            f"{self.bytes_per_example / 2**20:.1f} MiB per example, {per_100k:,.0f} GiB per 100k examples "
-            "(upper bound: the cache holds response positions only). Write it once with "
-            "`cot2align cache-teacher` (or teacher.cache.mode=auto on the served layout above).",
+            f"Layout: teacher.parallel.replicas 0 (no teacher rank), student.parallel.dp {self.dp}.",
+            "",
+            f"{self.disk_line()} {write}",
         ]) + "\n"
+
+
+def cached_plan(teacher: ModelSpec, student: ModelSpec, cluster: ClusterSpec, workload: WorkloadSpec
+                ) -> CachedLayout:
+    """The cached run on `cluster`: teacher replicas 0, dp = every GPU (see `CachedLayout`).
+
+    Raises ConfigError naming cluster.gpu_memory_gib when a student rank does not fit.
+    """
+    cluster.validate("cluster")
+    workload.validate("workload")
+    t, s, c, wl = teacher, student, cluster, workload
+    dp = c.world_size
+    tim = timing(t, s, c, wl, 1, 1, 0, dp)
+    sm = student_memory(s, t, c, wl, dp)
+    if not sm.fits:
+        raise ConfigError(f"cluster.gpu_memory_gib: a student rank of the cached run needs {sm.describe()} at "
+                          f"dp={dp}, ZeRO-{wl.student_zero_stage} > {c.usable_gib:.2f} GiB usable")
+    per_token = wl.served_layers * t.hidden_size * 2
+    per_example = per_token * wl.formats * wl.teacher_seq_len
+    disk = (cache_bytes_per_token_layer(t.hidden_size, wl.cache_dtype) * wl.examples * wl.teacher_seq_len
+            * wl.served_layers * wl.formats)
+    return CachedLayout(dp=dp, student_memory=sm, examples_per_s=dp * wl.micro_batch_size / tim.student_step,
+                        bytes_per_token=per_token, bytes_per_token_int8=wl.served_layers * (t.hidden_size + 4),
+                        bytes_per_example=per_example, cache_dtype=wl.cache_dtype, examples=wl.examples,
+                        disk_bytes=disk, served_layers=wl.served_layers, teacher_hidden=t.hidden_size,
+                        formats=wl.formats, teacher_seq_len=wl.teacher_seq_len)
 
 
 def cached_layout(served: Plan) -> CachedLayout:
     """The cached run on the same cluster and workload as `served` (see `CachedLayout`)."""
-    t, s, c, wl = served.teacher, served.student, served.cluster, served.workload
-    dp = c.world_size
-    tim = timing(t, s, c, wl, 1, 1, 0, dp)
-    per_token = wl.served_layers * t.hidden_size * 2
-    return CachedLayout(dp=dp, student_memory=student_memory(s, t, c, wl, dp),
-                        examples_per_s=dp * wl.micro_batch_size / tim.student_step, bytes_per_token=per_token,
-                        bytes_per_token_int8=wl.served_layers * (t.hidden_size + 4),
-                        bytes_per_example=per_token * wl.formats * wl.teacher_seq_len)
+    return cached_plan(served.teacher, served.student, served.cluster, served.workload)
 
 
 def valid_tp(t: ModelSpec, gpus_per_node: int) -> list[int]:
@@ -655,7 +720,9 @@ def _check_fixed(t: ModelSpec, cluster: ClusterSpec, fixed: FixedSizes, keys: Ma
     n, g = cluster.world_size, cluster.gpus_per_node
     for name in SIZE_NAMES:
         v = getattr(fixed, name)
-        require(v is None or v >= 1, keys[name], f"must be >= 1, got {v}")
+        require(v is None or v >= 1, keys[name], f"must be >= 1, got {v}" + (
+            " (replicas 0 is a run from the teacher-state cache: see `cached_plan`, `cot2align plan "
+            "fixed.replicas=0`)" if name == "replicas" and v == 0 else ""))
     if fixed.tp is not None:
         tp = fixed.tp
         problems = []
@@ -829,6 +896,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.student:
             cfg.student = args.student
         cfg.validate()
+        if cfg.fixed.replicas == 0:  # a run from the teacher-state cache: students only
+            only = cached_plan(load_model_spec(cfg.teacher), load_model_spec(cfg.student), cfg.cluster, cfg.workload)
+            print(json.dumps(dataclasses.asdict(only), indent=2) if args.json else only.to_markdown(), end="\n"
+                  if args.json else "")
+            return 0
         result = plan_from_files(
             cfg.teacher,
             cfg.student,
@@ -837,10 +909,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             cfg.fixed.to_dict(),
             key_names={k: f"fixed.{k}" for k in SIZE_NAMES},
         )
+        cached = cached_layout(result)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    cached = cached_layout(result)
     if args.json:
         print(json.dumps({**result.to_dict(), "cached": dataclasses.asdict(cached)}, indent=2))
     else:

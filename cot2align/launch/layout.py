@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 from cot2align.config import Config
-from cot2align.configbase import ConfigError
+from cot2align.configbase import ConfigError, require
 from cot2align.distributed.topology import Topology
 from cot2align.launch.slurm import Partition, render_sbatch, sbatch_parameters
 from cot2align.modelspec import ModelSpec, load_model_spec, model_spec_from_hf_config, resolve_model_config
-from cot2align.plan import Plan, WorkloadSpec, plan
+from cot2align.plan import CachedLayout, Plan, WorkloadSpec, cached_plan, plan, teacher_memory
 from cot2align.recipes.served import check_served
 
 SIZE_KEYS: dict[str, str] = {
@@ -44,8 +44,18 @@ def workload_for(cfg: Config) -> WorkloadSpec:
         student_holds_teacher_head=kd_base,
         teacher_head_flops_per_param=6.0 if dskd else 2.0,
         ot_pairs=(3 if loss.ot.cross_pairs else 1) if ot else 0,
+        examples=_count_examples(Path(cfg.data.train_file)) if cfg.data.train_file else 0,
+        cache_dtype=cfg.teacher.cache.dtype,
     )
     return wl.merged(cfg.launch.workload, "launch.workload")
+
+
+def _count_examples(path: Path) -> int:
+    """Non-empty lines of a JSONL file (0 when it is not on this machine: the disk estimate is then per example)."""
+    if not path.is_file():
+        return 0
+    with path.open("rb") as f:
+        return sum(1 for line in f if line.strip())
 
 
 def _model_ref(explicit: str, path: str, role: str) -> tuple[str | None, str]:
@@ -92,6 +102,25 @@ def fit_to_partition(cfg: Config, part: Partition, given: set[str]) -> Config:
     return cfg.merged({"cluster": {"gpus_per_node": tasks}, "launch": {"slurm": {"cpus_per_task": cpt}}})
 
 
+def _model_specs(cfg: Config) -> tuple[ModelSpec, ModelSpec] | str:
+    """(teacher, student) as the planner sees them, or why they cannot be read here."""
+    teacher, why_t = _model_ref(cfg.launch.teacher_config, cfg.teacher.path, "teacher")
+    student, why_s = _model_ref(cfg.launch.student_config, cfg.student.path, "student")
+    if teacher is None or student is None:
+        return why_t or why_s
+    return (load_model_spec(teacher) if teacher else embedded_model_spec(cfg, "teacher"),
+            load_model_spec(student) if student else embedded_model_spec(cfg, "student"))
+
+
+def cached_plan_for(cfg: Config) -> tuple[CachedLayout | None, str]:
+    """The cached layout of a students-only run (teacher.parallel.replicas = 0) on `cfg.cluster`, or
+    (None, why not). Raises ConfigError when a student rank does not fit."""
+    specs = _model_specs(cfg)
+    if isinstance(specs, str):
+        return None, specs
+    return cached_plan(specs[0], specs[1], cfg.cluster, workload_for(cfg)), ""
+
+
 def plan_for(cfg: Config) -> tuple[Plan | None, str]:
     """The planner's layout for `cfg.cluster`, or (None, why no plan was made).
 
@@ -100,20 +129,16 @@ def plan_for(cfg: Config) -> tuple[Plan | None, str]:
     """
     if not cfg.launch.plan:
         return None, "launch.plan is false"
-    teacher, why_t = _model_ref(cfg.launch.teacher_config, cfg.teacher.path, "teacher")
-    student, why_s = _model_ref(cfg.launch.student_config, cfg.student.path, "student")
-    if teacher is None or student is None:
-        return None, why_t or why_s
+    specs = _model_specs(cfg)
+    if isinstance(specs, str):
+        return None, specs
     sizes = {"tp": cfg.teacher.parallel.tp, "pp": cfg.teacher.parallel.pp,
              "replicas": cfg.teacher.parallel.replicas, "dp": cfg.student.parallel.dp}
     fixed: dict[str, int | None] = {k: (sizes[k] if k in cfg.launch.fixed and sizes[k] >= 1 else None)
                                     for k in SIZE_KEYS}
     if cfg.runtime.teacher_backend == "hf":  # one rank per replica
         fixed["tp"], fixed["pp"] = 1, 1
-    t = load_model_spec(teacher) if teacher else embedded_model_spec(cfg, "teacher")
-    s = load_model_spec(student) if student else embedded_model_spec(cfg, "student")
-    wl = workload_for(cfg)
-    return plan(t, s, cfg.cluster, wl, fixed, SIZE_KEYS), ""
+    return plan(specs[0], specs[1], cfg.cluster, workload_for(cfg), fixed, SIZE_KEYS), ""
 
 
 def apply_plan(cfg: Config, plan: Plan) -> Config:
@@ -135,6 +160,12 @@ class Prepared:
     run_dir: Path
     partition: Partition | None = None
     """The Slurm partition as sinfo reported it (None: not asked, e.g. a local world or no Slurm)."""
+    cached: CachedLayout | None = None
+    """The students-only layout of a run from the teacher-state cache (teacher replicas 0)."""
+    dependency: str = ""
+    """sbatch --dependency of the job, e.g. afterok:4242 ('' = none)."""
+    job: Literal["distill", "cache-teacher"] = "distill"
+    """What the job runs: the served world (`run_rank`) or the cache writers (`cache_teacher`)."""
 
     @property
     def world_size(self) -> int:
@@ -148,7 +179,10 @@ class Prepared:
 
     def sbatch_parameters(self) -> dict[str, Any]:
         """submitit SlurmExecutor parameters of this job (see `launch.slurm.sbatch_parameters`)."""
-        return sbatch_parameters(self.cfg.launch.slurm, self.cfg.cluster, self.cfg.run.name, self.partition)
+        params = sbatch_parameters(self.cfg.launch.slurm, self.cfg.cluster, self.cfg.run.name, self.partition)
+        if self.dependency:
+            params["additional_parameters"] = {**params["additional_parameters"], "dependency": self.dependency}
+        return params
 
     def sbatch_script(self) -> str:
         """The sbatch script submitit will write for this job."""
@@ -156,9 +190,17 @@ class Prepared:
 
     def plan_markdown(self) -> str:
         """plan.md: the plan's tables, or why there is none and the layout used."""
+        t, s = self.cfg.teacher.parallel, self.cfg.student.parallel
+        if self.job == "cache-teacher":
+            cache = self.cfg.teacher.cache
+            return (f"## Cache-teacher job: {t.replicas} teacher replica(s) x (tp {t.tp} x pp {t.pp}), no students\n\n"
+                    f"{self.world_size} writer(s) run `cot2align cache-teacher` (one HF teacher each, every "
+                    f"{self.world_size}-th batch) into {cache.dir or '<run.work_dir>/teacher-cache'} "
+                    f"({cache.dtype}); the last one to finish seals the manifest.\n")
+        if self.cached is not None:
+            return self.cached.to_markdown()
         if self.plan is not None:
             return self.plan.to_markdown()
-        t, s = self.cfg.teacher.parallel, self.cfg.student.parallel
         return (f"No plan: {self.plan_note}.\n\nLayout from the config: {t.replicas} teacher replica(s) x "
                 f"(tp {t.tp} x pp {t.pp}), student dp {s.dp} (-1 = the rest), world size {self.world_size}.\n")
 
@@ -174,6 +216,14 @@ def prepare(cfg: Config, world_size: int | None = None) -> Prepared:
     if world_size:  # a local world: one node, one task per rank
         cfg = cfg.merged({"cluster": {"nodes": 1, "gpus_per_node": world_size}})
     world = cfg.cluster.world_size
+    if cfg.teacher.cache.mode == "read":  # students only: every rank reads the cache
+        cfg = students_only(cfg, world)
+        cached, note = (cached_plan_for(cfg) if world_size is None and cfg.launch.plan
+                        else (None, "a local world is not planned"))
+        cfg.validate()
+        check_served(cfg)
+        Topology(cfg.teacher.parallel, cfg.student.parallel, world, 0)
+        return Prepared(cfg, None, note, cfg.run_dir.resolve(), cached=cached)
     result, note = plan_for(cfg) if world_size is None else (None, "a local world is not planned")
     if result is not None:
         cfg = apply_plan(cfg, result)
@@ -181,3 +231,54 @@ def prepare(cfg: Config, world_size: int | None = None) -> Prepared:
     check_served(cfg)
     Topology(cfg.teacher.parallel, cfg.student.parallel, world, 0)  # sizes add up to the world
     return Prepared(cfg, result, note, cfg.run_dir.resolve())
+
+
+def students_only(cfg: Config, world: int) -> Config:
+    """`cfg` as a run from the teacher-state cache on `world` ranks: teacher replicas 0 (tp = pp = 1),
+    every rank a student (student.parallel.dp = world), teacher.cache.mode=read."""
+    return cfg.merged({"teacher": {"parallel": {"replicas": 0, "tp": 1, "pp": 1}, "cache": {"mode": "read"}},
+                       "student": {"parallel": {"dp": world}}, "launch": {"fixed": list(SIZE_KEYS)}})
+
+
+CACHE_JOB_DIR = "cache-teacher"
+"""Sub-folder of the run directory holding the cache-teacher job's config, plan, script and logs."""
+
+
+def prepare_cache_first(cfg: Config, world_size: int | None = None) -> tuple[Prepared, Prepared]:
+    """Two jobs on the same GPUs: (a) cache-teacher, (b) the distillation from the cache.
+
+    (a) runs the teacher layout on every GPU: replicas = world / (tp x pp) writers, each one whole
+    HF teacher (`cot2align cache-teacher`, every replicas-th batch), with teacher.cache.mode=write;
+    (b) is the students-only world (teacher replicas 0, dp = world, teacher.cache.mode=read).
+    Raises ConfigError naming the key when the config cannot run this way.
+    """
+    mode = cfg.teacher.cache.mode
+    require(mode in ("read", "auto"), "teacher.cache.mode",
+            f"must be read or auto with --cache-first (the distillation reads the cache the first job writes); "
+            f"got {mode!r}")
+    if world_size:
+        cfg = cfg.merged({"cluster": {"nodes": 1, "gpus_per_node": world_size}})
+    t = cfg.teacher.parallel
+    require(t.tp == 1 and t.pp == 1, "teacher.parallel.tp" if t.tp != 1 else "teacher.parallel.pp",
+            f"--cache-first writes the cache with one whole HF teacher per GPU (cot2align cache-teacher), so "
+            f"teacher.parallel.tp and teacher.parallel.pp must be 1 (got tp={t.tp}, pp={t.pp}); for a teacher "
+            "sharded over GPUs use teacher.cache.mode=auto on the served layout instead")
+    world = cfg.cluster.world_size
+    specs = _model_specs(cfg)
+    wl = workload_for(cfg)
+    if not isinstance(specs, str) and cfg.launch.plan:  # one whole teacher must fit a GPU
+        tm = teacher_memory(specs[0], cfg.cluster, wl, 1, 1, 1)
+        require(tm.fits, "cluster.gpu_memory_gib",
+                f"--cache-first puts one whole teacher on each GPU: it needs {tm.describe()} > "
+                f"{cfg.cluster.usable_gib:.2f} GiB usable; use teacher.cache.mode=auto on a sharded served layout")
+    run_dir = cfg.run_dir.resolve()
+    write = cfg.merged({
+        "teacher": {"parallel": {"tp": 1, "pp": 1, "replicas": world}, "cache": {"mode": "write"}},
+        "student": {"parallel": {"dp": 1}},  # unused: the cache job has no students
+        "launch": {"slurm": {"job_name": f"{cfg.launch.slurm.job_name or cfg.run.name}-cache-teacher"}},
+    })
+    write.validate()
+    cache_job = Prepared(write, None, "the cache-teacher job is not planned", run_dir / CACHE_JOB_DIR,
+                         job="cache-teacher")
+    distill_job = prepare(cfg.merged({"teacher": {"cache": {"mode": "read"}}}), world_size)
+    return cache_job, distill_job

@@ -5,6 +5,8 @@
     python launcher/submit.py --config C --dry-run               # config, plan, sbatch script; submits nothing
     python launcher/submit.py --config C --world-size 4 --local  # a served world of 4 ranks on this machine
     python launcher/submit.py --resume runs/NAME                 # resubmit a run directory (resumes training)
+    python launcher/submit.py --config C --nodes 1 --gpus-per-node 4 --cache-first teacher.cache.mode=auto
+                     # two jobs: cache-teacher on the 4 GPUs, then 4 students from the cache (afterok)
 
 Every cluster run gets a run directory `<run.output_dir>/<run.name>` holding the resolved
 config (`config.yaml`, with the planned layout written in), the plan (`plan.md`), the sbatch
@@ -12,6 +14,12 @@ script (`submit.sh`) and `logs/` (`<jobid>_<task>_log.out|err`, one pair per ran
 of the job is a `RankTask`: it exports the torch.distributed environment of its Slurm task and
 runs `cot2align.recipes.served.run_rank`; on preemption or time-out submitit calls its `checkpoint()`
 and requeues the job, which resumes from `<run_dir>/checkpoints/latest`.
+
+With `--cache-first` (config with teacher.cache.mode=read or auto) the launcher runs two jobs on the
+same GPUs: (a) `cot2align cache-teacher` with one whole teacher per GPU (teacher.parallel.tp = pp =
+1; replicas = GPUs), its run directory `<run_dir>/cache-teacher/`; then (b) the distillation as a
+world of students only (teacher replicas 0, student.parallel.dp = GPUs, teacher.cache.mode=read). On
+Slurm (b) is submitted with `--dependency=afterok:<job a>`; on this machine (b) starts when (a) ends.
 
 Merge order of settings: config defaults <- YAML <- dotted overrides <- command-line flags
 (`--nodes 8` is `cluster.nodes=8`, `--partition gpu` is `launch.slurm.partition=gpu`, ...).
@@ -36,11 +44,12 @@ from submitit.helpers import DelayedSubmission, TorchDistributedEnvironment
 from cot2align.config import Config, load_config, read_config_file
 from cot2align.configbase import REPO_ROOT, ConfigError, changed_keys
 from cot2align.distributed.topology import Topology
-from cot2align.launch.layout import Prepared, fit_to_partition, prepare
+from cot2align.launch.layout import Prepared, fit_to_partition, prepare, prepare_cache_first
 from cot2align.launch.slurm import partition_problems, query_partition, slurm_available
 from cot2align.logging import setup_console_logging
 from cot2align.preemption import stop_request, stopped_early
 from cot2align.recipes import served
+from cot2align.recipes.cache import cache_teacher
 from cot2align.recipes.pipeline import run_embedded
 
 # ----------------------------------------------------------------------------- the job
@@ -100,6 +109,31 @@ class RankTask:
 
 
 
+class CacheTask:
+    """One task of the cache-teacher job = one cache writer (`cot2align cache-teacher` with this task's
+    RANK / WORLD_SIZE: every WORLD_SIZE-th batch); requeued on time-out, it continues where its
+    journal ends."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.config = config
+        """The resolved config of the cache job (teacher.cache.mode=write) as a plain dict."""
+
+    def __call__(self) -> str:
+        """Export this task's rank variables and write its share of the cache; returns the cache folder."""
+        TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+        use_master_addr_override()
+        setup_console_logging()
+        cfg = Config().merged(self.config)
+        cfg.validate()
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        return str(cache_teacher(cfg))
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
+        """Requeue as is: the writers skip the shards their journals list."""
+        return DelayedSubmission(self, *args, **kwargs)
+
+
 # ----------------------------------------------------------------------------- actions
 
 
@@ -146,7 +180,8 @@ def submit_slurm(prep: Prepared) -> str:
     write_run_dir(prep, script)
     ex = SlurmExecutor(folder=prep.logs, max_num_timeout=cfg.launch.slurm.max_requeues)
     ex.update_parameters(**prep.sbatch_parameters())
-    job = ex.submit(RankTask(cfg.to_dict()))
+    task = CacheTask(cfg.to_dict()) if prep.job == "cache-teacher" else RankTask(cfg.to_dict())
+    job = ex.submit(task)
     submitted = Path(job.paths.submission_file)
     if submitted.is_file():  # what sbatch really got (same text as `script`)
         shutil.copyfile(submitted, prep.run_dir / "submit.sh")
@@ -154,13 +189,46 @@ def submit_slurm(prep: Prepared) -> str:
         f.write(f"{job.job_id}\n")
     n = prep.world_size
     out = prep.logs / f"{job.job_id}_<task>_log.out"  # submitit's %j_%t_log.out / .err
-    print(f"submitted Slurm job {job.job_id}: {cfg.cluster.nodes} node(s) x {cfg.cluster.gpus_per_node} "
-          f"task(s) = world size {n}")
+    after = f", after job {prep.dependency.split(':', 1)[1]} succeeds" if prep.dependency else ""
+    print(f"submitted Slurm job {job.job_id} ({prep.job}{after}): {cfg.cluster.nodes} node(s) x "
+          f"{cfg.cluster.gpus_per_node} task(s) = world size {n}")
+    if prep.job == "cache-teacher":
+        print(f"run dir:  {prep.run_dir}")
+        print(f"logs:     {out} and .err, task 0..{n - 1}")
+        return str(job.job_id)
     print(f"run dir:  {prep.run_dir} ({_resume_note(prep.run_dir)})")
     print(f"logs:     {out} and .err, task 0..{n - 1}")
     print(_wandb_line(cfg))
     print(f"resubmit: python launcher/submit.py --resume {prep.run_dir}")
     return str(job.job_id)
+
+
+def submit_cache_first(cache_job: Prepared, distill_job: Prepared) -> tuple[str, str]:
+    """Submit the cache-teacher job, then the distillation with --dependency=afterok on it.
+
+    Returns both job ids."""
+    first = submit_slurm(cache_job)
+    distill_job.dependency = f"afterok:{first}"
+    return first, submit_slurm(distill_job)
+
+
+def run_local_cache_job(prep: Prepared) -> int:
+    """The cache-teacher job on this machine: world_size writers as LocalExecutor tasks; waits for them."""
+    write_run_dir(prep)
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
+    ex = LocalExecutor(folder=prep.logs, max_num_timeout=prep.cfg.launch.slurm.max_requeues)
+    gpus = _local_gpus(prep)
+    ex.update_parameters(nodes=1, tasks_per_node=prep.world_size, gpus_per_node=gpus,
+                         timeout_min=prep.cfg.launch.slurm.minutes, signal_delay_s=prep.cfg.launch.slurm.signal_delay_s)
+    job = ex.submit(CacheTask(prep.cfg.to_dict()))
+    print(f"cache-teacher: {prep.world_size} writer(s) ({gpus} GPU(s)), job {job.job_id}, logs {prep.logs}")
+    try:
+        folders = job.results()
+    except Exception as e:  # submitit re-raises a failed task's error with its traceback
+        print(f"cache-teacher job failed: {e}", file=sys.stderr)
+        return 1
+    print(f"cache-teacher: done, cache in {folders[0]}")
+    return 0
 
 
 def run_local_world(prep: Prepared) -> int:
@@ -223,10 +291,17 @@ def parse(argv: list[str]) -> argparse.Namespace:
                     help="print the resolved config, the plan and the sbatch script; submit nothing")
     ap.add_argument("--prepare", action="store_true",
                     help="write the run directory, print its path and submit nothing (slurm/cot2align.sbatch)")
+    ap.add_argument("--cache-first", action="store_true",
+                    help="two jobs on the same GPUs: cot2align cache-teacher (one teacher per GPU), then the "
+                         "distillation with every GPU a student reading the cache (teacher replicas 0); on "
+                         "Slurm the second waits for the first (afterok); needs teacher.cache.mode=read or auto")
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-4 cluster.gpu_memory_gib=141")
     args = ap.parse_args(argv)
     if args.resume and args.config:
         ap.error("--resume RUN_DIR uses RUN_DIR/config.yaml; do not pass --config as well")
+    if args.cache_first and args.resume:
+        ap.error("--resume RUN_DIR resubmits the distillation only (its config reads the cache); "
+                 "do not pass --cache-first as well")
     return args
 
 
@@ -281,6 +356,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {no_slurm_message(cfg.cluster.nodes)}", file=sys.stderr)
             return 2
         prep: Prepared | None = None
+        cache_job: Prepared | None = None
+        if args.cache_first and not cluster_run and not args.world_size:
+            raise ConfigError("--cache-first runs two jobs: on this machine give --world-size N (the ranks of "
+                              "both jobs), or submit to Slurm")
         part = query_partition(cfg.launch.slurm.partition) if slurm and not args.prepare else None
         if part is not None:
             cfg = fit_to_partition(cfg, part, given_keys(config, args.overrides, flags))
@@ -288,18 +367,30 @@ def main(argv: list[str] | None = None) -> int:
             print(f"warning: sinfo did not report partition {cfg.launch.slurm.partition or '(the default)'}: "
                   "the request is not checked against it", file=sys.stderr)
         if cluster_run:
-            prep = prepare(cfg)
+            if args.cache_first:
+                cache_job, prep = prepare_cache_first(cfg)
+                cache_job.partition = part
+            else:
+                prep = prepare(cfg)
             prep.partition = part
             problems = partition_problems(prep.cfg.launch.slurm, prep.cfg.cluster, part) if part else []
             if problems:
                 raise ConfigError("the job does not fit " + "; ".join(problems))
         elif args.world_size:
-            prep = prepare(cfg, args.world_size)
+            if args.cache_first:
+                cache_job, prep = prepare_cache_first(cfg, args.world_size)
+            else:
+                prep = prepare(cfg, args.world_size)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     if prep is None:  # one node, no Slurm (or --local): the pipeline in this process
         return _run_pipeline(cfg)
+    if args.dry_run and cache_job is not None:
+        print(f"# Cache-teacher job ({cache_job.run_dir}), first\n")
+        print(cache_job.plan_markdown())
+        print(cache_job.sbatch_script())
+        prep.dependency = "afterok:<cache-teacher job id>"
     if args.dry_run:
         print(f"# Resolved config ({prep.run_dir / 'config.yaml'})\n")
         print(prep.cfg.to_yaml())
@@ -310,12 +401,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dry run: nothing submitted, nothing written; run directory would be {prep.run_dir}")
         return 0
     if args.prepare:
+        if cache_job is not None:
+            write_run_dir(cache_job, cache_job.sbatch_script())
         write_run_dir(prep, prep.sbatch_script())
         print(prep.run_dir)
         return 0
     if slurm:
-        submit_slurm(prep)
+        if cache_job is not None:
+            submit_cache_first(cache_job, prep)
+        else:
+            submit_slurm(prep)
         return 0
+    if cache_job is not None:
+        rc = run_local_cache_job(cache_job)
+        if rc:
+            return rc
     return run_local_world(prep)
 
 

@@ -56,8 +56,12 @@ def cache_dir(cfg: Config) -> Path:
 
 
 def teacher_dtype(cfg: Config) -> str:
-    """How the teacher computed: weight dtype, plus bf16 autocast where the HF teacher runs under it."""
-    autocast = cfg.train.dtype == "bfloat16" and cfg.runtime.teacher_backend == "hf"
+    """The teacher's precision, whichever backend computed: the weight dtype, plus '+autocast-bf16'
+    where fp32 weights compute in bf16 (the HF teacher under train.dtype=bfloat16 autocast; megatron
+    computes in its weight dtype). bf16 weights compute in bf16 on both backends, so an HF-written
+    cache (`cache-teacher`) and a megatron-written one of the same settings share the key."""
+    autocast = (cfg.teacher.dtype == "float32" and cfg.train.dtype == "bfloat16"
+                and cfg.runtime.teacher_backend == "hf")
     return f"{cfg.teacher.dtype}{'+autocast-bf16' if autocast else ''}"
 
 
@@ -127,10 +131,29 @@ def sweep_layers(cfg: Config, final_layer: int) -> list[int]:
     return sorted(set(resolve_layers([-1, *cfg.loss.ot.teacher_layers], final_layer)))
 
 
+def _wait_for(marker: Path, launch_id: str, timeout_s: float, rank: int) -> None:
+    """Wait until rank 0 of this launch wrote `marker` holding `launch_id` (its inputs are ready)."""
+    deadline = time.monotonic() + timeout_s
+    while not (marker.is_file() and marker.read_text() == launch_id):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"cache-teacher rank {rank}: rank 0 did not prepare the inputs within "
+                               f"{timeout_s:.0f} s (runtime.startup_timeout_s); see rank 0's log")
+        time.sleep(1.0)
+
+
 def cache_teacher(cfg: Config) -> Path:
     """`cot2align cache-teacher`: write (or complete) the cache of this config; returns its folder."""
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    p = ensure_inputs(cfg) if rank == 0 else input_paths(cfg)
+    ready = cache_dir(cfg).parent / f".{cache_dir(cfg).name}.inputs-ready"
+    launch_id = ":".join(os.environ.get(k, "") for k in ("MASTER_ADDR", "MASTER_PORT", "SLURM_JOB_ID"))
+    if rank == 0:
+        p = ensure_inputs(cfg)
+        if world > 1:  # the other writers wait for the data, teacher and rationales made above
+            ready.parent.mkdir(parents=True, exist_ok=True)
+            ready.write_text(launch_id)
+    else:
+        p = input_paths(cfg)
+        _wait_for(ready, launch_id, cfg.runtime.startup_timeout_s, rank)
     if rank and not p.teacher_model.is_dir():
         raise FileNotFoundError(f"cache-teacher rank {rank}: {p.teacher_model} does not exist (rank 0 makes it)")
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu")

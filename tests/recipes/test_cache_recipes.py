@@ -129,3 +129,42 @@ def test_cache_teacher_then_students_only(tiny_task: dict[str, Path], teacher_di
         {"data": {"max_length": 100}})
     with pytest.raises(CacheError, match="key tokenization"):
         distill(other)
+
+
+@pytest.mark.parametrize("weights, train, same", [("bfloat16", "bfloat16", True), ("float32", "bfloat16", False),
+                                                  ("float32", "float32", True)])
+def test_teacher_precision_in_the_key_does_not_depend_on_the_backend(weights: str, train: str, same: bool) -> None:
+    """bf16 weights compute in bf16 on both backends (HF under autocast, megatron natively): one key,
+    so a cache written by either is read by the other and by `cache-teacher`'s (always HF) key. fp32
+    weights under train.dtype=bfloat16 differ: HF computes in bf16 autocast, megatron in fp32."""
+    from cot2align.recipes.cache import teacher_dtype
+
+    def key(backend: str) -> str:
+        return teacher_dtype(Config().merged({"teacher": {"dtype": weights}, "train": {"dtype": train},
+                                              "runtime": {"teacher_backend": backend}}))
+
+    assert (key("hf") == key("megatron")) is same
+    assert key("megatron") == weights
+
+
+@pytest.mark.slow
+def test_megatron_bf16_cache_is_read_with_the_same_settings(tiny_task: dict[str, Path], teacher_dir: Path,
+                                                            tmp_path: Path) -> None:
+    """A megatron teacher (bf16 weights, bf16 compute) serving 1 student writes the cache; a world of
+    that student alone with the same settings reads it (same losses, step by step), and
+    `cache-teacher` with the same config finds it complete instead of refusing its key."""
+    from cot2align.recipes.cache import cache_teacher
+    from cot2align.recipes.served import launch_local
+
+    bf16 = {"teacher": {"dtype": "bfloat16"}, "train": {"dtype": "bfloat16"},
+            "runtime": {"teacher_backend": "megatron"}}
+    live_cfg = _cfg(tiny_task, teacher_dir, tmp_path, "live", mode="served", cache="write", dtype="float32",
+                    train={"max_steps": 3}).merged(bf16)
+    live = launch_local(live_cfg, timeout_s=300)
+    assert (tmp_path / "teacher-cache" / MANIFEST).is_file()
+    read_cfg = _cfg(tiny_task, teacher_dir, tmp_path, "read", mode="served", cache="read", dtype="float32",
+                    train={"max_steps": 3}).merged(bf16)
+    ranks = launch_local(read_cfg, timeout_s=300, return_all=True)
+    assert len(ranks) == 1  # the student alone: no teacher rank
+    assert torch.equal(_losses(ranks[0]), _losses(live))
+    assert cache_teacher(read_cfg) == tmp_path / "teacher-cache"
