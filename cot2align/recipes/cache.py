@@ -9,6 +9,10 @@ sources, and the `cot2align cache-teacher` stage.
 when the data has CoT pairs, so one cache serves every loss of a sweep. Under a torchrun-style
 launch (RANK / WORLD_SIZE in the environment) each process writes every WORLD_SIZE-th batch as its
 own writer and the last one to finish writes the manifest: no process group is needed.
+
+`auto` over an incomplete cache switches mid-run in both runtimes (`student.cached.SwitchingTeacher`):
+the teacher runs the first epoch only (`writing_teacher`: in this process; `served_then_cached`: the
+teacher ranks serve that epoch, seal the cache and exit), then every student reads the cache.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from cot2align.models import frozen, load_model, load_tokenizer, num_layers, res
 from cot2align.recipes.build import needs
 from cot2align.recipes.inputs import ensure_inputs, input_paths
 from cot2align.recipes.prepare import Paths, read_samples
-from cot2align.student.cached import CachedTeacher, WritingTeacher, write_views
+from cot2align.student.cached import CachedTeacher, LocalSealer, RemoteSealer, SwitchingTeacher, write_views
 from cot2align.student.teacher_io import TeacherIO
 from cot2align.teacher.cache import (
     CacheError,
@@ -117,13 +121,25 @@ def cached_teacher(cfg: Config, key: CacheKey, io: TeacherIO, samples: list[Samp
 
 
 def writing_teacher(cfg: Config, key: CacheKey, live: TeacherSource, io: TeacherIO, samples: list[Sample],
-                    pad_ids: dict[str, int]) -> WritingTeacher:
-    """A colocated live source that writes the cache during the first epoch, then reads it."""
+                    pad_ids: dict[str, int]) -> SwitchingTeacher:
+    """auto, colocated: `live` for the first epoch while this process writes the cache, which it
+    completes and seals at the switch, then the cache."""
     tc = cfg.train
     sampler = GlobalBatchSampler(len(samples), tc.micro_batch_size, tc.grad_accum, 1, cfg.run.seed)
     writer = CacheWriter(cache_dir(cfg), key, "colocated", cfg.teacher.cache.shard_mb << 20)
-    return WritingTeacher(live, writer, samples, pad_ids, sampler, tc.micro_batch_size,
-                          lambda: open_reader(cfg, key), lambda r: cached_teacher(cfg, key, io, samples, 1, 0))
+    sealer = LocalSealer(writer, live, samples, pad_ids, tc.micro_batch_size)
+    return SwitchingTeacher(live, sealer, sampler, lambda: cached_teacher(cfg, key, io, samples, 1, 0))
+
+
+def served_then_cached(cfg: Config, key: CacheKey, live: TeacherSource, io: TeacherIO, samples: list[Sample],
+                       dp_size: int, dp_rank: int) -> SwitchingTeacher:
+    """auto, served (student replica `dp_rank` of `dp_size`): the teacher ranks serve the first epoch
+    and write the cache, which they seal before they exit; the student waits for the seal (at most
+    runtime.timeout_s) and reads the rest of the run from the cache with `key`."""
+    tc = cfg.train
+    sampler = GlobalBatchSampler(len(samples), tc.micro_batch_size, tc.grad_accum, dp_size, cfg.run.seed)
+    sealer = RemoteSealer(cache_dir(cfg), cfg.runtime.timeout_s)
+    return SwitchingTeacher(live, sealer, sampler, lambda: cached_teacher(cfg, key, io, samples, dp_size, dp_rank))
 
 
 def sweep_layers(cfg: Config, final_layer: int) -> list[int]:

@@ -43,10 +43,11 @@ from cot2align.recipes.cache import (
     loss_layers,
     resolve_mode,
     run_formats,
+    served_then_cached,
 )
 from cot2align.recipes.inputs import ensure_inputs, input_paths
 from cot2align.recipes.prepare import Paths, load_split, read_samples, write_run_files
-from cot2align.student.cached import CachedTeacher
+from cot2align.student.cached import CachedTeacher, SwitchingTeacher
 from cot2align.student.engine import DeepSpeedStepper, StudentMPU
 from cot2align.student.served import ServedTeacher
 from cot2align.student.teacher_io import load_teacher_io
@@ -159,6 +160,20 @@ def _blaming(topo: Topology, transport: Transport, fn: Callable[[], Any]) -> Any
         raise reported from e
 
 
+def _source_totals(teacher: ServedTeacher | CachedTeacher | SwitchingTeacher | None) -> dict[str, float]:
+    """What a student's teacher source received over the run: bytes and positions from the teacher
+    ranks, bytes read from the cache (both for a source that switched from one to the other)."""
+    if isinstance(teacher, ServedTeacher):
+        return {"received_bytes": teacher.bytes_received, "received_positions": teacher.positions_received}
+    if isinstance(teacher, CachedTeacher):
+        return {"cache_read_bytes": teacher.bytes_read}
+    if isinstance(teacher, SwitchingTeacher):
+        live = teacher.live
+        return {**(_source_totals(live) if isinstance(live, ServedTeacher) else {}),
+                **_source_totals(teacher.cached)}
+    return {}
+
+
 def _student(cfg: Config, topo: Topology, transport: Transport, device: torch.device, p: Paths,
              s_tok: PreTrainedTokenizerBase, t_tok: PreTrainedTokenizerBase, samples: list[Sample],
              pad_ids: dict[str, int], run_dir: Path) -> TrainResult:
@@ -172,19 +187,28 @@ def _student(cfg: Config, topo: Topology, transport: Transport, device: torch.de
     tc = cfg.train
     sampler = GlobalBatchSampler(len(samples), tc.micro_batch_size, tc.grad_accum, topo.dp, cfg.run.seed)
     loss_fn = distill_loss(cfg, student, io.hidden_size, s_tok, t_tok)
-    teacher: ServedTeacher | CachedTeacher | None = None
+    teacher: ServedTeacher | CachedTeacher | SwitchingTeacher | None = None
+    key = cache_key(cfg, p, loss_layers(loss_fn, io.num_layers), run_formats(cfg), io.hidden_size) \
+        if need.teacher and cfg.teacher.cache.mode in ("read", "auto") else None
     if topo.colocated:  # a student-only world: the states come from the cache
-        if need.teacher:
-            key = cache_key(cfg, p, loss_layers(loss_fn, io.num_layers), run_formats(cfg), io.hidden_size)
+        if key is not None:
             teacher = cached_teacher(cfg, key, io, samples, topo.dp, dp.rank)
     else:
         replica = topo.replica_of()
-        teacher = ServedTeacher(
+        served = ServedTeacher(
             transport, io, sampler, dp.rank, topo.teacher_ranks(replica),
             {x: topo.sender_rank(replica, x, io.num_layers) for x in range(io.num_layers + 1)},
             wire_dtype(cfg.runtime, device), cfg.runtime.timeout_s, cfg.runtime.startup_timeout_s, cfg.run.seed)
-        if not need.teacher:  # tell the replica there is nothing to serve
-            teacher.start(0, 0, [], [])
+        teacher = served
+        if cfg.teacher.cache.mode == "auto" and key is not None:
+            if resolve_mode(cfg, key) == "read":  # complete already: the replica serves nothing
+                served.start(0, 0, [], [])
+                served.done()
+                teacher = cached_teacher(cfg, key, io, samples, topo.dp, dp.rank)
+            else:  # the replica serves the first epoch and seals the cache, then this student reads it
+                teacher = served_then_cached(cfg, key, served, io, samples, topo.dp, dp.rank)
+        elif not need.teacher:  # tell the replica there is nothing to serve
+            served.start(0, 0, [], [])
     # DeepSpeed all-reduces gradient norms over a "model-parallel" group: each student alone
     mpu = StudentMPU(dp, topo.student_ranks, topo.student_self_group())
 
@@ -208,18 +232,14 @@ def _student(cfg: Config, topo: Topology, transport: Transport, device: torch.de
             callbacks=callbacks(cfg.logging, cfg.eval, tc, run_dir,
                                 load_split(p.dev, cfg.data) if dp.main else None,
                                 stop=lambda: stop_request.requested)))
-        if isinstance(teacher, ServedTeacher):
-            if not need.teacher:  # the replica waits for this student's last word
-                if res.interrupted or res.early_stopped:
-                    teacher.stop(res.steps)
-                else:
-                    teacher.done()
-            logger.log(res.steps, {"wall_s": time.perf_counter() - t0, "received_bytes": teacher.bytes_received,
-                                   "received_positions": teacher.positions_received}, prefix="distill/")
-        elif teacher is not None:
+        if isinstance(teacher, ServedTeacher) and not need.teacher:  # the replica waits for this student's word
+            if res.interrupted or res.early_stopped:
+                teacher.stop(res.steps)
+            else:
+                teacher.done()
+        elif teacher is not None and not isinstance(teacher, ServedTeacher):
             teacher.stop(res.steps)
-            logger.log(res.steps, {"wall_s": time.perf_counter() - t0, "cache_read_bytes": teacher.bytes_read},
-                       prefix="distill/")
+        logger.log(res.steps, {"wall_s": time.perf_counter() - t0, **_source_totals(teacher)}, prefix="distill/")
     finally:
         logger.close()
     return res

@@ -7,9 +7,15 @@ waits on disk only when the disk is slower than the student. Like `ServedTeacher
 teacher's frozen output layer and embedding (`TeacherIO`), so losses that need teacher logits
 rebuild them from the cached final state.
 
-`WritingTeacher` wraps a live source (the colocated teacher): it hands out the live views and
-stores them; at the end of the first epoch it runs the teacher on the samples that epoch did
-not visit, seals the cache and from then on reads from it (the teacher runs one epoch only).
+`SwitchingTeacher` is `teacher.cache.mode=auto` over an incomplete cache: it wraps a live source
+(the colocated teacher, or a `ServedTeacher` fed by teacher ranks) for the first epoch of the run
+(from its first step to the end of the epoch it starts in), then reads the cache for the rest, so
+the teacher runs one epoch only. What makes the cache complete at the switch is its `Sealer`:
+colocated (`LocalSealer`), this process stores the live views and runs the teacher on the samples
+that epoch dropped, then seals; served (`RemoteSealer`), the teacher ranks were asked for that
+epoch only, so they store what they serve, compute the dropped samples, seal and exit, while the
+student waits for the seal (bounded by `runtime.timeout_s`) and opens the cache with its own key.
+A run that ends inside its first epoch never switches (served: the teacher ranks seal after it).
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
@@ -26,7 +34,14 @@ from cot2align.data.dataset import Batch, Sample, collate
 from cot2align.data.sampler import GlobalBatchSampler
 from cot2align.data.views import ResponseView
 from cot2align.distributed.transport import pack, unpack
-from cot2align.teacher.cache import CacheError, CacheReader, CacheWriter, finalize, required_entries
+from cot2align.teacher.cache import (
+    CacheError,
+    CacheReader,
+    CacheWriter,
+    finalize,
+    required_entries,
+    wait_complete,
+)
 from cot2align.train import TeacherSource
 
 
@@ -158,77 +173,139 @@ class CachedTeacher:
         return {"cache_wait_s": self.wait_s, "cache_read_s": self.read_s}
 
 
-class WritingTeacher:
-    """A live teacher source that also writes the cache; after the first epoch it reads instead
-    (see the module docstring). open_reader() -> the reader of the sealed cache; make_cached(reader)
-    -> the `CachedTeacher` that serves the rest of the run."""
+class Sealer(Protocol):
+    """How the cache of a `SwitchingTeacher` becomes complete: written here, or by other processes."""
 
-    def __init__(self, live: TeacherSource, writer: CacheWriter, samples: list[Sample], pad_ids: dict[str, int],
-                 sampler: GlobalBatchSampler, batch_size: int, open_reader: Callable[[], CacheReader],
-                 make_cached: Callable[[CacheReader], CachedTeacher]) -> None:
-        self.live = live
-        self.head, self.embed, self.final_layer = live.head, live.embed, live.final_layer
+    def record(self, batch: Batch, views: dict[str, ResponseView], layers: list[int]) -> None:
+        """The live views of one micro-batch (stored here, or not: the teacher ranks store theirs)."""
+        ...
+
+    def seal(self, layers: list[int], fmts: list[str], switching: bool) -> None:
+        """Make the cache complete. switching: the source reads it next (it must be complete on
+        return); else the run ends inside its first epoch (a remote writer may seal after it)."""
+        ...
+
+    def close(self) -> None:
+        """The run stops early (preemption): keep what is written, seal nothing."""
+        ...
+
+
+class LocalSealer:
+    """The colocated case: this process writes the live views and, at the switch, runs the live
+    teacher on every sample the cache still lacks (the first epoch's dropped remainder), then seals."""
+
+    def __init__(self, writer: CacheWriter, live: TeacherSource, samples: list[Sample], pad_ids: dict[str, int],
+                 batch_size: int) -> None:
         self.writer = writer
+        self.live = live
         self.samples = samples
         self.pad_ids = pad_ids
-        self.sampler = sampler
         self.batch_size = batch_size
-        self.open_reader = open_reader
-        self.make_cached = make_cached
-        self._cached: CachedTeacher | None = None
-        self._cursor = self._switch_at = self._end = 0
-        self._layers: list[int] = []
-        self._fmts: list[str] = []
-        self.live_s = 0.0
 
-    def start(self, first_step: int, total_steps: int, layers: list[int], fmts: list[str]) -> None:
-        self.live.start(first_step, total_steps, layers, fmts)
-        self._layers, self._fmts = list(layers), list(fmts)
-        accum, per_epoch = self.sampler.accum, self.sampler.steps_per_epoch
-        switch_step = min(total_steps, (first_step // per_epoch + 1) * per_epoch)
-        self._cursor, self._switch_at, self._end = first_step * accum, switch_step * accum, total_steps * accum
-        self._total_steps = total_steps
-        if layers and self._cursor >= self._switch_at:
-            self._seal()
+    def record(self, batch: Batch, views: dict[str, ResponseView], layers: list[int]) -> None:
+        write_views(self.writer, batch, views, layers)
 
-    @torch.no_grad()
-    def views(self, batch: Batch, fmts: list[str], layers: list[int]) -> dict[str, ResponseView]:
-        if self._cached is not None:
-            return self._cached.views(batch, fmts, layers)
-        t0 = time.perf_counter()
-        out = self.live.views(batch, fmts, layers)
-        write_views(self.writer, batch, out, layers)
-        self.live_s += time.perf_counter() - t0
-        self._cursor += 1
-        if self._cursor >= self._switch_at and self._cursor < self._end:
-            self._seal()
-        elif self._cursor >= self._end:
-            self._fill()
-        return out
-
-    def _fill(self) -> None:
-        """Run the live teacher on every sample the cache still lacks, and seal it."""
-        required = required_entries([s.paired for s in self.samples], self._fmts)
-        todo = sorted({i for i, _ in required if not self.writer.has(i, "main", self._layers)
-                       or (self.samples[i].paired and "aux" in self._fmts
-                           and not self.writer.has(i, "aux", self._layers))})
+    def seal(self, layers: list[int], fmts: list[str], switching: bool) -> None:
+        required = required_entries([s.paired for s in self.samples], fmts)
+        todo = sorted({i for i, _ in required if not self.writer.has(i, "main", layers)
+                       or (self.samples[i].paired and "aux" in fmts and not self.writer.has(i, "aux", layers))})
         for start in range(0, len(todo), self.batch_size):
             batch = collate([self.samples[i] for i in todo[start : start + self.batch_size]], self.pad_ids)
-            fmts = [f for f in self._fmts if f in batch.seqs["teacher"]]
-            write_views(self.writer, batch, self.live.views(batch, fmts, self._layers), self._layers)
+            present = [f for f in fmts if f in batch.seqs["teacher"]]
+            write_views(self.writer, batch, self.live.views(batch, present, layers), layers)
         self.writer.close()
         if not finalize(self.writer.root, self.writer.key, required):
             raise CacheError(f"teacher cache {self.writer.root} is still incomplete after writing every sample")
 
-    def _seal(self) -> None:
-        self._fill()
-        self._cached = self.make_cached(self.open_reader())
-        self._cached.start(self._cursor // self.sampler.accum, self._total_steps, self._layers, self._fmts)
+    def close(self) -> None:
+        self.writer.close()
+
+
+class RemoteSealer:
+    """The served case: the teacher ranks write what they serve and, after their last served step,
+    the samples it did not visit, then seal (`teacher.serve._cache_rest`). At the switch a student
+    waits for that seal, at most `timeout_s` (a `CacheError` naming the folder when it never comes)."""
+
+    def __init__(self, root: Path, timeout_s: float) -> None:
+        self.root = root
+        self.timeout_s = timeout_s
+
+    def record(self, batch: Batch, views: dict[str, ResponseView], layers: list[int]) -> None:
+        pass
+
+    def seal(self, layers: list[int], fmts: list[str], switching: bool) -> None:
+        if switching:
+            wait_complete(self.root, self.timeout_s, "the teacher ranks served the first epoch (they seal it "
+                          "after computing the samples that epoch dropped; see their logs)")
+
+    def close(self) -> None:
+        pass
+
+
+class SwitchingTeacher:
+    """A live teacher source for the first epoch, the cache for the rest (see the module docstring).
+
+    live: the colocated teacher or a `ServedTeacher`; it is asked for [first_step, switch step) only,
+    the switch step being the end of the epoch the run starts in (or the run's end, if sooner).
+    sealer: makes the cache complete at the switch (`LocalSealer`, `RemoteSealer`).
+    open_cached() -> the `CachedTeacher` (background prefetch) that serves the rest of the run.
+    """
+
+    def __init__(self, live: TeacherSource, sealer: Sealer, sampler: GlobalBatchSampler,
+                 open_cached: Callable[[], CachedTeacher]) -> None:
+        self.live = live
+        self.head, self.embed, self.final_layer = live.head, live.embed, live.final_layer
+        self.sealer = sealer
+        self.sampler = sampler
+        self.open_cached = open_cached
+        self.cached: CachedTeacher | None = None
+        self._cursor = self._switch_at = self._end = 0
+        self._total_steps = 0
+        self._layers: list[int] = []
+        self._fmts: list[str] = []
+        self.live_s = 0.0
+        """Time in the live source's views (the first epoch)."""
+
+    def start(self, first_step: int, total_steps: int, layers: list[int], fmts: list[str]) -> None:
+        """Ask the live source for the steps up to the switch; switch at once when there are none."""
+        accum, per_epoch = self.sampler.accum, self.sampler.steps_per_epoch
+        switch_step = min(total_steps, (first_step // per_epoch + 1) * per_epoch)
+        self.live.start(first_step, max(first_step, switch_step), layers, fmts)
+        self._layers, self._fmts = list(layers), list(fmts)
+        self._cursor, self._switch_at, self._end = first_step * accum, switch_step * accum, total_steps * accum
+        self._total_steps = total_steps
+        if layers and self._switch_at <= self._cursor < self._end:
+            self._switch()
+
+    @torch.no_grad()
+    def views(self, batch: Batch, fmts: list[str], layers: list[int]) -> dict[str, ResponseView]:
+        """The views of `batch` (hidden[layer] [B, N_t, d], teacher dtype): live, then cached."""
+        if self.cached is not None:
+            return self.cached.views(batch, fmts, layers)
+        t0 = time.perf_counter()
+        out = self.live.views(batch, fmts, layers)
+        self.sealer.record(batch, out, layers)
+        self.live_s += time.perf_counter() - t0
+        self._cursor += 1
+        if self._switch_at <= self._cursor < self._end:
+            self._switch()
+        elif self._cursor >= self._end:  # the run ends inside its first epoch
+            self.sealer.seal(self._layers, self._fmts, switching=False)
+        return out
+
+    def _switch(self) -> None:
+        self.sealer.seal(self._layers, self._fmts, switching=True)
+        self.cached = self.open_cached()
+        self.cached.start(self._cursor // self.sampler.accum, self._total_steps, self._layers, self._fmts)
 
     def stop(self, step: int) -> None:
-        self.writer.close()
-        if self._cached is not None:
-            self._cached.stop(step)
+        """The run ends or stops early after `step`: stop whichever source is active."""
+        if self.cached is not None:
+            self.cached.stop(step)
+            return
+        self.live.stop(step)
+        self.sealer.close()
 
     def metrics(self) -> dict[str, float]:
-        return {"teacher_live_s": self.live_s, **(self._cached.metrics() if self._cached else {})}
+        cached = self.cached.metrics() if self.cached else {"cache_wait_s": 0.0, "cache_read_s": 0.0}
+        return {"teacher_live_s": self.live_s, **self.live.metrics(), **cached}

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -354,6 +355,18 @@ def finalize(root: str | Path, key: CacheKey, required: set[tuple[int, str]]) ->
 # --------------------------------------------------------------------------- reading
 def is_complete(root: str | Path) -> bool:
     return (Path(root) / MANIFEST).is_file()
+
+
+def wait_complete(root: str | Path, timeout_s: float, after: str, poll_s: float = 0.2) -> None:
+    """Block until another process seals the cache at `root` (writes its manifest), at most
+    `timeout_s` seconds; a `CacheError` naming the folder when it does not. after: what the seal
+    was expected after (for the message)."""
+    deadline = time.monotonic() + timeout_s
+    while not is_complete(root):
+        if time.monotonic() > deadline:
+            raise CacheError(f"teacher cache {root} is still not sealed (no {MANIFEST}) {timeout_s:.0f} s after "
+                             f"{after}; it cannot be read (runtime.timeout_s bounds this wait)")
+        time.sleep(poll_s)
 
 
 def stored_key(root: str | Path) -> CacheKey | None:

@@ -1,6 +1,6 @@
 """The teacher-state cache in the recipes: served-written == cached losses in a student-only world,
-a colocated run that runs the teacher for its first epoch only, cache-teacher then students only,
-and a key mismatch refused before training."""
+a colocated run and a served world that run the teacher for their first epoch only (auto), cache-teacher
+then students only, and a key mismatch refused before training."""
 
 from __future__ import annotations
 
@@ -10,12 +10,16 @@ from typing import Any
 import pytest
 import torch
 from tiny import STUDENT
+from torch import nn
 
 from cot2align.config import Config
 from cot2align.models import load_tokenizer
+from cot2align.recipes.cache import served_then_cached
 from cot2align.recipes.prepare import read_samples
-from cot2align.teacher.cache import MANIFEST, CacheError
+from cot2align.student.teacher_io import TeacherIO
+from cot2align.teacher.cache import MANIFEST, CacheError, CacheKey
 from cot2align.teacher.colocated import ColocatedTeacher
+from cot2align.teacher.serve import ServeStats
 
 
 def _cfg(tiny_task: dict[str, Path], teacher_dir: Path, out: Path, name: str, *, mode: str = "colocated",
@@ -98,6 +102,102 @@ def test_colocated_auto_runs_the_teacher_for_the_first_epoch_only(tiny_task: dic
     second = distill(_cfg(tiny_task, teacher_dir, tmp_path, "auto2", cache="auto", micro=10, train=two_epochs))
     assert calls["n"] == 0
     assert torch.equal(_losses(second)[per_epoch:], _losses(first)[per_epoch:])
+
+
+@pytest.mark.slow
+def test_served_auto_serves_the_first_epoch_then_reads_the_cache(tiny_task: dict[str, Path], teacher_dir: Path,
+                                                                 tmp_path: Path) -> None:
+    """1 teacher rank + 2 students, two epochs, teacher.cache.mode=auto (fp32) over no cache: the
+    teacher rank forwards the first epoch's micro-batches only (then computes the samples that epoch
+    dropped, seals the cache and returns while the students train on); every step's loss parts and
+    gradient norm equal a served-live run without cache; a second auto run is a world of students only
+    reading the cache and gives the same losses again."""
+    from cot2align.recipes.served import launch_local
+
+    two_epochs = {"max_steps": 0, "epochs": 2}
+
+    def cfg(name: str, cache: str) -> Config:
+        return _cfg(tiny_task, teacher_dir, tmp_path, name, mode="served", cache=cache, dp=2, micro=10,
+                    train=two_epochs)
+
+    records = len(read_samples(Path(tiny_task["train"]), cfg("x", "off").data,
+                               load_tokenizer(tiny_task["tok_student"]), load_tokenizer(tiny_task["tok_teacher"])))
+    per_epoch = records // 20  # 2 students x 10: the last records % 20 (> 0 here) are dropped from each epoch
+    assert records % 20 and per_epoch >= 2
+    auto = launch_local(cfg("auto", "auto"), timeout_s=600, return_all=True)
+    assert len(auto) == 3
+    assert (tmp_path / "teacher-cache" / MANIFEST).is_file()
+    live = launch_local(cfg("live", "off"), timeout_s=600, return_all=True)
+    served_auto, served_live = auto[0], live[0]
+    assert isinstance(served_auto, ServeStats) and isinstance(served_live, ServeStats)
+    assert served_live.forwards == 2 * per_epoch * 2  # two epochs, two students, one format
+    assert served_auto.forwards == per_epoch * 2  # the first epoch only
+    assert served_auto.stopped_at is None
+    assert len(auto[1].history) == len(live[1].history) == 2 * per_epoch
+    for key in live[1].history[0]:
+        for student in (1, 2):
+            assert torch.equal(_losses(auto[student], key), _losses(live[student], key)), (key, student)
+    again = launch_local(cfg("again", "auto"), timeout_s=600, return_all=True)
+    assert len(again) == 2  # students only: no teacher rank
+    assert torch.equal(_losses(again[0]), _losses(auto[1]))
+
+
+class _Live:
+    """A live teacher source that records what it was asked for and hands out no views."""
+
+    final_layer = 2
+    head: nn.Module = nn.Linear(2, 3)
+    embed: nn.Module = nn.Embedding(3, 2)
+
+    def __init__(self) -> None:
+        self.asked: tuple[int, int] | None = None
+        self.calls = 0
+
+    def start(self, first_step: int, total_steps: int, layers: list[int], fmts: list[str]) -> None:
+        self.asked = (first_step, total_steps)
+
+    def views(self, batch: Any, fmts: list[str], layers: list[int]) -> dict[str, Any]:
+        self.calls += 1
+        return {}
+
+    def stop(self, step: int) -> None:
+        pass
+
+    def metrics(self) -> dict[str, float]:
+        return {}
+
+
+def test_served_student_names_the_cache_folder_when_the_seal_never_comes(tmp_path: Path) -> None:
+    """auto in a served world: the replica is asked for the rest of the epoch the run starts in only
+    (from step 0, or from a resume inside it); at the switch a student whose teacher ranks never seal
+    the cache fails after runtime.timeout_s, naming the folder, instead of reading an unfinished cache."""
+    root = tmp_path / "teacher-cache"
+    root.mkdir()
+    cfg = Config().merged({"teacher": {"cache": {"mode": "auto", "dir": str(root)}}, "runtime": {"timeout_s": 1},
+                           "train": {"micro_batch_size": 2, "grad_accum": 1}, "run": {"seed": 3}})
+    key = CacheKey(teacher="t", data="d", tokenizer="k", tokenization="", layers=(2,), formats=("main",),
+                   dtype="float32", teacher_dtype="float32", width=2)
+    io = TeacherIO(head=_Live.head, embed=_Live.embed, num_layers=2, hidden_size=2)
+    samples: Any = [None] * 21  # 10 steps per epoch of 2 samples (one dropped)
+
+    def opened() -> Any:
+        raise AssertionError("the cache was opened before it was sealed")
+
+    resumed = _Live()
+    source = served_then_cached(cfg, key, resumed, io, samples, 1, 0)
+    source.open_cached = opened
+    source.start(4, 25, [2], ["main"])
+    assert resumed.asked == (4, 10)  # a resume inside the first epoch: to the end of that epoch
+    live = _Live()
+    source = served_then_cached(cfg, key, live, io, samples, 1, 0)
+    source.open_cached = opened
+    source.start(0, 25, [2], ["main"])
+    assert live.asked == (0, 10)
+    for _ in range(9):
+        source.views(None, ["main"], [2])
+    with pytest.raises(CacheError, match=f"teacher cache {root} is still not sealed"):
+        source.views(None, ["main"], [2])  # the epoch's last micro-batch: the switch
+    assert live.calls == 10
 
 
 @pytest.mark.slow
