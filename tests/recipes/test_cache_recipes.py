@@ -13,6 +13,7 @@ from tiny import STUDENT
 from torch import nn
 
 from cot2align.config import Config
+from cot2align.data.sampler import GlobalBatchSampler
 from cot2align.models import load_tokenizer
 from cot2align.recipes.cache import served_then_cached
 from cot2align.recipes.prepare import read_samples
@@ -110,8 +111,11 @@ def test_served_auto_serves_the_first_epoch_then_reads_the_cache(tiny_task: dict
     """1 teacher rank + 2 students, two epochs, teacher.cache.mode=auto (fp32) over no cache: the
     teacher rank forwards the first epoch's micro-batches only (then computes the samples that epoch
     dropped, seals the cache and returns while the students train on); every step's loss parts and
-    gradient norm equal a served-live run without cache; a second auto run is a world of students only
-    reading the cache and gives the same losses again."""
+    gradient norm equal a served-live run without cache: exactly in the first epoch (the same states,
+    once off the wire), in the second up to the rounding of the teacher's other batch composition
+    (cached states were computed in the first epoch's batches; measured: one part of one step differs,
+    by 6.7e-8 relative, the rest is equal); a second auto run is a world of students only reading
+    the cache and gives the first auto run's losses exactly."""
     from cot2align.recipes.served import launch_local
 
     two_epochs = {"max_steps": 0, "epochs": 2}
@@ -120,23 +124,31 @@ def test_served_auto_serves_the_first_epoch_then_reads_the_cache(tiny_task: dict
         return _cfg(tiny_task, teacher_dir, tmp_path, name, mode="served", cache=cache, dp=2, micro=10,
                     train=two_epochs)
 
-    records = len(read_samples(Path(tiny_task["train"]), cfg("x", "off").data,
-                               load_tokenizer(tiny_task["tok_student"]), load_tokenizer(tiny_task["tok_teacher"])))
-    per_epoch = records // 20  # 2 students x 10: the last records % 20 (> 0 here) are dropped from each epoch
-    assert records % 20 and per_epoch >= 2
+    samples = read_samples(Path(tiny_task["train"]), cfg("x", "off").data, load_tokenizer(tiny_task["tok_student"]),
+                           load_tokenizer(tiny_task["tok_teacher"]))
+    sampler = GlobalBatchSampler(len(samples), 10, 1, 2, 3)
+    per_epoch = sampler.steps_per_epoch
+    assert sampler.dropped_per_epoch and per_epoch >= 2  # the samples each epoch drops: computed after serving
+
+    def forwards(steps: range) -> int:  # one per micro-batch and format (aux: when it holds a paired sample)
+        return sum(1 + any(samples[i].paired for i in m) for s in steps for d in (0, 1)
+                   for m in sampler.micro_batches(s, d))
+
     auto = launch_local(cfg("auto", "auto"), timeout_s=600, return_all=True)
     assert len(auto) == 3
     assert (tmp_path / "teacher-cache" / MANIFEST).is_file()
     live = launch_local(cfg("live", "off"), timeout_s=600, return_all=True)
     served_auto, served_live = auto[0], live[0]
     assert isinstance(served_auto, ServeStats) and isinstance(served_live, ServeStats)
-    assert served_live.forwards == 2 * per_epoch * 2  # two epochs, two students, one format
-    assert served_auto.forwards == per_epoch * 2  # the first epoch only
+    assert served_live.forwards == forwards(range(2 * per_epoch))
+    assert served_auto.forwards == forwards(range(per_epoch))  # the first epoch only
     assert served_auto.stopped_at is None
     assert len(auto[1].history) == len(live[1].history) == 2 * per_epoch
     for key in live[1].history[0]:
         for student in (1, 2):
-            assert torch.equal(_losses(auto[student], key), _losses(live[student], key)), (key, student)
+            cached, served = _losses(auto[student], key), _losses(live[student], key)
+            assert torch.equal(cached[:per_epoch], served[:per_epoch]), (key, student)  # the same wire states
+            torch.testing.assert_close(cached, served, rtol=1e-6, atol=0, msg=f"{key} of rank {student}")
     again = launch_local(cfg("again", "auto"), timeout_s=600, return_all=True)
     assert len(again) == 2  # students only: no teacher rank
     assert torch.equal(_losses(again[0]), _losses(auto[1]))
