@@ -13,7 +13,9 @@ and formats to serve, from which step). A teacher that fails sends an ERROR head
 with its message; the last message of a run is END. After END the student answers
 each rank of its replica with one control header: DONE, or STOP when it stops early at a
 step boundary (preemption); a stopping student first sends STOP, then drains what is in
-flight until END, so no send is left unmatched.
+flight until END, so no send is left unmatched. A request may end before the student's run does
+(teacher.cache.mode=auto asks for the first epoch only): its DONE is the last word the replica
+waits for, and nothing travels between them afterwards.
 
 Every receive has a deadline; a timeout or a closed connection raises `PeerError`
 naming the peer's rank and role ("teacher rank 1 (replica 0, pp 0, tp 1) sent nothing

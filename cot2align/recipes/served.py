@@ -7,6 +7,11 @@ cluster launcher call it): it initialises torch.distributed (gloo on CPU, nccl o
 the `Topology`, creates the process groups once, and dispatches by role: teacher ranks run
 `teacher.serve.serve`, student ranks run the ONE training loop (`train.train`) with a
 `ServedTeacher` as teacher source and DeepSpeed (over the student group only) as optimizer.
+With `teacher.cache.mode=auto` the teacher source switches (`recipes.cache.served_then_cached`):
+the teacher ranks serve the first epoch, seal the cache and return (their processes end while the
+students train on), and each student reads the rest of the run from the cache; over a complete
+cache the students ask the teacher ranks for nothing and read from the first step (`launch_local`
+then starts no teacher rank at all).
 `launch_local(cfg)` spawns such a world on this machine and returns what the first student
 returned. The colocated recipe (`recipes.colocated`) is the reference it is tested against.
 """

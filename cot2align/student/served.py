@@ -4,7 +4,8 @@ Instead of running the teacher, `views` receives the packed response states that
 ranks of this student's teacher replica computed for the same micro-batch. The
 student tokenizes the teacher side itself, so it knows every shape in advance; each
 message's header is checked against the expected step, micro-batch, format, sample
-indices and response lengths.
+indices and response lengths. The steps it receives are those of its `start` request, which a
+`student.cached.SwitchingTeacher` limits to the first epoch of an auto-cached run.
 """
 
 from __future__ import annotations

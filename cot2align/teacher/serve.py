@@ -11,6 +11,13 @@ computes ahead while the students train.
 
 The teacher knows nothing about losses: what to serve (layers, formats, first and
 last step) comes from each student's `Request`.
+
+With the teacher-state cache (`CacheTap`), the sending ranks also store what they serve; after
+the last requested step the replica computes the samples that were never served, and the last
+writer to finish seals the cache (`_cache_rest`). Under `teacher.cache.mode=auto` the students
+request the first epoch of the run only (`student.cached.SwitchingTeacher`): the replica serves
+it, completes and seals the cache, receives each student's DONE and returns, while the students
+read the remaining epochs from the cache.
 """
 
 from __future__ import annotations
@@ -213,9 +220,11 @@ class CacheTap:
 
 def _cache_rest(tap: CacheTap, topo: Topology, states: HiddenStates, samples: list[Sample], pad_ids: dict[str, int],
                 sampler: GlobalBatchSampler, req: Request, sends: list[int], wire_dtype: torch.dtype) -> None:
-    """After the run: forward the samples the run never served (the dropped remainder of each epoch,
-    or all the rest of a run shorter than an epoch), split over replicas, so the cache is complete;
-    then journal and, where every writer is done, seal it. Every rank of a replica walks the same list."""
+    """After the last requested step: forward the samples steps [0, req.total_steps) never served (the
+    dropped remainder of each epoch, or all the rest of a request shorter than an epoch; steps before
+    req.first_step were served and written by the run this one resumes), split over replicas, so the
+    cache is complete; then journal and, where every writer is done, seal it (students of an auto run
+    wait for that seal). Every rank of a replica walks the same list."""
     served = {i for s in range(req.total_steps) for d in range(topo.dp) for m in sampler.micro_batches(s, d)
               for i in m}
     rest = [i for i in range(len(samples)) if i not in served]
@@ -236,9 +245,10 @@ def _cache_rest(tap: CacheTap, topo: Topology, states: HiddenStates, samples: li
 def serve(*, topo: Topology, transport: Transport, states: HiddenStates, samples: list[Sample],
           pad_ids: dict[str, int], seed: int, prefetch: int, wire_dtype: torch.dtype,
           request_timeout_s: float, cache: CacheTap | None = None) -> ServeStats:
-    """Serve this rank's replica's students until the last step, or until they stop early
-    (see the module docstring). cache: also write the served states into the teacher-state cache;
-    after the last step the samples the run did not serve are computed too and the cache sealed."""
+    """Serve this rank's replica's students until the last requested step (the run's last, or under
+    teacher.cache.mode=auto the end of its first epoch), or until they stop early (see the module
+    docstring). cache: also write the served states into the teacher-state cache; after the last
+    step the samples the run did not serve are computed too and the cache sealed."""
     t0 = time.perf_counter()
     stats = ServeStats()
     replica = topo.teacher_coord().replica

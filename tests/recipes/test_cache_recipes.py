@@ -14,9 +14,13 @@ from torch import nn
 
 from cot2align.config import Config
 from cot2align.data.sampler import GlobalBatchSampler
+from cot2align.distributed.spawn import spawn_world
 from cot2align.models import load_tokenizer
-from cot2align.recipes.cache import served_then_cached
+from cot2align.recipes import colocated
+from cot2align.recipes.cache import cache_teacher, served_then_cached, teacher_dtype
+from cot2align.recipes.pipeline import distill
 from cot2align.recipes.prepare import read_samples
+from cot2align.recipes.served import launch_local, run_rank
 from cot2align.student.teacher_io import TeacherIO
 from cot2align.teacher.cache import MANIFEST, CacheError, CacheKey
 from cot2align.teacher.colocated import ColocatedTeacher
@@ -56,7 +60,6 @@ def test_served_write_then_student_only_world_gives_the_same_losses(tiny_task: d
     """1 teacher rank + 2 students writing an fp32 cache while serving (5 of 12 steps of an epoch: the
     teacher computes the rest after the last step), then a world of 2 students and NO teacher rank
     reading it: every step's loss parts and gradient norm are equal."""
-    from cot2align.recipes.served import launch_local
 
     live_cfg = _cfg(tiny_task, teacher_dir, tmp_path, "live", mode="served", cache="write", dp=2)
     live = launch_local(live_cfg, timeout_s=300)
@@ -77,7 +80,6 @@ def test_colocated_auto_runs_the_teacher_for_the_first_epoch_only(tiny_task: dic
     """Two epochs with teacher.cache.mode=auto (fp32): the teacher forwards the first epoch's
     micro-batches plus one batch of the samples that epoch dropped, then never again; the losses
     equal a run without cache (fp32 up to batch-composition rounding); a second auto run reads only."""
-    from cot2align.recipes.pipeline import distill
 
     calls = {"n": 0}
     live_views = ColocatedTeacher.views
@@ -115,8 +117,8 @@ def test_served_auto_serves_the_first_epoch_then_reads_the_cache(tiny_task: dict
     once off the wire), in the second up to the rounding of the teacher's other batch composition
     (cached states were computed in the first epoch's batches; measured: one part of one step differs,
     by 6.7e-8 relative, the rest is equal); a second auto run is a world of students only reading
-    the cache and gives the first auto run's losses exactly."""
-    from cot2align.recipes.served import launch_local
+    the cache and gives the first auto run's losses exactly, and so is a world that has the teacher
+    rank anyway (its students ask it for nothing)."""
 
     two_epochs = {"max_steps": 0, "epochs": 2}
 
@@ -152,6 +154,10 @@ def test_served_auto_serves_the_first_epoch_then_reads_the_cache(tiny_task: dict
     again = launch_local(cfg("again", "auto"), timeout_s=600, return_all=True)
     assert len(again) == 2  # students only: no teacher rank
     assert torch.equal(_losses(again[0]), _losses(auto[1]))
+    # a launcher that starts the teacher rank anyway: the students ask it for nothing and read
+    kept = spawn_world(run_rank, cfg("kept", "auto"), 3, essential=[1, 2], grace_s=120, timeout_s=600)
+    assert isinstance(kept[0], ServeStats) and kept[0].forwards == 0
+    assert torch.equal(_losses(kept[1]), _losses(auto[1]))
 
 
 class _Live:
@@ -221,9 +227,6 @@ def test_cache_teacher_then_students_only(tiny_task: dict[str, Path], teacher_di
     measured 0; bf16 / int8: relative 1e-4, measured 1.5e-7 / 2.9e-7 for this loss, whose OT at
     epsilon 10 is insensitive to small state errors, but not equal); a run with other tokenization
     settings is refused naming the key."""
-    from cot2align.recipes import colocated
-    from cot2align.recipes.cache import cache_teacher
-    from cot2align.recipes.pipeline import distill
 
     ref = distill(_cfg(tiny_task, teacher_dir, tmp_path, "ref"))
     root = cache_teacher(_cfg(tiny_task, teacher_dir, tmp_path, "cache", cache="write", dtype=dtype))
@@ -249,7 +252,6 @@ def test_teacher_precision_in_the_key_does_not_depend_on_the_backend(weights: st
     """bf16 weights compute in bf16 on both backends (HF under autocast, megatron natively): one key,
     so a cache written by either is read by the other and by `cache-teacher`'s (always HF) key. fp32
     weights under train.dtype=bfloat16 differ: HF computes in bf16 autocast, megatron in fp32."""
-    from cot2align.recipes.cache import teacher_dtype
 
     def key(backend: str) -> str:
         return teacher_dtype(Config().merged({"teacher": {"dtype": weights}, "train": {"dtype": train},
@@ -265,8 +267,6 @@ def test_megatron_bf16_cache_is_read_with_the_same_settings(tiny_task: dict[str,
     """A megatron teacher (bf16 weights, bf16 compute) serving 1 student writes the cache; a world of
     that student alone with the same settings reads it (same losses, step by step), and
     `cache-teacher` with the same config finds it complete instead of refusing its key."""
-    from cot2align.recipes.cache import cache_teacher
-    from cot2align.recipes.served import launch_local
 
     bf16 = {"teacher": {"dtype": "bfloat16"}, "train": {"dtype": "bfloat16"},
             "runtime": {"teacher_backend": "megatron"}}
