@@ -28,11 +28,14 @@ import json
 import os
 import platform
 import re
+import shutil
 import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -172,6 +175,18 @@ def run_config(base: Any, pinned: dict[str, Any], row: str, seed: int) -> Any:
     return cfg
 
 
+def clear_stale_run(cfg: Any) -> bool:
+    """Delete the run directory of (row, seed) when its checkpoint was made with another config (an
+    earlier version of the sweep): resuming it would mix two settings. Returns whether it did."""
+    from cot2align.configbase import changed_keys
+
+    saved = Path(cfg.run_dir) / "config.yaml"
+    if not saved.is_file() or not changed_keys(yaml.safe_load(saved.read_text()) or {}, cfg.to_dict()):
+        return False
+    shutil.rmtree(cfg.run_dir)
+    return True
+
+
 def greedy_em(cfg: Any, model_dir: Path, prompt: str | None = None) -> float:
     """Test exact match of one greedy pass (the low-variance companion of the sampled EM), with
     `prompt` (std | cot) or the config's eval.prompt."""
@@ -240,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
             if (row, seed) in done or not wanted(row, seed, seeds[0]):
                 continue
             cfg = run_config(base, pinned, row, seed)
+            if clear_stale_run(cfg):
+                print(f"{row} seed {seed}: {cfg.run_dir} was made with another config: starting over", flush=True)
             t = time.perf_counter()
             res = distill(cfg)
             train_s = time.perf_counter() - t

@@ -81,3 +81,17 @@ def test_rows_read_the_teacher_cache_of_their_data() -> None:
         dirs.add(cfg.teacher.cache.dir)
         assert set(resolve_layers([-1, *cfg.loss.ot.teacher_layers], 4)) <= set(sweep_layers(base, 4)), row
     assert len(dirs) == 2
+
+
+def test_a_run_made_with_another_config_starts_over(tmp_path: Path) -> None:
+    from cot2align.config import load_config
+
+    base = load_config(str(REPO / "configs" / "experiments" / "quality.yaml"), [f"run.output_dir={tmp_path}"])
+    cfg = quality.run_config(base, {"cot": {"enabled": False}}, "sft", 1)
+    run_dir = Path(cfg.run_dir)
+    assert not quality.clear_stale_run(cfg)  # nothing there
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    assert not quality.clear_stale_run(cfg) and run_dir.is_dir()  # the same config resumes
+    (run_dir / "config.yaml").write_text(cfg.merged({"train": {"patience": 2}}).to_yaml())
+    assert quality.clear_stale_run(cfg) and not run_dir.exists()

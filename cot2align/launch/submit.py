@@ -212,15 +212,20 @@ def submit_cache_first(cache_job: Prepared, distill_job: Prepared) -> tuple[str,
     return first, submit_slurm(distill_job)
 
 
-def run_local_cache_job(prep: Prepared) -> int:
-    """The cache-teacher job on this machine: world_size writers as LocalExecutor tasks; waits for them."""
+def _submit_local(prep: Prepared, task: RankTask | CacheTask) -> tuple[submitit.Job[Any], int]:
+    """Write the run directory and start `task` as world_size LocalExecutor tasks; (the job, its GPUs)."""
     write_run_dir(prep)
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
     ex = LocalExecutor(folder=prep.logs, max_num_timeout=prep.cfg.launch.slurm.max_requeues)
     gpus = _local_gpus(prep)
     ex.update_parameters(nodes=1, tasks_per_node=prep.world_size, gpus_per_node=gpus,
                          timeout_min=prep.cfg.launch.slurm.minutes, signal_delay_s=prep.cfg.launch.slurm.signal_delay_s)
-    job = ex.submit(CacheTask(prep.cfg.to_dict()))
+    return ex.submit(task), gpus
+
+
+def run_local_cache_job(prep: Prepared) -> int:
+    """The cache-teacher job on this machine: world_size writers as LocalExecutor tasks; waits for them."""
+    job, gpus = _submit_local(prep, CacheTask(prep.cfg.to_dict()))
     print(f"cache-teacher: {prep.world_size} writer(s) ({gpus} GPU(s)), job {job.job_id}, logs {prep.logs}")
     try:
         folders = job.results()
@@ -233,13 +238,7 @@ def run_local_cache_job(prep: Prepared) -> int:
 
 def run_local_world(prep: Prepared) -> int:
     """The same job on this machine: submitit LocalExecutor, one node, world_size tasks; waits for it."""
-    write_run_dir(prep)
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
-    ex = LocalExecutor(folder=prep.logs, max_num_timeout=prep.cfg.launch.slurm.max_requeues)
-    gpus = _local_gpus(prep)
-    ex.update_parameters(nodes=1, tasks_per_node=prep.world_size, gpus_per_node=gpus,
-                         timeout_min=prep.cfg.launch.slurm.minutes, signal_delay_s=prep.cfg.launch.slurm.signal_delay_s)
-    job = ex.submit(RankTask(prep.cfg.to_dict()))
+    job, gpus = _submit_local(prep, RankTask(prep.cfg.to_dict()))
     print(f"local world of {prep.world_size} rank(s) ({gpus} GPU(s)), job {job.job_id}")
     print(f"run dir:  {prep.run_dir}")
     print(f"logs:     {prep.logs}/{job.job_id}_<task>_log.out|err")
