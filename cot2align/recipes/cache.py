@@ -188,10 +188,13 @@ def cache_teacher(cfg: Config) -> Path:
         log.info("cache-teacher: %s is complete already", root)
         return root
     writer = CacheWriter(root, key, f"r{rank}", cfg.teacher.cache.shard_mb << 20)
-    todo = sorted({i for i, _ in missing(root, key, required)},
-                  key=lambda i: len(samples[i].seqs["teacher"]["main"].ids))
+    # each writer's share comes from ALL samples (length-sorted, so batches pad little), never from what
+    # is missing when it starts: writers start at different times and must split the same list
+    order = sorted(range(len(samples)), key=lambda i: len(samples[i].seqs["teacher"]["main"].ids))
     bs = cfg.teacher.cache.batch_size or cfg.train.micro_batch_size
-    batches = [todo[k : k + bs] for k in range(0, len(todo), bs)][rank::world]
+    todo = {i for i, _ in missing(root, key, required)}  # a resumed write skips what it has
+    mine = [order[k : k + bs] for k in range(0, len(order), bs)][rank::world]
+    batches = [b for b in ([i for i in batch if i in todo] for batch in mine) if b]
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.dtype == "bfloat16")
     t0, positions = time.perf_counter(), 0
     for n, idx in enumerate(batches):

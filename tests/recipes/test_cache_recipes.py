@@ -247,6 +247,22 @@ def test_cache_teacher_then_students_only(tiny_task: dict[str, Path], teacher_di
         distill(other)
 
 
+@pytest.mark.slow
+def test_writers_that_start_at_different_times_split_the_same_samples(
+        tiny_task: dict[str, Path], teacher_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two cache-teacher writers (RANK 0 and 1 of WORLD_SIZE 2), the second starting after the first
+    finished its share: together they cover every sample and the last one seals the cache. (A share
+    taken from what is still missing when a writer starts left a quarter of the samples unwritten.)"""
+    cfg = _cfg(tiny_task, teacher_dir, tmp_path, "split", cache="write", dtype="float32")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    root = cache_teacher(cfg)
+    assert not (root / MANIFEST).is_file()  # half written
+    monkeypatch.setenv("RANK", "1")
+    cache_teacher(cfg)
+    assert (root / MANIFEST).is_file()
+
+
 @pytest.mark.parametrize("weights, train, same", [("bfloat16", "bfloat16", True), ("float32", "bfloat16", False),
                                                   ("float32", "float32", True)])
 def test_teacher_precision_in_the_key_does_not_depend_on_the_backend(weights: str, train: str, same: bool) -> None:
