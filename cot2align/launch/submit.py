@@ -87,12 +87,7 @@ class RankTask:
 
     def __call__(self) -> Any:
         """Export RANK / WORLD_SIZE / MASTER_ADDR / ... of this task and run `run_rank`; return its result."""
-        # all GPUs of the node stay visible: run_rank selects cuda:LOCAL_RANK
-        TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
-        use_master_addr_override()
-        setup_console_logging()
-        cfg = Config().merged(self.config)
-        cfg.validate()
+        cfg = _task_config(self.config)
         stop_request.install()  # SIGUSR2 now only asks to stop at the next step boundary
         result = served.run_rank(cfg)
         if stopped_early(result) and int(os.environ["RANK"]) == 0:
@@ -109,6 +104,17 @@ class RankTask:
 
 
 
+def _task_config(config: dict[str, Any]) -> Config:
+    """In a submitit task: export RANK / WORLD_SIZE / MASTER_ADDR / ... of this task (all GPUs of the
+    node stay visible: the task selects cuda:LOCAL_RANK), set up logging; the validated config."""
+    TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+    use_master_addr_override()
+    setup_console_logging()
+    cfg = Config().merged(config)
+    cfg.validate()
+    return cfg
+
+
 class CacheTask:
     """One task of the cache-teacher job = one cache writer (`cot2align cache-teacher` with this task's
     RANK / WORLD_SIZE: every WORLD_SIZE-th batch); requeued on time-out, it continues where its
@@ -120,11 +126,7 @@ class CacheTask:
 
     def __call__(self) -> str:
         """Export this task's rank variables and write its share of the cache; returns the cache folder."""
-        TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
-        use_master_addr_override()
-        setup_console_logging()
-        cfg = Config().merged(self.config)
-        cfg.validate()
+        cfg = _task_config(self.config)
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         return str(cache_teacher(cfg))
