@@ -349,14 +349,16 @@ def _student_alone_threads(cfg: Config, run_dir: str) -> float:
     return _student_alone(cfg, run_dir)
 
 
-def cached_vs_served(base: Config, work: Path) -> dict[str, Any]:
-    """One student trained by a live hf teacher rank, from the cache (students only), and alone."""
-    cfg = base.merged({"runtime": {"mode": "served", "teacher_backend": "hf"}, "student": {"parallel": {"dp": 1}},
-                       "teacher": {"parallel": {"tp": 1, "pp": 1, "replicas": 1},
-                                   "cache": {"dir": str(work / "teacher-cache"), "dtype": "bfloat16"}},
+def cached_vs_served(base: Config, work: Path, served: str | None = None) -> dict[str, Any]:
+    """One student trained by a live teacher, from the cache (students only), and alone. The live
+    teacher is one hf rank unless `served` names the base config's own served layout (a preset)."""
+    teacher = {} if served else {"parallel": {"tp": 1, "pp": 1, "replicas": 1}}
+    runtime = {"mode": "served"} if served else {"mode": "served", "teacher_backend": "hf"}
+    cfg = base.merged({"runtime": runtime, "student": {"parallel": {"dp": 1}},
+                       "teacher": {**teacher, "cache": {"dir": str(work / "teacher-cache"), "dtype": "bfloat16"}},
                        "train": {"max_steps": CACHED_STEPS, "grad_accum": 1, "threads": 1}})
     live_cfg = cfg.merged({"run": {"name": "served-live"}, "teacher": {"cache": {"mode": "off"}}})
-    launch_local(live_cfg, timeout_s=600)  # rank 0 prepares the data and tokenizers first
+    launch_local(live_cfg, timeout_s=900)  # rank 0 prepares the data and tokenizers first
     live = _step_times(live_cfg.run_dir)[0]
     p = input_paths(cfg)
     records = len(read_samples(p.train, cfg.data, load_tokenizer(p.student_tokenizer),
@@ -366,10 +368,11 @@ def cached_vs_served(base: Config, work: Path) -> dict[str, Any]:
     _in_process(cache_teacher, None, cfg.merged({"teacher": {"cache": {"mode": "write"}}}))
     cache_s = time.perf_counter() - t0
     cached_cfg = cfg.merged({"run": {"name": "cached"}, "teacher": {"cache": {"mode": "read"}}})
-    ranks = launch_local(cached_cfg, timeout_s=600, return_all=True)
+    ranks = launch_local(cached_cfg, timeout_s=900, return_all=True)
     cached = _step_times(cached_cfg.run_dir)[0]
     alone = _in_process(_student_alone_threads, None, cfg, str(work / "student-alone-cached"))
-    return {"steps": CACHED_STEPS, "micro_batch": cfg.train.micro_batch_size, "records": records,
+    return {"served_label": served or "1 hf teacher rank + 1 student",
+            "steps": CACHED_STEPS, "micro_batch": cfg.train.micro_batch_size, "records": records,
             "steps_per_epoch": per_epoch, "threads_per_process": 1, "cached_world_ranks": len(ranks),
             "served_live_step_s": round(live, 4), "cached_step_s": round(cached, 4),
             "student_alone_step_s": round(alone, 4),
@@ -385,7 +388,8 @@ def _print_cached(c: dict[str, Any]) -> None:
           f"{c['steps_per_epoch']} steps of {c['records']} records):\n")
     print("| teacher source | step ms | epoch s | / student alone |")
     print("|---|---:|---:|---:|")
-    for name, key in (("served live (1 hf teacher rank + 1 student)", "served_live"),
+    served = c.get("served_label", "1 hf teacher rank + 1 student")
+    for name, key in ((f"served live ({served})", "served_live"),
                       (f"cache (world of {c['cached_world_ranks']} student, no teacher rank)", "cached"),
                       ("student alone (states replayed from memory)", "student_alone")):
         step = c[f"{key}_step_s"]
@@ -491,9 +495,14 @@ def main() -> None:
     parser.add_argument("--skip-base", action="store_true", help="skip the served-vs-colocated table")
     parser.add_argument("--only-cached", action="store_true",
                         help="only the cached-epoch vs served-live section (writes bench/results/runtime-cached.json)")
+    parser.add_argument("--preset", type=Path,
+                        help="with --only-cached: a real-model config, served live with its own teacher layout "
+                             "(writes bench/results/runtime-cached-<run.name>.json)")
     args = parser.parse_args()
+    if args.preset and not args.only_cached:
+        parser.error("--preset goes with --only-cached")
     if args.only_cached:
-        return main_cached()
+        return main_cached(args.preset)
     load_start = os.getloadavg()
     base = load_config(ROOT / "configs" / "embedded.yaml")
     with tempfile.TemporaryDirectory(prefix="bench_runtime_") as tmp:
@@ -587,20 +596,39 @@ def _bench_base(work: Path) -> tuple[Config, str]:
     }), source
 
 
-def main_cached() -> None:
-    """`python bench/runtime.py --only-cached`: the cached-epoch section alone."""
+def _preset_base(preset: Path, work: Path) -> tuple[Config, str]:
+    """A real-model config as it is (its teacher layout and backend), short runs, no W&B."""
+    cfg = load_config(preset)
+    t = cfg.teacher.parallel
+    layout = f"{t.tp * t.pp} {cfg.runtime.teacher_backend} teacher ranks (tp {t.tp} x pp {t.pp}) + 1 student"
+    return cfg.merged({
+        "run": {"output_dir": str(work / "runs"), "resume": False},
+        "eval": {"dev_limit": 1, "max_new_tokens": 1, "seeds": [1]},
+        "logging": {"wandb_mode": "disabled", "progress": False, "log_every": 1},
+        "runtime": {"timeout_s": 300},
+    }), layout
+
+
+def main_cached(preset: Path | None = None) -> None:
+    """`python bench/runtime.py --only-cached [--preset CONFIG]`: the cached-epoch section alone, on
+    the embedded-size models or on a real-model preset served live with its own teacher layout."""
     load_start = os.getloadavg()
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench_runtime_cached_") as tmp:
-        base, source = _bench_base(Path(tmp))
-        cached = cached_vs_served(base, Path(tmp))
+        if preset:
+            base, served = _preset_base(preset, Path(tmp))
+            source = f"{preset} ({base.teacher.path} -> {base.student.tokenizer} student)"
+        else:
+            (base, source), served = _bench_base(Path(tmp)), None
+        cached = cached_vs_served(base, Path(tmp), served)
     summary = {"source": source, "cached_vs_served": cached, "loadavg_start": load_start,
                "loadavg_end": os.getloadavg(), "wall_s": round(time.perf_counter() - t0, 1),
                "note": f"CPU only, {os.cpu_count()} cores shared with other jobs; gloo, fp32 on the wire"}
     print(f"source: {source}; load average at start {load_start[0]:.2f}, at end {os.getloadavg()[0]:.2f}; "
           f"wall {summary['wall_s']:.0f} s")
     _print_cached(cached)
-    out = ROOT / "bench" / "results" / "runtime-cached.json"
+    name = f"runtime-cached-{base.run.name}.json" if preset else "runtime-cached.json"
+    out = ROOT / "bench" / "results" / name
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=2))
     print(f"wrote {out}")
