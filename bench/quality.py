@@ -124,6 +124,78 @@ def dev_curve(run_dir: Path) -> list[tuple[int, float]]:
     return out
 
 
+def term_grad_norms(cfg: Any, model_dir: Path | None, steps: int = 8) -> dict[str, float]:
+    """What each term of L = (1 - lambda) CE + lambda (KD + w OT) adds to the step: the norm of each
+    weighted term's gradient w.r.t. the student's weights, summed over a global batch's micro-batches,
+    mean over the run's first `steps` global batches. At the exported student `model_dir` (with its
+    loss modules: projectors) or, None, at the run's initial student. Also the mean cosine of each
+    distillation term's gradient with the CE gradient ("cos/kd", "cos/ot"). The teacher runs in this
+    process (the sweep's teacher is small). Losses built by `Distiller` only (not multilevel_ot)."""
+    import torch
+    import torch.nn.functional as F
+
+    from cot2align.data.dataset import collate
+    from cot2align.data.sampler import GlobalBatchSampler
+    from cot2align.models import hidden_size, load_model, load_tokenizer, num_layers
+    from cot2align.recipes.build import distill_loss, needs, student_model
+    from cot2align.recipes.inputs import input_paths
+    from cot2align.recipes.prepare import read_samples
+    from cot2align.teacher.colocated import ColocatedTeacher
+    from cot2align.train import loss_inputs, plan_step, response_tokens
+
+    p = input_paths(cfg)
+    s_tok, t_tok = load_tokenizer(p.student_tokenizer), load_tokenizer(p.teacher_tokenizer)
+    samples = read_samples(p.train, cfg.data, s_tok, t_tok)
+    torch.manual_seed(cfg.run.seed)
+    student = load_model(model_dir) if model_dir else student_model(cfg, s_tok)
+    teacher = ColocatedTeacher(load_model(p.teacher_model, cfg.teacher.dtype))
+    loss_fn = distill_loss(cfg, student, hidden_size(teacher.model), s_tok, t_tok)
+    if model_dir:
+        loss_fn.load_state_dict(torch.load(model_dir / "loss_modules.pt", weights_only=True))
+    final = num_layers(student)
+    want = needs(cfg.loss)
+    plan = plan_step(loss_fn, final, teacher.final_layer, want.teacher, want.aux)
+    sampler = GlobalBatchSampler(len(samples), cfg.train.micro_batch_size, cfg.train.grad_accum, 1, cfg.run.seed)
+    params = [q for q in student.parameters() if q.requires_grad]
+    pad = {"student": s_tok.pad_token_id, "teacher": t_tok.pad_token_id}
+    out: dict[str, float] = {}
+    for step in range(steps):
+        micro = sampler.micro_batches(step, 0)
+        tokens, examples = float(sum(response_tokens(samples, m) for m in micro)), float(sum(map(len, micro)))
+        grads: dict[str, torch.Tensor] = {}
+        for idx in micro:
+            inputs = loss_inputs(student, final, collate([samples[i] for i in idx], pad, plan.fmts), teacher, plan,
+                                 tokens, examples)
+            terms, _ = loss_fn.terms(inputs)
+            for name, value in terms.items():
+                g = torch.autograd.grad(value, params, retain_graph=True, allow_unused=True)
+                flat = torch.cat([(x if x is not None else torch.zeros_like(q)).flatten() for x, q in zip(g, params)])
+                grads[name] = grads[name] + flat if name in grads else flat
+        for name, g in grads.items():
+            out[name] = out.get(name, 0.0) + float(g.norm()) / steps
+            if name != "ce":
+                cos = float(F.cosine_similarity(g, grads["ce"], dim=0))
+                out[f"cos/{name}"] = out.get(f"cos/{name}", 0.0) + cos / steps
+    return out
+
+
+def teacher_scores(cfg: Any, teacher_dir: Path, memo: Path) -> dict[str, Any]:
+    """The teacher's test scores (CoT prompt, as it was trained: sampled and greedy; and greedy with the
+    standard prompt), remembered in `memo` by the digest of its checkpoint (a resumed sweep skips them)."""
+    from cot2align.recipes.pipeline import evaluate_model
+    from cot2align.teacher.cache import file_digest
+
+    digest = file_digest([teacher_dir])
+    known = json.loads(memo.read_text()) if memo.exists() else {}
+    if known.get("digest") == digest:
+        return dict(known["scores"])
+    as_teacher = cfg.merged({"eval": {"prompt": "cot"}})  # the teacher was trained to reason first
+    scores = {**summarise(evaluate_model(as_teacher, teacher_dir)), "greedy_em": greedy_em(as_teacher, teacher_dir),
+              "std_greedy_em": greedy_em(cfg, teacher_dir, "std")}
+    memo.write_text(json.dumps({"teacher": str(teacher_dir), "digest": digest, "scores": scores}, indent=2))
+    return scores
+
+
 def wanted(row: str, seed: int, first_seed: int) -> bool:
     """Whether the sweep runs (row, seed): ONE_SEED rows run the first seed only."""
     return row not in ONE_SEED or seed == first_seed
@@ -231,10 +303,7 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     pinned = prepare(base, teacher_cache=not args.no_teacher_cache)
-    teacher_dir = Path(pinned["teacher"]["path"])
-    as_teacher = base.merged({"eval": {"prompt": "cot"}})  # the teacher was trained to reason first
-    teacher = {**summarise(evaluate_model(as_teacher, teacher_dir)), "greedy_em": greedy_em(as_teacher, teacher_dir),
-               "std_greedy_em": greedy_em(base, teacher_dir, "std")}
+    teacher = teacher_scores(base, Path(pinned["teacher"]["path"]), out.parent / f"{out.name}-teacher.json")
     done = {(r["row"], r["seed"]) for r in records}
     prep_s = time.perf_counter() - t0
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
@@ -271,6 +340,14 @@ def main(argv: list[str] | None = None) -> int:
             write_summary()
             print(f"{row} seed {seed}: EM {rec['exact_match']:.1f} greedy {rec['greedy_em']:.1f} "
                   f"CoT prompt {rec['cot_em']:.1f} after {res.steps} steps ({rec['wall_s']:.0f} s)", flush=True)
+    grads_path = out.parent / f"{out.name}-grads.json"
+    grads = json.loads(grads_path.read_text()) if grads_path.exists() else {}
+    for row in args.rows:  # evidence of what each term adds: the first seed of every row that has a run
+        cfg = run_config(base, pinned, row, seeds[0])
+        if row in grads or ROWS[row]["loss"]["name"] == "multilevel_ot" or not (cfg.run_dir / "best").is_dir():
+            continue
+        grads[row] = {"initial": term_grad_norms(cfg, None), "best": term_grad_norms(cfg, cfg.run_dir / "best")}
+        grads_path.write_text(json.dumps(grads, indent=2))
     print(write_summary())
     return 0
 

@@ -107,10 +107,10 @@ def plan_step(loss_fn: DistillLoss, student_final: int, teacher_final: int, need
                     ["main", "aux"] if needs_aux else ["main"], needs_teacher)
 
 
-def micro_batch_loss(student: PreTrainedModel, student_final: int, loss_fn: DistillLoss, batch: Batch,
-                     teacher: TeacherSource | None, plan: StepPlan, num_tokens: float,
-                     num_examples: float) -> LossOutput:
-    """Forward passes of one micro-batch (student on each format; teacher through its source) and the loss."""
+def loss_inputs(student: PreTrainedModel, student_final: int, batch: Batch, teacher: TeacherSource | None,
+                plan: StepPlan, num_tokens: float, num_examples: float) -> LossInputs:
+    """Forward passes of one micro-batch (student on each format; teacher through its source): what
+    the loss reads."""
     fmts = [f for f in plan.fmts if f in batch.seqs["student"]]
     s_views = {f: response_view(student, batch.seqs["student"][f], plan.student_layers) for f in fmts}
     head = output_head(student)
@@ -120,17 +120,25 @@ def micro_batch_loss(student: PreTrainedModel, student_final: int, loss_fn: Dist
         t_head, t_embed, t_final = teacher.head, teacher.embed, teacher.final_layer
     else:
         t_views, t_head, t_embed, t_final = {}, nn.Identity(), nn.Identity(), 0
-    inputs = LossInputs(
+    return LossInputs(
         student=s_views, teacher=t_views, student_logits=logits, student_final=student_final,
         teacher_final=t_final, student_head=head, teacher_head=t_head, student_embed=input_embed(student),
         teacher_embed=t_embed, num_tokens=num_tokens, num_examples=num_examples,
         extras={"student_head_weight": head.weight},
     )
+
+
+def micro_batch_loss(student: PreTrainedModel, student_final: int, loss_fn: DistillLoss, batch: Batch,
+                     teacher: TeacherSource | None, plan: StepPlan, num_tokens: float,
+                     num_examples: float) -> LossOutput:
+    """The loss of one micro-batch (`loss_inputs`, then `loss_fn`)."""
+    inputs = loss_inputs(student, student_final, batch, teacher, plan, num_tokens, num_examples)
     out = loss_fn(inputs)
     # every student forward stays in the graph, even one whose rows are all padding (an "aux" pass over
     # unpaired records): ZeRO-3 gathers weights in backward per module call, so the students' backward
     # passes must visit the same modules
-    unused = sum((h.sum() for v in s_views.values() for h in v.hidden.values()), logits.new_zeros(()))
+    unused = sum((h.sum() for v in inputs.student.values() for h in v.hidden.values()),
+                 inputs.student_logits.new_zeros(()))
     return LossOutput(out.total + 0.0 * unused, out.parts)
 
 

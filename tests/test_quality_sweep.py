@@ -95,3 +95,44 @@ def test_a_run_made_with_another_config_starts_over(tmp_path: Path) -> None:
     assert not quality.clear_stale_run(cfg) and run_dir.is_dir()  # the same config resumes
     (run_dir / "config.yaml").write_text(cfg.merged({"train": {"patience": 2}}).to_yaml())
     assert quality.clear_stale_run(cfg) and not run_dir.exists()
+
+
+def test_term_gradient_norms_add_up_to_the_training_step_gradient(tiny_task: dict[str, Path],
+                                                                 teacher_dir: Path, tmp_path: Path) -> None:
+    """||g_ce + g_kd||^2 = ||g_ce||^2 + ||g_kd||^2 + 2 cos ||g_ce|| ||g_kd||, where the left side is the
+    gradient of the training loop's step (micro_batch_loss over the global batch's micro-batches)."""
+    import math
+
+    import torch
+    from jobs import tiny_job_config
+
+    from cot2align.config import Config
+    from cot2align.data.dataset import collate
+    from cot2align.data.sampler import GlobalBatchSampler
+    from cot2align.models import hidden_size, load_model, load_tokenizer, num_layers
+    from cot2align.recipes.build import distill_loss, student_model
+    from cot2align.recipes.prepare import read_samples
+    from cot2align.teacher.colocated import ColocatedTeacher
+    from cot2align.train import micro_batch_loss, plan_step, response_tokens
+
+    cfg = Config.from_dict(tiny_job_config(tiny_task, teacher_dir, tmp_path, "grads", loss={"name": "dskd"},
+                                           train={"micro_batch_size": 2, "grad_accum": 2}))
+    norms = quality.term_grad_norms(cfg, None, steps=1)
+    assert set(norms) == {"ce", "kd", "cos/kd"} and norms["ce"] > 0 and norms["kd"] > 0
+
+    s_tok, t_tok = load_tokenizer(tiny_task["tok_student"]), load_tokenizer(tiny_task["tok_teacher"])
+    samples = read_samples(tiny_task["train"], cfg.data, s_tok, t_tok)
+    torch.manual_seed(cfg.run.seed)
+    student = student_model(cfg, s_tok)
+    teacher = ColocatedTeacher(load_model(teacher_dir))
+    loss_fn = distill_loss(cfg, student, hidden_size(teacher.model), s_tok, t_tok)
+    plan = plan_step(loss_fn, num_layers(student), teacher.final_layer, True, False)
+    micro = GlobalBatchSampler(len(samples), 2, 2, 1, cfg.run.seed).micro_batches(0, 0)
+    tokens = float(sum(response_tokens(samples, m) for m in micro))
+    for idx in micro:
+        batch = collate([samples[i] for i in idx], {"student": s_tok.pad_token_id, "teacher": t_tok.pad_token_id})
+        micro_batch_loss(student, num_layers(student), loss_fn, batch, teacher, plan, tokens,
+                         float(sum(map(len, micro)))).total.backward()
+    full = math.sqrt(sum(float(p.grad.pow(2).sum()) for p in student.parameters() if p.grad is not None))
+    ce, kd, cos = norms["ce"], norms["kd"], norms["cos/kd"]
+    assert math.isclose(full, math.sqrt(ce**2 + kd**2 + 2 * cos * ce * kd), rel_tol=1e-4)

@@ -50,25 +50,31 @@ class Distiller(DistillLoss):
             t += kt
         return sorted(set(s)), sorted(set(t))
 
-    def forward(self, inputs: LossInputs) -> LossOutput:
+    def terms(self, inputs: LossInputs) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """The weighted terms of L, which sum to it: "ce" = (1 - lambda) CE, "kd" = lambda KD,
+        "ot" = lambda w L_OT (sft: "ce" = CE), each a scalar with grad; and the logged parts."""
         main = inputs.student["main"]
         ce = masked_token_ce(inputs.student_logits, main.targets, main.mask, inputs.num_tokens)
         parts: dict[str, Tensor] = {"ce": ce.detach()}
         if self.kd is None and self.ot is None:
-            return LossOutput(ce, parts)
-        distill = ce.new_zeros(())
+            return {"ce": ce}, parts
+        lam = self.cfg.kd_rate
+        terms = {"ce": (1.0 - lam) * ce}
         if self.kd is not None:
             kd, kd_parts = self.kd(inputs)
-            distill = distill + kd
+            terms["kd"] = lam * kd
             parts["kd"] = kd.detach()
             parts.update({f"kd/{k}": v.detach() for k, v in kd_parts.items()})
         if self.ot is not None:
             ot, ot_parts = _with_every_call_in_graph(self.ot, inputs)
-            distill = distill + self.cfg.ot.weight * ot
+            terms["ot"] = lam * self.cfg.ot.weight * ot
             parts["ot"] = ot.detach()
             parts.update({f"ot/{k}": v.detach() for k, v in ot_parts.items()})
-        lam = self.cfg.kd_rate
-        total = (1.0 - lam) * ce + lam * distill
+        return terms, parts
+
+    def forward(self, inputs: LossInputs) -> LossOutput:
+        terms, parts = self.terms(inputs)
+        total: Tensor = sum(terms.values())  # type: ignore[assignment]
         return LossOutput(total, parts)
 
 

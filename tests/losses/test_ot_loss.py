@@ -242,6 +242,22 @@ def test_registry_builds_cot2align_with_the_ot_term() -> None:
     assert inputs.student["aux"].hidden[0].grad is not None
 
 
+def test_distiller_terms_are_the_weighted_parts_of_the_total() -> None:
+    cfg = LossConfig(name="cot2align", base="none", kd_rate=0.25)
+    cfg.ot.sinkhorn = SinkhornConfig(epsilon=0.5, iterations=10)
+    cfg.ot.weight = 2.0
+    loss = build_loss(cfg, CTX).double()
+    inputs = make_inputs(8, MAIN, AUX)
+    terms, parts = loss.terms(inputs)
+    assert set(terms) == {"ce", "ot"}
+    ot, _ = loss.ot(inputs)
+    torch.testing.assert_close(terms["ce"], 0.75 * parts["ce"])
+    torch.testing.assert_close(terms["ot"].detach(), 0.25 * 2.0 * ot.detach())
+    torch.testing.assert_close(loss(inputs).total, terms["ce"] + terms["ot"])
+    (g,) = torch.autograd.grad(terms["ot"], [inputs.student["aux"].hidden[0]])
+    assert g.abs().sum() > 0  # each term keeps its graph
+
+
 def test_attention_cost_softmax_is_over_valid_columns_only() -> None:
     g = torch.Generator().manual_seed(9)
     x = torch.randn(2, 4, 5, generator=g, dtype=F64)
