@@ -19,7 +19,10 @@ Three further sections:
   teacher-state cache (written by `cot2align cache-teacher`, bf16, timed) in a world of the student
   alone (teacher replicas 0), and the student alone with the teacher's states replayed from memory;
   epoch seconds = median step x steps per epoch; the ratio that matters is cached step / student-alone
-  step (1.0 = reading the cache costs the step nothing).
+  step (1.0 = reading the cache costs the step nothing); the cached and student-alone runs are
+  alternated twice and each figure is the median. `--preset CONFIG` runs the section on a
+  real-model config, served live with its own teacher layout (e.g. the SmolLM2 preset: megatron,
+  pp 2).
 
 * overlap, pinned: one hf teacher rank and one student rank, each pinned to its own core
   (`os.sched_setaffinity`, one torch thread), against the two halves of the work measured
@@ -349,9 +352,10 @@ def _student_alone_threads(cfg: Config, run_dir: str) -> float:
     return _student_alone(cfg, run_dir)
 
 
-def cached_vs_served(base: Config, work: Path, served: str | None = None) -> dict[str, Any]:
-    """One student trained by a live teacher, from the cache (students only), and alone. The live
-    teacher is one hf rank unless `served` names the base config's own served layout (a preset)."""
+def cached_vs_served(base: Config, work: Path, served: str | None = None, repeats: int = 2) -> dict[str, Any]:
+    """One student trained by a live teacher, from the cache (students only), and alone; the last two
+    `repeats` times, alternated, the median of each kept. The live teacher is one hf rank unless
+    `served` names the base config's own served layout (a preset)."""
     teacher = {} if served else {"parallel": {"tp": 1, "pp": 1, "replicas": 1}}
     runtime = {"mode": "served"} if served else {"mode": "served", "teacher_backend": "hf"}
     cfg = base.merged({"runtime": runtime, "student": {"parallel": {"dp": 1}},
@@ -367,14 +371,19 @@ def cached_vs_served(base: Config, work: Path, served: str | None = None) -> dic
     t0 = time.perf_counter()
     _in_process(cache_teacher, None, cfg.merged({"teacher": {"cache": {"mode": "write"}}}))
     cache_s = time.perf_counter() - t0
-    cached_cfg = cfg.merged({"run": {"name": "cached"}, "teacher": {"cache": {"mode": "read"}}})
-    ranks = launch_local(cached_cfg, timeout_s=900, return_all=True)
-    cached = _step_times(cached_cfg.run_dir)[0]
-    alone = _in_process(_student_alone_threads, None, cfg, str(work / "student-alone-cached"))
+    cached_runs, alone_runs = [], []
+    for rep in range(repeats):  # alternated: a load change on this shared machine hits both
+        cached_cfg = cfg.merged({"run": {"name": f"cached-{rep}"}, "teacher": {"cache": {"mode": "read"}}})
+        ranks = launch_local(cached_cfg, timeout_s=900, return_all=True)
+        cached_runs.append(_step_times(cached_cfg.run_dir)[0])
+        alone_runs.append(_in_process(_student_alone_threads, None, cfg, str(work / f"student-alone-cached-{rep}")))
+    cached, alone = statistics.median(cached_runs), statistics.median(alone_runs)
     return {"served_label": served or "1 hf teacher rank + 1 student",
             "steps": CACHED_STEPS, "micro_batch": cfg.train.micro_batch_size, "records": records,
             "steps_per_epoch": per_epoch, "threads_per_process": 1, "cached_world_ranks": len(ranks),
             "served_live_step_s": round(live, 4), "cached_step_s": round(cached, 4),
+            "cached_step_s_runs": [round(x, 4) for x in cached_runs],
+            "student_alone_step_s_runs": [round(x, 4) for x in alone_runs],
             "student_alone_step_s": round(alone, 4),
             "served_live_epoch_s": round(live * per_epoch, 2), "cached_epoch_s": round(cached * per_epoch, 2),
             "student_alone_epoch_s": round(alone * per_epoch, 2), "cache_teacher_s": round(cache_s, 1),
@@ -394,6 +403,9 @@ def _print_cached(c: dict[str, Any]) -> None:
                       ("student alone (states replayed from memory)", "student_alone")):
         step = c[f"{key}_step_s"]
         print(f"| {name} | {step * 1e3:.1f} | {c[f'{key}_epoch_s']:.2f} | {step / c['student_alone_step_s']:.2f} |")
+    if "cached_step_s_runs" in c:
+        print(f"\nstep s of each alternated run: cached {c['cached_step_s_runs']}, "
+              f"student alone {c['student_alone_step_s_runs']} (medians above)")
     print(f"\ncache-teacher (bf16, every record, in-process): {c['cache_teacher_s']:.1f} s")
 
 
