@@ -106,11 +106,18 @@ def summarise(res: dict[str, Any]) -> dict[str, Any]:
             "by_steps": by_steps}
 
 
-def plan_entropy(history: list[dict[str, float]], last: int = 50) -> dict[str, float]:
-    """Mean over the last `last` steps of each logged OT plan entropy / log(nm) (1 = the product plan)."""
-    tail = history[-last:]
-    keys = sorted({k for h in tail for k in h if k.startswith("entropy/")})
-    return {k.removeprefix("entropy/"): statistics.mean(h[k] for h in tail if k in h) for k in keys}
+def plan_entropy(run_dir: Path, last_steps: int = 50) -> dict[str, float]:
+    """Mean OT plan entropy / log(nm) (1 = the product plan) of each Cross-CoT pair and layer pair
+    over the run's last `last_steps` steps, from its metrics.jsonl (train/ot/entropy/<name>, logged
+    every logging.log_every steps); {} for a run without OT."""
+    path = run_dir / "metrics.jsonl"
+    rows = [r for r in map(json.loads, path.read_text().splitlines() if path.exists() else []) if "train/loss" in r]
+    if not rows:
+        return {}
+    end = max(int(r["step"]) for r in rows)
+    tail = [r for r in rows if int(r["step"]) > end - last_steps]
+    keys = sorted({k for r in tail for k in r if "/entropy/" in k})
+    return {k.split("/entropy/", 1)[1]: statistics.mean(r[k] for r in tail if k in r) for k in keys}
 
 
 def dev_curve(run_dir: Path) -> list[tuple[int, float]]:
@@ -126,8 +133,9 @@ def dev_curve(run_dir: Path) -> list[tuple[int, float]]:
 
 def term_grad_norms(cfg: Any, model_dir: Path | None, steps: int = 8) -> dict[str, float]:
     """What each term of L = (1 - lambda) CE + lambda (KD + w OT) adds to the step: the norm of each
-    weighted term's gradient w.r.t. the student's weights, summed over a global batch's micro-batches,
-    mean over the run's first `steps` global batches. At the exported student `model_dir` (with its
+    weighted term's gradient w.r.t. the student's weights over a global batch (every replica's
+    micro-batches, as the data-parallel step sums them), mean over the run's first `steps` global
+    batches. At the exported student `model_dir` (with its
     loss modules: projectors) or, None, at the run's initial student. Also the mean cosine of each
     distillation term's gradient with the CE gradient ("cos/kd", "cos/ot"). The teacher runs in this
     process (the sweep's teacher is small). Losses built by `Distiller` only (not multilevel_ot)."""
@@ -155,12 +163,13 @@ def term_grad_norms(cfg: Any, model_dir: Path | None, steps: int = 8) -> dict[st
     final = num_layers(student)
     want = needs(cfg.loss)
     plan = plan_step(loss_fn, final, teacher.final_layer, want.teacher, want.aux)
-    sampler = GlobalBatchSampler(len(samples), cfg.train.micro_batch_size, cfg.train.grad_accum, 1, cfg.run.seed)
+    dp = cfg.student.parallel.dp  # the step's global batch: every replica's micro-batches
+    sampler = GlobalBatchSampler(len(samples), cfg.train.micro_batch_size, cfg.train.grad_accum, dp, cfg.run.seed)
     params = [q for q in student.parameters() if q.requires_grad]
     pad = {"student": s_tok.pad_token_id, "teacher": t_tok.pad_token_id}
     out: dict[str, float] = {}
     for step in range(steps):
-        micro = sampler.micro_batches(step, 0)
+        micro = [m for r in range(dp) for m in sampler.micro_batches(step, r)]
         tokens, examples = float(sum(response_tokens(samples, m) for m in micro)), float(sum(map(len, micro)))
         grads: dict[str, torch.Tensor] = {}
         for idx in micro:
@@ -332,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
             rec = {"row": row, "seed": seed, **summarise(evaluate_model(cfg, res.export_dir)),
                    "greedy_em": greedy_em(cfg, res.export_dir), "cot_em": greedy_em(cfg, res.export_dir, "cot"),
                    "dev_em": float("nan") if res.best_dev is None else res.best_dev, "steps": res.steps,
-                   "early_stopped": res.early_stopped, "entropy": plan_entropy(res.history),
+                   "early_stopped": res.early_stopped, "entropy": plan_entropy(cfg.run_dir),
                    "dev_curve": dev_curve(cfg.run_dir), "train_s": train_s, "wall_s": time.perf_counter() - t}
             records.append(rec)
             with log_path.open("a") as f:

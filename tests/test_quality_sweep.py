@@ -44,13 +44,17 @@ def test_table_is_mean_and_std_over_seeds() -> None:
 
 
 def test_plan_entropy_and_dev_curve(tmp_path: Path) -> None:
-    history = [{"step": i, "loss": 1.0, "entropy/main_main": 0.5 + i, "entropy/layer0_0": 1.0} for i in range(60)]
-    ent = quality.plan_entropy(history, last=10)
-    assert ent == {"layer0_0": 1.0, "main_main": statistics.mean(0.5 + i for i in range(50, 60))}
-    (tmp_path / "metrics.jsonl").write_text('{"step": 100, "train/loss": 2.0}\n'
-                                            '{"step": 100, "dev/exact_match": 12.5}\n'
-                                            '{"step": 200, "dev/exact_match": 20.0}\n')
-    assert quality.dev_curve(tmp_path) == [(100, 12.5), (200, 20.0)]
+    import json
+
+    rows = [{"step": i, "train/loss": 1.0, "train/ot/entropy/main_main": 0.5 + i, "train/ot/entropy/layer0_0": 1.0,
+             "train/ot/main_main": 3.0} for i in range(10, 101, 10)]
+    rows.insert(3, {"step": 40, "dev/exact_match": 12.5})
+    rows.append({"step": 200, "dev/exact_match": 20.0})
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ent = quality.plan_entropy(tmp_path, last_steps=30)  # the rows of steps 80, 90, 100
+    assert ent == {"layer0_0": 1.0, "main_main": statistics.mean([80.5, 90.5, 100.5])}
+    assert quality.dev_curve(tmp_path) == [(40, 12.5), (200, 20.0)]
+    assert quality.plan_entropy(tmp_path / "nothing") == {}
 
 
 @pytest.mark.parametrize("row", list(quality.ROWS))
@@ -116,7 +120,8 @@ def test_term_gradient_norms_add_up_to_the_training_step_gradient(tiny_task: dic
     from cot2align.train import micro_batch_loss, plan_step, response_tokens
 
     cfg = Config.from_dict(tiny_job_config(tiny_task, teacher_dir, tmp_path, "grads", loss={"name": "dskd"},
-                                           train={"micro_batch_size": 2, "grad_accum": 2}))
+                                           train={"micro_batch_size": 2, "grad_accum": 2},
+                                           student={"parallel": {"dp": 2}}))
     norms = quality.term_grad_norms(cfg, None, steps=1)
     assert set(norms) == {"ce", "kd", "cos/kd"} and norms["ce"] > 0 and norms["kd"] > 0
 
@@ -127,7 +132,8 @@ def test_term_gradient_norms_add_up_to_the_training_step_gradient(tiny_task: dic
     teacher = ColocatedTeacher(load_model(teacher_dir))
     loss_fn = distill_loss(cfg, student, hidden_size(teacher.model), s_tok, t_tok)
     plan = plan_step(loss_fn, num_layers(student), teacher.final_layer, True, False)
-    micro = GlobalBatchSampler(len(samples), 2, 2, 1, cfg.run.seed).micro_batches(0, 0)
+    sampler = GlobalBatchSampler(len(samples), 2, 2, 2, cfg.run.seed)
+    micro = sampler.micro_batches(0, 0) + sampler.micro_batches(0, 1)  # both replicas' step 0
     tokens = float(sum(response_tokens(samples, m) for m in micro))
     for idx in micro:
         batch = collate([samples[i] for i in idx], {"student": s_tok.pad_token_id, "teacher": t_tok.pad_token_id})
