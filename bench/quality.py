@@ -309,6 +309,12 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     log_path = out.with_suffix(".jsonl")
     records = [json.loads(x) for x in log_path.read_text().splitlines()] if log_path.exists() else []
+    stale = [r for r in records if not r.get("entropy") and ROWS.get(r["row"], {}).get("loss", {}).get("name")
+             == "cot2align"]  # written before plan_entropy read the run's metrics: fill in from the run
+    for rec in stale:
+        rec["entropy"] = plan_entropy(Path(base.run.output_dir) / base.run.name / run_name(base, rec["row"], rec["seed"]))
+    if stale:
+        log_path.write_text("".join(json.dumps(r) + "\n" for r in records))
 
     t0 = time.perf_counter()
     pinned = prepare(base, teacher_cache=not args.no_teacher_cache)
