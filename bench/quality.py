@@ -230,6 +230,8 @@ def table(records: list[dict[str, Any]], teacher: dict[str, float] | None) -> st
     if teacher:
         lines.append(f"| teacher (CoT prompt) | - | {teacher['exact_match']:.1f} | {teacher['greedy_em']:.1f} | "
                      f"{teacher['greedy_em']:.1f} | {teacher['held_out_em']:.1f} | - | - | - | - |")
+        if "std_greedy_em" in teacher:
+            lines.append(f"| teacher (std prompt) | - | - | {teacher['std_greedy_em']:.1f} | - | - | - | - | - | - |")
     for row in ROWS:
         rs = [r for r in records if r["row"] == row]
         if not rs:
@@ -239,6 +241,64 @@ def table(records: list[dict[str, Any]], teacher: dict[str, float] | None) -> st
         lines.append(f"| {row} | {len(rs)} | " + " | ".join(cells) +
                      f" | {early}/{len(rs)} | {statistics.median(r['wall_s'] for r in rs) / 60:.1f} |")
     return "\n".join(lines)
+
+
+def _rows_of(records: list[dict[str, Any]]) -> list[tuple[str, list[dict[str, Any]]]]:
+    """(row, its records) in ROWS order, rows without records left out."""
+    return [(row, rs) for row in ROWS if (rs := [r for r in records if r["row"] == row])]
+
+
+def _grid(title: str, columns: list[str], lines: list[list[str]]) -> str:
+    return "\n".join([title, "", "| " + " | ".join(columns) + " |", "|---" * len(columns) + "|",
+                      *("| " + " | ".join(x) + " |" for x in lines)])
+
+
+def by_steps_table(records: list[dict[str, Any]]) -> str:
+    """Test EM (std prompt, sampled) by the number of reasoning steps of the problem, mean +- std over seeds."""
+    counts = sorted({k for r in records for k in r.get("by_steps", {})}, key=int)
+    return _grid("Test exact match by reasoning steps (std prompt, sampled; the longest are held out of training)",
+                 ["method", "seeds", *(f"{k} steps" for k in counts)],
+                 [[row, str(len(rs)), *(_mean_std([r["by_steps"][k] for r in rs if k in r.get("by_steps", {})])
+                                        for k in counts)] for row, rs in _rows_of(records)])
+
+
+def entropy_table(records: list[dict[str, Any]]) -> str:
+    """Plan entropy / log(nm) per Cross-CoT pair and layer pair at the end of training, mean over seeds."""
+    rows = [(row, rs) for row, rs in _rows_of(records) if any(r.get("entropy") for r in rs)]
+    keys = sorted({k for _, rs in rows for r in rs for k in r.get("entropy", {})})
+    return _grid("OT plan entropy / log(nm) over the last 50 steps (1 = the product of the marginals: no alignment)",
+                 ["method", "seeds", *keys],
+                 [[row, str(len(rs)), *(_mean_std([r["entropy"][k] for r in rs if k in r.get("entropy", {})], 3)
+                                        for k in keys)] for row, rs in rows])
+
+
+def curves_table(records: list[dict[str, Any]]) -> str:
+    """Dev EM (greedy, std prompt) at every evaluation, mean over the seeds still training at that step."""
+    steps = sorted({int(s) for r in records for s, _ in r.get("dev_curve", [])})
+    lines = []
+    for row, rs in _rows_of(records):
+        at = [{int(s): float(v) for s, v in r.get("dev_curve", [])} for r in rs]
+        lines.append([row, str(len(rs)), *(f"{statistics.mean(c[s] for c in at if s in c):.1f}"
+                                           if any(s in c for c in at) else "-" for s in steps)])
+    return _grid("Learning curves: dev exact match (greedy, std prompt), mean over seeds ('-': every seed had "
+                 "stopped early)", ["method", "seeds", *map(str, steps)], lines)
+
+
+def grads_table(grads: dict[str, dict[str, dict[str, float]]]) -> str:
+    """`term_grad_norms` of each row's first seed, at the initial and at the best student."""
+    cols = ["ce", "kd", "ot", "cos/kd", "cos/ot"]
+    lines = [[row, when, *(f"{g[c]:.3g}" if c in g else "-" for c in cols)]
+             for row in ROWS if row in grads for when, g in grads[row].items()]
+    return _grid("Gradient norm of each weighted loss term ((1 - lambda) CE, lambda KD, lambda w OT) w.r.t. the "
+                 "student's weights, mean over the first 8 global batches; cos = cosine with the CE gradient",
+                 ["method (first seed)", "student", "CE", "KD", "OT", "cos(KD, CE)", "cos(OT, CE)"], lines)
+
+
+def report(records: list[dict[str, Any]], teacher: dict[str, float] | None,
+           grads: dict[str, dict[str, dict[str, float]]]) -> str:
+    """The sweep's markdown: the table and the evidence sections (docs/results.md quotes them)."""
+    return "\n\n".join([table(records, teacher), by_steps_table(records), entropy_table(records),
+                         curves_table(records), grads_table(grads)])
 
 
 def run_name(base: Any, row: str, seed: int) -> str:
@@ -323,6 +383,9 @@ def main(argv: list[str] | None = None) -> int:
     prep_s = time.perf_counter() - t0
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
 
+    grads_path = out.parent / f"{out.name}-grads.json"
+    grads = json.loads(grads_path.read_text()) if grads_path.exists() else {}
+
     def write_summary() -> str:
         """The table so far (also after every run: an interrupted sweep keeps its table)."""
         md = table(records, teacher)
@@ -331,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
                    "machine": machine, "config": args.config, "overrides": overrides, "table": md}
         out.with_suffix(".json").write_text(json.dumps(summary, indent=2))
         if args.doc:
-            Path(args.doc).write_text(f"{md}\n")
+            Path(args.doc).write_text(report(records, teacher, grads) + "\n")
         return md
 
     for seed in seeds:  # seed-major: a partial sweep covers every row
@@ -355,8 +418,6 @@ def main(argv: list[str] | None = None) -> int:
             write_summary()
             print(f"{row} seed {seed}: EM {rec['exact_match']:.1f} greedy {rec['greedy_em']:.1f} "
                   f"CoT prompt {rec['cot_em']:.1f} after {res.steps} steps ({rec['wall_s']:.0f} s)", flush=True)
-    grads_path = out.parent / f"{out.name}-grads.json"
-    grads = json.loads(grads_path.read_text()) if grads_path.exists() else {}
     for row in args.rows:  # evidence of what each term adds: the first seed of every row that has a run
         cfg = run_config(base, pinned, row, seeds[0])
         if row in grads or ROWS[row]["loss"]["name"] == "multilevel_ot" or not (cfg.run_dir / "best").is_dir():

@@ -142,3 +142,23 @@ def test_term_gradient_norms_add_up_to_the_training_step_gradient(tiny_task: dic
     full = math.sqrt(sum(float(p.grad.pow(2).sum()) for p in student.parameters() if p.grad is not None))
     ce, kd, cos = norms["ce"], norms["kd"], norms["cos/kd"]
     assert math.isclose(full, math.sqrt(ce**2 + kd**2 + 2 * cos * ce * kd), rel_tol=1e-4)
+
+
+def test_report_sections_average_over_seeds() -> None:
+    records = [{"row": "dskd", "seed": 1, "by_steps": {"2": 10.0, "4": 1.0}, "entropy": {},
+                "dev_curve": [[200, 4.0], [400, 6.0]]},
+               {"row": "dskd", "seed": 2, "by_steps": {"2": 20.0, "4": 3.0}, "entropy": {},
+                "dev_curve": [[200, 8.0]]},  # stopped early: step 400 is the first seed's alone
+               {"row": "cot2align (dskd)", "seed": 1, "by_steps": {"2": 30.0, "4": 5.0},
+                "entropy": {"main_main": 0.5, "layer0_0": 0.9}, "dev_curve": [[200, 1.0], [400, 2.0]]}]
+
+    def cells(md: str, row: str) -> list[str]:
+        return [c.strip() for c in next(x for x in md.splitlines() if x.startswith(f"| {row} |")).split("|")[1:-1]]
+
+    assert cells(quality.by_steps_table(records), "dskd") == ["dskd", "2", "15.0 ± 7.1", "2.0 ± 1.4"]
+    assert cells(quality.curves_table(records), "dskd") == ["dskd", "2", "6.0", "6.0"]
+    assert cells(quality.entropy_table(records), "cot2align (dskd)") == ["cot2align (dskd)", "1", "0.900", "0.500"]
+    assert "| dskd |" not in quality.entropy_table(records)  # no OT, no entropy line
+    grads = {"dskd": {"initial": {"ce": 2.0, "kd": 4.0, "cos/kd": -0.1}, "best": {"ce": 0.5, "kd": 0.25, "cos/kd": 0.7}}}
+    md = quality.grads_table(grads)
+    assert "| dskd | initial | 2 | 4 | - | -0.1 | - |" in md and "| dskd | best | 0.5 | 0.25 | - | 0.7 | - |" in md
