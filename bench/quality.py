@@ -280,8 +280,8 @@ def curves_table(records: list[dict[str, Any]]) -> str:
         at = [{int(s): float(v) for s, v in r.get("dev_curve", [])} for r in rs]
         lines.append([row, str(len(rs)), *(f"{statistics.mean(c[s] for c in at if s in c):.1f}"
                                            if any(s in c for c in at) else "-" for s in steps)])
-    return _grid("Learning curves: dev exact match (greedy, std prompt), mean over seeds ('-': every seed had "
-                 "stopped early)", ["method", "seeds", *map(str, steps)], lines)
+    return _grid("Learning curves: dev exact match (greedy, std prompt), mean over the seeds still training at "
+                 "that step ('-': every seed had stopped early)", ["method", "seeds", *map(str, steps)], lines)
 
 
 def grads_table(grads: dict[str, dict[str, dict[str, float]]]) -> str:
