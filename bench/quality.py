@@ -135,10 +135,10 @@ def term_grad_norms(cfg: Any, model_dir: Path | None, steps: int = 8) -> dict[st
     """What each term of L = (1 - lambda) CE + lambda (KD + w OT) adds to the step: the norm of each
     weighted term's gradient w.r.t. the student's weights over a global batch (every replica's
     micro-batches, as the data-parallel step sums them), mean over the run's first `steps` global
-    batches. At the exported student `model_dir` (with its
-    loss modules: projectors) or, None, at the run's initial student. Also the mean cosine of each
-    distillation term's gradient with the CE gradient ("cos/kd", "cos/ot"). The teacher runs in this
-    process (the sweep's teacher is small). Losses built by `Distiller` only (not multilevel_ot)."""
+    batches. At the exported student `model_dir` (with its loss modules: projectors) or, None, at
+    the run's initial student. Also the mean cosine of each distillation term's gradient with the
+    CE gradient ("cos/kd", "cos/ot"). The teacher runs in this process (the sweep's teacher is
+    small). Losses built by `Distiller` only (not multilevel_ot)."""
     import torch
     import torch.nn.functional as F
 
