@@ -232,10 +232,7 @@ def table(records: list[dict[str, Any]], teacher: dict[str, float] | None) -> st
                      f"{teacher['greedy_em']:.1f} | {teacher['held_out_em']:.1f} | - | - | - | - |")
         if "std_greedy_em" in teacher:
             lines.append(f"| teacher (std prompt) | - | - | {teacher['std_greedy_em']:.1f} | - | - | - | - | - | - |")
-    for row in ROWS:
-        rs = [r for r in records if r["row"] == row]
-        if not rs:
-            continue
+    for row, rs in _rows_of(records):
         cells = [_mean_std([float(r[k]) for r in rs], 0 if k == "steps" else 1) for k in COLUMNS]
         early = sum(bool(r.get("early_stopped")) for r in rs)
         lines.append(f"| {row} | {len(rs)} | " + " | ".join(cells) +

@@ -71,6 +71,11 @@ from cot2align.recipes.served import launch_local  # noqa: E402
 STEPS = 8
 PINNED_STEPS = 12
 CACHED_STEPS = 16
+QUIET_SHORT_RUN: dict[str, Any] = {
+    "eval": {"dev_limit": 1, "max_new_tokens": 1, "seeds": [1]},
+    "logging": {"wandb_mode": "disabled", "progress": False, "log_every": 1},
+}
+"""Overrides of every benchmark run: a token-long dev evaluation, metrics every step, no W&B."""
 
 
 def _artefacts(cfg: Config, work: Path) -> tuple[dict[str, Any], str]:
@@ -526,8 +531,7 @@ def main() -> None:
             "cot": {"enabled": False},
             "train": {"max_steps": STEPS, "micro_batch_size": 8, "grad_accum": 1},
             "student": {"parallel": {"dp": 2}},
-            "eval": {"dev_limit": 1, "max_new_tokens": 1, "seeds": [1]},
-            "logging": {"wandb_mode": "disabled", "progress": False, "log_every": 1},
+            **QUIET_SHORT_RUN,
             "runtime": {"timeout_s": 120},
         })
         colocated = {"train": {"grad_accum": 2}}  # the same global batches as 2 student replicas
@@ -602,8 +606,7 @@ def _bench_base(work: Path) -> tuple[Config, str]:
         "cot": {"enabled": False},
         "train": {"max_steps": STEPS, "micro_batch_size": 8, "grad_accum": 1},
         "student": {"parallel": {"dp": 2}},
-        "eval": {"dev_limit": 1, "max_new_tokens": 1, "seeds": [1]},
-        "logging": {"wandb_mode": "disabled", "progress": False, "log_every": 1},
+        **QUIET_SHORT_RUN,
         "runtime": {"timeout_s": 120},
     }), source
 
@@ -615,8 +618,7 @@ def _preset_base(preset: Path, work: Path) -> tuple[Config, str]:
     layout = f"{t.tp * t.pp} {cfg.runtime.teacher_backend} teacher ranks (tp {t.tp} x pp {t.pp}) + 1 student"
     return cfg.merged({
         "run": {"output_dir": str(work / "runs"), "resume": False},
-        "eval": {"dev_limit": 1, "max_new_tokens": 1, "seeds": [1]},
-        "logging": {"wandb_mode": "disabled", "progress": False, "log_every": 1},
+        **QUIET_SHORT_RUN,
         "runtime": {"timeout_s": 300},
     }), layout
 
