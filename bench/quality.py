@@ -305,10 +305,12 @@ def run_name(base: Any, row: str, seed: int) -> str:
 
 def run_config(base: Any, pinned: dict[str, Any], row: str, seed: int) -> Any:
     """The validated config of one (row, seed) run."""
+    from cot2align.recipes.served import without_teacher_ranks
+
     cfg = base.merged(pinned).merged(ROWS[row]).merged({"run": {
         "seed": seed, "name": run_name(base, row, seed), "output_dir": str(Path(base.run.output_dir) / base.run.name)}})
-    if cfg.teacher.cache.mode == "read":
-        cfg = cfg.merged({"teacher": {"cache": {"dir": cache_dir(cfg)}}})
+    if cfg.teacher.cache.mode == "read":  # as the run records it (its saved config.yaml)
+        cfg = without_teacher_ranks(cfg.merged({"teacher": {"cache": {"dir": cache_dir(cfg)}}}))
     cfg.validate()
     return cfg
 

@@ -14,7 +14,7 @@ from cot2align.distributed.topology import Topology
 from cot2align.launch.slurm import Partition, render_sbatch, sbatch_parameters
 from cot2align.modelspec import ModelSpec, load_model_spec, model_spec_from_hf_config, resolve_model_config
 from cot2align.plan import CachedLayout, Plan, WorkloadSpec, cached_plan, plan, teacher_memory
-from cot2align.recipes.served import check_served
+from cot2align.recipes.served import check_served, without_teacher_ranks
 
 SIZE_KEYS: dict[str, str] = {
     "tp": "teacher.parallel.tp",
@@ -236,8 +236,8 @@ def prepare(cfg: Config, world_size: int | None = None) -> Prepared:
 def students_only(cfg: Config, world: int) -> Config:
     """`cfg` as a run from the teacher-state cache on `world` ranks: teacher replicas 0 (tp = pp = 1),
     every rank a student (student.parallel.dp = world), teacher.cache.mode=read."""
-    return cfg.merged({"teacher": {"parallel": {"replicas": 0, "tp": 1, "pp": 1}, "cache": {"mode": "read"}},
-                       "student": {"parallel": {"dp": world}}, "launch": {"fixed": list(SIZE_KEYS)}})
+    return without_teacher_ranks(cfg).merged({"teacher": {"cache": {"mode": "read"}}, "student": {"parallel": {"dp": world}},
+                                              "launch": {"fixed": list(SIZE_KEYS)}})
 
 
 CACHE_JOB_DIR = "cache-teacher"

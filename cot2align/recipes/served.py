@@ -76,6 +76,12 @@ def check_served(cfg: Config) -> None:
                 f"(got tp={tp.tp}, pp={tp.pp}); use runtime.teacher_backend=megatron to shard it")
 
 
+def without_teacher_ranks(cfg: Config) -> Config:
+    """`cfg` as a run from a complete teacher-state cache records it: no teacher rank (replicas 0,
+    tp = pp = 1), every rank a student."""
+    return cfg.merged({"teacher": {"parallel": {"replicas": 0, "tp": 1, "pp": 1}}})
+
+
 def local_world_size(cfg: Config) -> int:
     """World size of a local launch: runtime.world_size, else teacher ranks + students."""
     if cfg.runtime.world_size:
@@ -262,7 +268,7 @@ def launch_local(cfg: Config, world_size: int | None = None, env: dict[str, str]
     (default: none). env: extra environment variables of the ranks (fault injection in tests).
     """
     if cfg.teacher.cache.mode == "read" or (cfg.teacher.cache.mode == "auto" and is_complete(cache_dir(cfg))):
-        cfg = cfg.merged({"teacher": {"parallel": {"replicas": 0, "tp": 1, "pp": 1}}})  # students only
+        cfg = without_teacher_ranks(cfg)
     world = world_size or local_world_size(cfg)
     students = Topology(cfg.teacher.parallel, cfg.student.parallel, world, 0).student_ranks
     results = spawn_world(run_rank, cfg, world, essential=students, grace_s=cfg.runtime.timeout_s + 60, env=env,

@@ -10,10 +10,12 @@ from typing import Any
 
 import pytest
 import torch
+import yaml
 from tiny import STUDENT
 from torch import nn
 
 from cot2align.config import Config
+from cot2align.configbase import changed_keys
 from cot2align.data.sampler import GlobalBatchSampler
 from cot2align.distributed.spawn import spawn_world
 from cot2align.models import load_tokenizer
@@ -21,7 +23,7 @@ from cot2align.recipes import colocated
 from cot2align.recipes.cache import cache_teacher, served_then_cached, teacher_dtype
 from cot2align.recipes.pipeline import distill
 from cot2align.recipes.prepare import read_samples
-from cot2align.recipes.served import launch_local, run_rank
+from cot2align.recipes.served import launch_local, run_rank, without_teacher_ranks
 from cot2align.student.teacher_io import TeacherIO
 from cot2align.teacher.cache import MANIFEST, CacheError, CacheKey
 from cot2align.teacher.colocated import ColocatedTeacher
@@ -60,7 +62,8 @@ def test_served_write_then_student_only_world_gives_the_same_losses(tiny_task: d
                                                                     tmp_path: Path) -> None:
     """1 teacher rank + 2 students writing an fp32 cache while serving (5 of 12 steps of an epoch: the
     teacher computes the rest after the last step), then a world of 2 students and NO teacher rank
-    reading it: every step's loss parts and gradient norm are equal."""
+    reading it: every step's loss parts and gradient norm are equal. The read run records its config
+    as `without_teacher_ranks` gives it (the quality sweep resumes a run whose config is unchanged)."""
 
     live_cfg = _cfg(tiny_task, teacher_dir, tmp_path, "live", mode="served", cache="write", dp=2)
     live = launch_local(live_cfg, timeout_s=300)
@@ -68,6 +71,8 @@ def test_served_write_then_student_only_world_gives_the_same_losses(tiny_task: d
     cached_cfg = _cfg(tiny_task, teacher_dir, tmp_path, "cached", mode="served", cache="read", dp=2)
     ranks = launch_local(cached_cfg, timeout_s=300, return_all=True)
     assert len(ranks) == 2  # students only
+    saved = yaml.safe_load((cached_cfg.run_dir / "config.yaml").read_text())
+    assert changed_keys(saved, without_teacher_ranks(cached_cfg).to_dict()) == []  # what resumes compare
     cached = ranks[0]
     assert len(live.history) == len(cached.history) == 5
     for key in live.history[0]:
