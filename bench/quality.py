@@ -3,6 +3,7 @@
     python bench/quality.py --seeds 1 2 3            # the sweep (configs/experiments/quality.yaml)
     python bench/quality.py --rows sft "cot2align (dskd)" --seeds 1   # a subset
     python bench/quality.py --quick                  # a smoke run: a few steps per row, one seed
+    python bench/quality.py --config configs/experiments/quality-long.yaml --rows ... --seeds 1   # 2x budget
 
 Stage 1 (once, cached under run.work_dir): the data, the teacher SFT, the teacher-written
 rationales and the teacher-state caches (cache-teacher), with the config's run.seed. Stage 2: for
@@ -246,7 +247,7 @@ def _rows_of(records: list[dict[str, Any]]) -> list[tuple[str, list[dict[str, An
 
 
 def _grid(title: str, columns: list[str], lines: list[list[str]]) -> str:
-    return "\n".join([title, "", "| " + " | ".join(columns) + " |", "|---" * len(columns) + "|",
+    return "\n".join([f"**{title}**", "", "| " + " | ".join(columns) + " |", "|---" * len(columns) + "|",
                       *("| " + " | ".join(x) + " |" for x in lines)])
 
 
@@ -298,6 +299,15 @@ def report(records: list[dict[str, Any]], teacher: dict[str, float] | None,
                          curves_table(records), grads_table(grads)])
 
 
+def write_doc(path: Path, md: str, name: str) -> None:
+    """Write the report to `path`: between its `<!-- tables NAME ... -->` and `<!-- /tables -->` lines
+    when it has them (NAME: the sweep's --out name), so the hand-written text around them stays;
+    else the whole file."""
+    block = re.compile(rf"(<!-- tables {re.escape(name)}[:\s][^\n]*-->\n).*?(\n<!-- /tables -->)", re.S)
+    text = path.read_text() if path.is_file() else ""
+    path.write_text(block.sub(lambda m: m[1] + md + m[2], text, count=1) if block.search(text) else md + "\n")
+
+
 def run_name(base: Any, row: str, seed: int) -> str:
     """run.name of one (row, seed) run: `<row>-seed<k>` (its folder: `<output_dir>/<sweep name>/<run.name>`)."""
     return f"{re.sub(r'[^A-Za-z0-9.]+', '_', row).strip('_')}-seed{seed}"
@@ -341,8 +351,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", default=str(REPO / "configs" / "experiments" / "quality.yaml"))
     ap.add_argument("--rows", nargs="*", default=list(ROWS), help="row names (default: all)")
     ap.add_argument("--seeds", nargs="*", type=int, default=[1, 2, 3])
-    ap.add_argument("--out", default=str(REPO / "bench" / "results" / "quality"))
-    ap.add_argument("--doc", default="", help="also write the markdown table to this file")
+    ap.add_argument("--out", default="", help="results path without suffix (default: bench/results/<run.name>)")
+    ap.add_argument("--doc", default="", help="also write the tables to this markdown file (between its "
+                    "'<!-- tables OUT-NAME -->' and '<!-- /tables -->' lines when it has them)")
     ap.add_argument("--quick", action="store_true", help="smoke run: 3 steps per row, one seed")
     ap.add_argument("--no-teacher-cache", action="store_true",
                     help="run the teacher in every run instead of reading the teacher-state cache")
@@ -364,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
                       "run.name=quality-quick"]
         seeds = seeds[:1]
     base = load_config(args.config, overrides)
-    out = Path(args.out + ("-quick" if args.quick else ""))
+    out = Path(args.out + ("-quick" if args.quick else "") if args.out else REPO / "bench" / "results" / base.run.name)
     out.parent.mkdir(parents=True, exist_ok=True)
     log_path = out.with_suffix(".jsonl")
     records = [json.loads(x) for x in log_path.read_text().splitlines()] if log_path.exists() else []
@@ -393,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
                    "machine": machine, "config": args.config, "overrides": overrides, "table": md}
         out.with_suffix(".json").write_text(json.dumps(summary, indent=2))
         if args.doc:
-            Path(args.doc).write_text(report(records, teacher, grads) + "\n")
+            write_doc(Path(args.doc), report(records, teacher, grads), out.name)
         return md
 
     for seed in seeds:  # seed-major: a partial sweep covers every row

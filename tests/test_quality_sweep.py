@@ -162,3 +162,29 @@ def test_report_sections_average_over_seeds() -> None:
     grads = {"dskd": {"initial": {"ce": 2.0, "kd": 4.0, "cos/kd": -0.1}, "best": {"ce": 0.5, "kd": 0.25, "cos/kd": 0.7}}}
     md = quality.grads_table(grads)
     assert "| dskd | initial | 2 | 4 | - | -0.1 | - |" in md and "| dskd | best | 0.5 | 0.25 | - | 0.7 | - |" in md
+
+
+def test_doc_tables_go_between_the_markers_of_their_sweep(tmp_path: Path) -> None:
+    page = tmp_path / "results.md"
+    page.write_text("# Results\n<!-- tables quality-long: cmd -->\nlong\n<!-- /tables -->\ntext\n"
+                    "<!-- tables quality: cmd -->\nold | table\n<!-- /tables -->\n## After\n")
+    quality.write_doc(page, "| new |", "quality")
+    assert page.read_text() == ("# Results\n<!-- tables quality-long: cmd -->\nlong\n<!-- /tables -->\ntext\n"
+                                "<!-- tables quality: cmd -->\n| new |\n<!-- /tables -->\n## After\n")
+    quality.write_doc(page, "| newer |\n\n**more**", "quality-long")
+    assert page.read_text().startswith("# Results\n<!-- tables quality-long: cmd -->\n| newer |\n\n**more**\n"
+                                       "<!-- /tables -->\ntext\n<!-- tables quality: cmd -->\n| new |\n")
+    plain = tmp_path / "table.md"
+    quality.write_doc(plain, "| t |", "quality")
+    assert plain.read_text() == "| t |\n"
+
+
+def test_the_long_budget_setting_changes_only_the_budget() -> None:
+    """quality-long.yaml reuses the sweep's teacher, data and caches: only its name and budget differ."""
+    from cot2align.config import load_config
+    from cot2align.configbase import changed_keys
+
+    base = load_config(str(REPO / "configs" / "experiments" / "quality.yaml"), [])
+    long = load_config(str(REPO / "configs" / "experiments" / "quality-long.yaml"), [])
+    assert changed_keys(base.to_dict(), long.to_dict()) == ["run.name", "train.max_steps", "train.patience"]
+    assert long.train.max_steps == 2 * base.train.max_steps and long.train.patience == 0
