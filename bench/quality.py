@@ -299,13 +299,23 @@ def report(records: list[dict[str, Any]], teacher: dict[str, float] | None,
                          curves_table(records), grads_table(grads)])
 
 
-def write_doc(path: Path, md: str, name: str) -> None:
-    """Write the report to `path`: between its `<!-- tables NAME ... -->` and `<!-- /tables -->` lines
-    when it has them (NAME: the sweep's --out name), so the hand-written text around them stays;
-    else the whole file."""
-    block = re.compile(rf"(<!-- tables {re.escape(name)}[:\s][^\n]*-->\n).*?(\n<!-- /tables -->)", re.S)
+def _doc_block(path: Path, name: str) -> tuple[str, re.Match[str] | None]:
+    """The page's text and its `<!-- tables NAME ... -->` ... `<!-- /tables -->` block (None: the page
+    has no markers at all, so the report is the whole file). A page with other sweeps' markers only
+    is an error (ValueError naming the file and the line it lacks): overwriting it would lose it."""
     text = path.read_text() if path.is_file() else ""
-    path.write_text(block.sub(lambda m: m[1] + md + m[2], text, count=1) if block.search(text) else md + "\n")
+    block = re.search(rf"(<!-- tables {re.escape(name)}[:\s][^\n]*-->\n).*?(\n<!-- /tables -->)", text, re.S)
+    if block is None and "<!-- tables" in text:
+        raise ValueError(f"{path}: has no '<!-- tables {name} -->' ... '<!-- /tables -->' block for the tables of "
+                         f"this sweep (--out name {name!r}); add one, or pass another --doc")
+    return text, block
+
+
+def write_doc(path: Path, md: str, name: str) -> None:
+    """Write the report `md` to `path`: between its table markers for the sweep `name` (the --out
+    name) when it has them, so the hand-written text around them stays; else the whole file."""
+    text, block = _doc_block(path, name)
+    path.write_text(text[:block.end(1)] + md + text[block.start(2):] if block else md + "\n")
 
 
 def run_name(base: Any, row: str, seed: int) -> str:
@@ -377,6 +387,11 @@ def main(argv: list[str] | None = None) -> int:
     base = load_config(args.config, overrides)
     out = Path(args.out + ("-quick" if args.quick else "") if args.out else REPO / "bench" / "results" / base.run.name)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if args.doc:
+        try:
+            _doc_block(Path(args.doc), out.name)
+        except ValueError as e:
+            ap.error(str(e))
     log_path = out.with_suffix(".jsonl")
     records = [json.loads(x) for x in log_path.read_text().splitlines()] if log_path.exists() else []
     stale = [r for r in records if not r.get("entropy") and ROWS.get(r["row"], {}).get("loss", {}).get("name")

@@ -177,6 +177,9 @@ def test_doc_tables_go_between_the_markers_of_their_sweep(tmp_path: Path) -> Non
     plain = tmp_path / "table.md"
     quality.write_doc(plain, "| t |", "quality")
     assert plain.read_text() == "| t |\n"
+    with pytest.raises(ValueError, match=r"results.md: has no '<!-- tables other -->'"):
+        quality.write_doc(page, "| t |", "other")  # would lose the page
+    assert "| newer |" in page.read_text()
 
 
 def test_the_long_budget_setting_changes_only_the_budget() -> None:
