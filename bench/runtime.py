@@ -521,19 +521,9 @@ def main() -> None:
     if args.only_cached:
         return main_cached(args.preset)
     load_start = os.getloadavg()
-    base = load_config(ROOT / "configs" / "embedded.yaml")
     with tempfile.TemporaryDirectory(prefix="bench_runtime_") as tmp:
         work = Path(tmp)
-        arte, source = _artefacts(base, work)
-        base = base.merged({
-            **arte,
-            "run": {"output_dir": str(work / "runs"), "resume": False},
-            "cot": {"enabled": False},
-            "train": {"max_steps": STEPS, "micro_batch_size": 8, "grad_accum": 1},
-            "student": {"parallel": {"dp": 2}},
-            **QUIET_SHORT_RUN,
-            "runtime": {"timeout_s": 120},
-        })
+        base, source = _bench_base(work)
         colocated = {"train": {"grad_accum": 2}}  # the same global batches as 2 student replicas
         megatron = {"runtime": {"mode": "served", "teacher_backend": "megatron"}, "teacher": {"parallel": {"tp": 2}}}
         rows = []
