@@ -25,7 +25,7 @@ from cot2align.recipes.pipeline import distill
 from cot2align.recipes.prepare import read_samples
 from cot2align.recipes.served import launch_local, run_rank, without_teacher_ranks
 from cot2align.student.teacher_io import TeacherIO
-from cot2align.teacher.cache import MANIFEST, CacheError, CacheKey
+from cot2align.teacher.cache import MANIFEST, CacheError, CacheKey, CacheReader, required_entries, stored_key
 from cot2align.teacher.colocated import ColocatedTeacher
 from cot2align.teacher.serve import ServeStats
 
@@ -250,6 +250,40 @@ def test_cache_teacher_then_students_only(tiny_task: dict[str, Path], teacher_di
         {"data": {"max_length": 100}})
     with pytest.raises(CacheError, match="key tokenization"):
         distill(other)
+
+
+def _sharded_writer_cfg(cfg: Config, tp: int, pp: int, world: int) -> Config:
+    return cfg.merged({"runtime": {"teacher_backend": "megatron"}, "student": {"parallel": {"dp": 0}},
+                       "teacher": {"parallel": {"tp": tp, "pp": pp, "replicas": world // (tp * pp)}}})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tp, pp, world", [(2, 1, 2), (1, 2, 4)], ids=["tp2", "pp2-x2-replicas"])
+def test_sharded_cache_teacher_writes_what_the_hf_one_writes(tiny_task: dict[str, Path], teacher_dir: Path,
+                                                            tmp_path: Path, tp: int, pp: int, world: int) -> None:
+    """cache-teacher with megatron-core shards (a torch.distributed world: tp 2, or pp 2 x 2 replicas
+    splitting the batches) writes the same key and, for every (sample, format) and layer, the same
+    fp32 states as one HF teacher (up to the rounding of other kernels); a rerun finds it complete."""
+    hf_root = cache_teacher(_cfg(tiny_task, teacher_dir, tmp_path, "hf", cache="write", dtype="float32"))
+    cfg = _sharded_writer_cfg(_cfg(tiny_task, teacher_dir, tmp_path, "mg", cache="write", dtype="float32"),
+                              tp, pp, world).merged({"teacher": {"cache": {"dir": str(tmp_path / "mg-cache")}}})
+    roots = spawn_world(cache_teacher, cfg, world, essential=list(range(world)), grace_s=30, timeout_s=300)
+    mg_root = Path(roots[0])
+    assert roots == [mg_root] * world and (mg_root / MANIFEST).is_file()
+    key = stored_key(hf_root)
+    assert key is not None and stored_key(mg_root) == key
+    writers = {f.name for f in mg_root.glob("part-*.jsonl")}
+    senders = {f"part-r{r}.jsonl" for r in range(world) if r % tp == 0}  # tp rank 0 of every stage
+    assert writers == senders
+    hf, mg = CacheReader(hf_root, key), CacheReader(mg_root, key)
+    entries = sorted(required_entries([s.paired for s in read_samples(
+        Path(cfg.data.train_file), cfg.data, load_tokenizer(tiny_task["tok_student"]),
+        load_tokenizer(tiny_task["tok_teacher"]))], list(key.formats)))
+    assert len(entries) > 20
+    for sample, fmt in entries:
+        torch.testing.assert_close(mg.read(sample, fmt, key.layers), hf.read(sample, fmt, key.layers),
+                                   rtol=1e-4, atol=1e-5, msg=f"{fmt} states of sample {sample}")
+    assert spawn_world(cache_teacher, cfg, world, essential=list(range(world)), grace_s=30, timeout_s=120) == roots
 
 
 @pytest.mark.slow
