@@ -195,9 +195,11 @@ class Prepared:
             cache = self.cfg.teacher.cache
             where = f"into {cache.dir or '<run.work_dir>/teacher-cache'} ({cache.dtype})"
             if self.cfg.runtime.teacher_backend == "megatron":
+                idle = self.world_size - t.replicas * t.tp * t.pp
                 how = (f"{self.world_size} ranks run `cot2align cache-teacher` as {t.replicas} megatron-core teacher "
-                       f"replica(s) of tp {t.tp} x pp {t.pp}, each forwarding every {t.replicas}-th batch; tp rank 0 "
-                       f"of each stage writes that stage's layers {where}; rank 0 seals the manifest.")
+                       f"replica(s) of tp {t.tp} x pp {t.pp}, each forwarding every {t.replicas}-th batch"
+                       f"{f' ({idle} GPU(s) idle)' if idle else ''}; tp rank 0 of each stage writes that stage's "
+                       f"layers {where}; rank 0 seals the manifest.")
             else:
                 how = (f"{self.world_size} writer(s) run `cot2align cache-teacher` (one HF teacher each, every "
                        f"{self.world_size}-th batch) {where}; the last one to finish seals the manifest.")
@@ -252,8 +254,8 @@ CACHE_JOB_DIR = "cache-teacher"
 def prepare_cache_first(cfg: Config, world_size: int | None = None) -> tuple[Prepared, Prepared]:
     """Two jobs on the same GPUs: (a) cache-teacher, (b) the distillation from the cache.
 
-    (a) runs the teacher layout on every GPU, with teacher.cache.mode=write: replicas = world /
-    (tp x pp) writers (`cot2align cache-teacher`, every replicas-th batch each): one whole HF teacher
+    (a) runs the teacher layout on the GPUs, with teacher.cache.mode=write: replicas = floor(world /
+    (tp x pp)) writers (`cot2align cache-teacher`, every replicas-th batch each): one whole HF teacher
     per GPU when tp = pp = 1, else megatron-core shards (runtime.teacher_backend=megatron, for a
     teacher no GPU holds alone); (b) is the students-only world (teacher replicas 0, dp = world,
     teacher.cache.mode=read). Raises ConfigError naming the key when the config cannot run this way.
@@ -269,9 +271,9 @@ def prepare_cache_first(cfg: Config, world_size: int | None = None) -> tuple[Pre
     require(size == 1 or cfg.runtime.teacher_backend == "megatron", "runtime.teacher_backend",
             f"is {cfg.runtime.teacher_backend!r}: a teacher sharded tp {t.tp} x pp {t.pp} is run by megatron-core; "
             "set runtime.teacher_backend=megatron (or tp = pp = 1: one whole HF teacher per GPU)")
-    require(world % size == 0, "teacher.parallel.tp" if t.tp > 1 else "teacher.parallel.pp",
-            f"--cache-first runs whole teacher replicas of tp {t.tp} x pp {t.pp} = {size} GPUs on the job's {world} "
-            f"GPUs (cluster.nodes x cluster.gpus_per_node): {world} is not a multiple of {size}")
+    require(world >= size, "teacher.parallel.tp" if t.tp > 1 else "teacher.parallel.pp",
+            f"--cache-first runs whole teacher replicas of tp {t.tp} x pp {t.pp} = {size} GPUs, but the job has "
+            f"{world} (cluster.nodes x cluster.gpus_per_node)")
     specs = _model_specs(cfg)
     wl = workload_for(cfg)
     if not isinstance(specs, str):

@@ -255,23 +255,30 @@ def _log_written(rank: int, positions: int, seconds: float, written: int) -> Non
 
 def _write_sharded(cfg: Config, p: Paths, samples: list[Sample], batches: list[list[int]], fmts: list[str],
                    required: set[tuple[int, str]], pad_ids: dict[str, int]) -> Path:
-    """cache-teacher with the megatron teacher: replicas = world / (tp x pp) shards of it; the ranks
-    of a replica forward every replicas-th batch together, and tp rank 0 of each pipeline stage
-    writes the layers its stage holds (as it would serve them). Rank 0 seals the cache once every
-    writer has closed. A resumed job skips what the folder holds (rank 0's reading, for all)."""
+    """cache-teacher with the megatron teacher: replicas = floor(world / (tp x pp)) shards of it (the
+    ranks left over idle); the ranks of a replica forward every replicas-th batch together, and tp
+    rank 0 of each pipeline stage writes the layers its stage holds (as it would serve them). Rank 0
+    seals the cache once every writer has closed. A resumed job skips what the folder holds (rank
+    0's reading, for all)."""
     unset = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
     require(not unset, "runtime.teacher_backend",
             f"is megatron: cache-teacher then runs tp x pp ranks per teacher replica as one torch.distributed job, "
             f"but {', '.join(unset)} is not set; start it with torchrun --nproc-per-node N or "
             "launcher/submit.py --cache-first")
+    t, rank, world = cfg.teacher.parallel, int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    size = t.tp * t.pp
+    require(world >= size, "teacher.parallel.tp",
+            f"cache-teacher runs whole teacher replicas of tp x pp = {t.tp} x {t.pp} = {size} ranks: the job has "
+            f"{world} (cluster.nodes x cluster.gpus_per_node)")
+    used = world // size * size
+    if rank >= used:  # the GPUs left over by whole replicas (e.g. 64 GPUs, replicas of 10)
+        log.info("cache-teacher rank %d: idle (%d replicas of %d ranks use ranks 0-%d)", rank, used // size, size,
+                 used - 1)
+        return cache_dir(cfg)
+    os.environ["WORLD_SIZE"] = str(used)
     init_world(cfg.runtime, cfg.train.threads)
     try:
-        t, world, rank = cfg.teacher.parallel, dist.get_world_size(), dist.get_rank()
-        size = t.tp * t.pp
-        require(world % size == 0, "teacher.parallel.tp",
-                f"cache-teacher runs whole teacher replicas of tp x pp = {t.tp} x {t.pp} = {size} ranks: the "
-                f"job's {world} processes (cluster.nodes x cluster.gpus_per_node) must be a multiple of it")
-        topo = Topology(TeacherParallelConfig(t.tp, t.pp, world // size), StudentParallelConfig(dp=0))
+        topo = Topology(TeacherParallelConfig(t.tp, t.pp, used // size), StudentParallelConfig(dp=0))
         topo.create_groups(timeout=timedelta(seconds=cfg.runtime.startup_timeout_s))
         teacher = MegatronTeacher(p.teacher_model, topo.teacher_pg_collection(), dtype=DTYPES[cfg.teacher.dtype])
         replica = topo.teacher_coord().replica

@@ -150,6 +150,7 @@ def test_cache_first_with_a_sharded_teacher_writes_with_megatron_replicas(tmp_pa
     (["teacher.cache.mode=off"], "teacher.cache.mode"),
     (["teacher.cache.mode=auto", "teacher.parallel.tp=2", "runtime.teacher_backend=hf"], "runtime.teacher_backend"),
     (["teacher.cache.mode=auto", "teacher.parallel.tp=3", "runtime.teacher_backend=megatron"], "teacher.parallel.tp"),
+    (["teacher.cache.mode=auto", "teacher.parallel.tp=8", "runtime.teacher_backend=megatron"], "teacher.parallel.tp"),
     (["teacher.cache.mode=auto", "cluster.gpu_memory_gib=4"], "cluster.gpu_memory_gib"),
 ])
 def test_cache_first_refuses_what_cannot_work_naming_the_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

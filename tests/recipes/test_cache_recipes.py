@@ -254,16 +254,17 @@ def test_cache_teacher_then_students_only(tiny_task: dict[str, Path], teacher_di
 
 def _sharded_writer_cfg(cfg: Config, tp: int, pp: int, world: int) -> Config:
     return cfg.merged({"runtime": {"teacher_backend": "megatron"}, "student": {"parallel": {"dp": 0}},
-                       "teacher": {"parallel": {"tp": tp, "pp": pp, "replicas": world // (tp * pp)}}})
+                       "teacher": {"parallel": {"tp": tp, "pp": pp, "replicas": max(world // (tp * pp), 1)}}})
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("tp, pp, world", [(2, 1, 2), (1, 2, 4)], ids=["tp2", "pp2-x2-replicas"])
+@pytest.mark.parametrize("tp, pp, world", [(2, 1, 3), (1, 2, 4)], ids=["tp2-and-an-idle-rank", "pp2-x2-replicas"])
 def test_sharded_cache_teacher_writes_what_the_hf_one_writes(tiny_task: dict[str, Path], teacher_dir: Path,
                                                             tmp_path: Path, tp: int, pp: int, world: int) -> None:
-    """cache-teacher with megatron-core shards (a torch.distributed world: tp 2, or pp 2 x 2 replicas
-    splitting the batches) writes the same key and, for every (sample, format) and layer, the same
-    fp32 states as one HF teacher (up to the rounding of other kernels); a rerun finds it complete."""
+    """cache-teacher with megatron-core shards (a torch.distributed world: tp 2 on 3 ranks, the third
+    idle; or pp 2 x 2 replicas splitting the batches) writes the same key and, for every (sample,
+    format) and layer, the same fp32 states as one HF teacher (up to the rounding of other
+    kernels); a rerun finds it complete."""
     hf_root = cache_teacher(_cfg(tiny_task, teacher_dir, tmp_path, "hf", cache="write", dtype="float32"))
     cfg = _sharded_writer_cfg(_cfg(tiny_task, teacher_dir, tmp_path, "mg", cache="write", dtype="float32"),
                               tp, pp, world).merged({"teacher": {"cache": {"dir": str(tmp_path / "mg-cache")}}})
@@ -273,7 +274,7 @@ def test_sharded_cache_teacher_writes_what_the_hf_one_writes(tiny_task: dict[str
     key = stored_key(hf_root)
     assert key is not None and stored_key(mg_root) == key
     writers = {f.name for f in mg_root.glob("part-*.jsonl")}
-    senders = {f"part-r{r}.jsonl" for r in range(world) if r % tp == 0}  # tp rank 0 of every stage
+    senders = {f"part-r{r}.jsonl" for r in range(world // (tp * pp) * tp * pp) if r % tp == 0}  # tp rank 0s
     assert writers == senders
     hf, mg = CacheReader(hf_root, key), CacheReader(mg_root, key)
     entries = sorted(required_entries([s.paired for s in read_samples(
