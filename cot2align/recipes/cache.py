@@ -33,6 +33,7 @@ from cot2align.configbase import require
 from cot2align.data.dataset import Sample, collate
 from cot2align.data.sampler import GlobalBatchSampler
 from cot2align.distributed.topology import StudentParallelConfig, TeacherParallelConfig, Topology
+from cot2align.distributed.transport import blame, check_in
 from cot2align.distributed.world import init_world
 from cot2align.logging import log
 from cot2align.losses import DistillLoss
@@ -277,44 +278,58 @@ def _write_sharded(cfg: Config, p: Paths, samples: list[Sample], batches: list[l
         return cache_dir(cfg)
     os.environ["WORLD_SIZE"] = str(used)
     init_world(cfg.runtime, cfg.train.threads)
+    topo = Topology(TeacherParallelConfig(t.tp, t.pp, used // size), StudentParallelConfig(dp=0))
     try:
-        topo = Topology(TeacherParallelConfig(t.tp, t.pp, used // size), StudentParallelConfig(dp=0))
         topo.create_groups(timeout=timedelta(seconds=cfg.runtime.startup_timeout_s))
-        teacher = MegatronTeacher(p.teacher_model, topo.teacher_pg_collection(), dtype=DTYPES[cfg.teacher.dtype])
-        replica = topo.teacher_coord().replica
-        states = MegatronHiddenStates(teacher, sends=topo.teacher_coord().tp_rank == 0)
-        layers = sweep_layers(cfg, states.num_layers)
-        key = cache_key(cfg, p, layers, fmts, int(teacher.hf_config.hidden_size))
-        root = cache_dir(cfg)
-        if is_complete(root):
-            open_reader(cfg, key)  # refuses another key
-            log.info("cache-teacher: %s is complete already", root)
-            return root
-        todo: list[Any] = [{i for i, _ in missing(root, key, required)} if rank == 0 else None]
-        dist.broadcast_object_list(todo)  # every rank of a replica must walk the same batches
-        mine = [b for b in ([i for i in batch if i in todo[0]] for batch in batches[replica::topo.replicas]) if b]
-        sends = [x for x in layers if topo.sender_rank(replica, x, states.num_layers) == rank]
-        writer = CacheWriter(root, key, f"r{rank}", cfg.teacher.cache.shard_mb << 20) if sends else None
-        t0, positions = time.perf_counter(), 0
-        for n, idx in enumerate(mine):
-            batch = collate([samples[i] for i in idx], pad_ids)
-            for fmt in [f for f in fmts if f in batch.seqs["teacher"]]:
-                seq = batch.seqs["teacher"][fmt]
-                hidden = states.hidden(seq, layers)
-                positions += int(seq.resp_mask.sum())
-                if writer is not None:
-                    write_states(writer, idx, fmt, sends, hidden, seq.resp_mask)
-            if n % 50 == 0:
-                log.info("cache-teacher rank %d (replica %d): batch %d of %d", rank, replica, n + 1, len(mine))
-        if writer is not None:
-            writer.close()
-            _log_written(rank, positions, time.perf_counter() - t0, writer.bytes_written)
-        dist.barrier()  # every writer has journaled its shards
-        if rank == 0:
-            if not finalize(root, key, required):
-                raise CacheError(f"teacher cache {root} is incomplete after cache-teacher wrote every sample")
-            log.info("cache-teacher: %s complete", root)
-        dist.barrier()
-        return root
+        return _write_replica_share(cfg, p, topo, samples, batches, fmts, required, pad_ids)
+    except Exception as e:  # a collective failed: name the rank that died, if one did
+        check_in(rank, f"{type(e).__name__}: {str(e).splitlines()[0][:400] if str(e) else ''}")
+        reported = blame(e, topo.teacher_ranks(), rank, lambda r: "cache-teacher rank {} (replica {}, pp {}, tp {})"
+                         .format(r, *topo.teacher_coord(r)))
+        if reported is e:
+            raise
+        raise reported from e
     finally:
         dist.destroy_process_group()
+
+
+def _write_replica_share(cfg: Config, p: Paths, topo: Topology, samples: list[Sample], batches: list[list[int]],
+                         fmts: list[str], required: set[tuple[int, str]], pad_ids: dict[str, int]) -> Path:
+    """This rank's part of `_write_sharded` in a world of teacher ranks only (`topo`)."""
+    rank = topo.rank
+    teacher = MegatronTeacher(p.teacher_model, topo.teacher_pg_collection(), dtype=DTYPES[cfg.teacher.dtype])
+    replica = topo.teacher_coord().replica
+    states = MegatronHiddenStates(teacher, sends=topo.teacher_coord().tp_rank == 0)
+    layers = sweep_layers(cfg, states.num_layers)
+    key = cache_key(cfg, p, layers, fmts, int(teacher.hf_config.hidden_size))
+    root = cache_dir(cfg)
+    if is_complete(root):
+        open_reader(cfg, key)  # refuses another key
+        log.info("cache-teacher: %s is complete already", root)
+        return root
+    todo: list[Any] = [{i for i, _ in missing(root, key, required)} if rank == 0 else None]
+    dist.broadcast_object_list(todo)  # every rank of a replica must walk the same batches
+    mine = [b for b in ([i for i in batch if i in todo[0]] for batch in batches[replica::topo.replicas]) if b]
+    sends = [x for x in layers if topo.sender_rank(replica, x, states.num_layers) == rank]
+    writer = CacheWriter(root, key, f"r{rank}", cfg.teacher.cache.shard_mb << 20) if sends else None
+    t0, positions = time.perf_counter(), 0
+    for n, idx in enumerate(mine):
+        batch = collate([samples[i] for i in idx], pad_ids)
+        for fmt in [f for f in fmts if f in batch.seqs["teacher"]]:
+            seq = batch.seqs["teacher"][fmt]
+            hidden = states.hidden(seq, layers)
+            positions += int(seq.resp_mask.sum())
+            if writer is not None:
+                write_states(writer, idx, fmt, sends, hidden, seq.resp_mask)
+        if n % 50 == 0:
+            log.info("cache-teacher rank %d (replica %d): batch %d of %d", rank, replica, n + 1, len(mine))
+    if writer is not None:
+        writer.close()
+        _log_written(rank, positions, time.perf_counter() - t0, writer.bytes_written)
+    dist.barrier()  # every writer has journaled its shards
+    if rank == 0:
+        if not finalize(root, key, required):
+            raise CacheError(f"teacher cache {root} is incomplete after cache-teacher wrote every sample")
+        log.info("cache-teacher: %s complete", root)
+    dist.barrier()
+    return root

@@ -4,7 +4,9 @@ then students only, and a key mismatch refused before training."""
 
 from __future__ import annotations
 
+import os
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,7 @@ from torch import nn
 from cot2align.config import Config
 from cot2align.configbase import changed_keys
 from cot2align.data.sampler import GlobalBatchSampler
-from cot2align.distributed.spawn import spawn_world
+from cot2align.distributed.spawn import WorldError, spawn_world
 from cot2align.models import load_tokenizer
 from cot2align.recipes import colocated
 from cot2align.recipes.cache import cache_teacher, served_then_cached, teacher_dtype
@@ -27,7 +29,7 @@ from cot2align.recipes.served import launch_local, run_rank, without_teacher_ran
 from cot2align.student.teacher_io import TeacherIO
 from cot2align.teacher.cache import MANIFEST, CacheError, CacheKey, CacheReader, required_entries, stored_key
 from cot2align.teacher.colocated import ColocatedTeacher
-from cot2align.teacher.serve import ServeStats
+from cot2align.teacher.serve import MegatronHiddenStates, ServeStats
 
 
 def _cfg(tiny_task: dict[str, Path], teacher_dir: Path, out: Path, name: str, *, mode: str = "colocated",
@@ -285,6 +287,37 @@ def test_sharded_cache_teacher_writes_what_the_hf_one_writes(tiny_task: dict[str
         torch.testing.assert_close(mg.read(sample, fmt, key.layers), hf.read(sample, fmt, key.layers),
                                    rtol=1e-4, atol=1e-5, msg=f"{fmt} states of sample {sample}")
     assert spawn_world(cache_teacher, cfg, world, essential=list(range(world)), grace_s=30, timeout_s=120) == roots
+
+
+def _rank_1_dies_in_its_second_forward(cfg: Config) -> Path:
+    """cache_teacher, where rank 1 exits (code 17) in its second teacher forward."""
+    if os.environ["RANK"] == "1":
+        live, calls = MegatronHiddenStates.hidden, [0]
+
+        def dying(self: MegatronHiddenStates, seq: Any, layers: list[int]) -> dict[int, torch.Tensor]:
+            calls[0] += 1
+            if calls[0] == 2:
+                os._exit(17)
+            return live(self, seq, layers)
+
+        MegatronHiddenStates.hidden = dying  # type: ignore[method-assign]
+    return cache_teacher(cfg)
+
+
+@pytest.mark.slow
+def test_sharded_cache_teacher_names_a_rank_that_dies(tiny_task: dict[str, Path], teacher_dir: Path,
+                                                      tmp_path: Path) -> None:
+    """tp rank 1 of the replica dies mid-write: rank 0 fails fast (its tensor-parallel collective
+    breaks) with an error naming the dead rank; no seal."""
+    cfg = _sharded_writer_cfg(_cfg(tiny_task, teacher_dir, tmp_path, "dies", cache="write", dtype="float32"), 2, 1, 2)
+    t0 = time.monotonic()
+    with pytest.raises(WorldError) as info:
+        spawn_world(_rank_1_dies_in_its_second_forward, cfg, 2, essential=[0, 1], grace_s=60, timeout_s=240)
+    assert time.monotonic() - t0 < 150
+    failures = info.value.failures
+    assert "exited with code 17" in failures[1]
+    assert "cache-teacher rank 1 (replica 0, pp 0, tp 1) died" in failures[0], failures[0]
+    assert not (tmp_path / "teacher-cache" / MANIFEST).exists()
 
 
 @pytest.mark.slow
