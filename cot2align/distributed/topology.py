@@ -64,10 +64,11 @@ class StudentParallelConfig(ConfigBase):
     """How many student replicas train data-parallel (`student.parallel.*` keys)."""
 
     dp: int = -1
-    """Student data-parallel ranks; -1 = every rank the teachers do not use."""
+    """Student data-parallel ranks; -1 = every rank the teachers do not use; 0 = none (a world of
+    teacher ranks only: the sharded cache-teacher job)."""
 
     def check(self, prefix: str) -> None:
-        require(self.dp == -1 or self.dp >= 1, f"{prefix}.dp", f"must be >= 1 or -1 (auto), got {self.dp}")
+        require(self.dp >= -1, f"{prefix}.dp", f"must be >= 0 or -1 (auto), got {self.dp}")
 
 
 class TeacherCoord(NamedTuple):
@@ -282,7 +283,7 @@ class Topology:
             "pos_embd": [[rk(r, 0, t)] for r in reps for t in tps],
             "single": [[x] for x in self.teacher_ranks()],
             "teacher": [self.teacher_ranks()] if self.replicas else [],
-            "student": [self.student_ranks],
+            "student": [self.student_ranks] if self.student_ranks else [],
             "student_self": [[s] for s in self.student_ranks],
         }
 

@@ -193,10 +193,17 @@ class Prepared:
         t, s = self.cfg.teacher.parallel, self.cfg.student.parallel
         if self.job == "cache-teacher":
             cache = self.cfg.teacher.cache
-            return (f"## Cache-teacher job: {t.replicas} teacher replica(s) x (tp {t.tp} x pp {t.pp}), no students\n\n"
-                    f"{self.world_size} writer(s) run `cot2align cache-teacher` (one HF teacher each, every "
-                    f"{self.world_size}-th batch) into {cache.dir or '<run.work_dir>/teacher-cache'} "
-                    f"({cache.dtype}); the last one to finish seals the manifest.\n")
+            where = f"into {cache.dir or '<run.work_dir>/teacher-cache'} ({cache.dtype})"
+            if self.cfg.runtime.teacher_backend == "megatron":
+                idle = self.world_size - t.replicas * t.tp * t.pp
+                how = (f"{self.world_size} ranks run `cot2align cache-teacher` as {t.replicas} megatron-core teacher "
+                       f"replica(s) of tp {t.tp} x pp {t.pp}, each forwarding every {t.replicas}-th batch"
+                       f"{f' ({idle} GPU(s) idle)' if idle else ''}; tp rank 0 of each stage writes that stage's "
+                       f"layers {where}; rank 0 seals the manifest.")
+            else:
+                how = (f"{self.world_size} writer(s) run `cot2align cache-teacher` (one HF teacher each, every "
+                       f"{self.world_size}-th batch) {where}; the last one to finish seals the manifest.")
+            return f"## Cache-teacher job: {t.replicas} teacher replica(s) x (tp {t.tp} x pp {t.pp}), no students\n\n{how}\n"
         if self.cached is not None:
             return self.cached.to_markdown()
         if self.plan is not None:
@@ -247,10 +254,11 @@ CACHE_JOB_DIR = "cache-teacher"
 def prepare_cache_first(cfg: Config, world_size: int | None = None) -> tuple[Prepared, Prepared]:
     """Two jobs on the same GPUs: (a) cache-teacher, (b) the distillation from the cache.
 
-    (a) runs the teacher layout on every GPU: replicas = world / (tp x pp) writers, each one whole
-    HF teacher (`cot2align cache-teacher`, every replicas-th batch), with teacher.cache.mode=write;
-    (b) is the students-only world (teacher replicas 0, dp = world, teacher.cache.mode=read).
-    Raises ConfigError naming the key when the config cannot run this way.
+    (a) runs the teacher layout on the GPUs, with teacher.cache.mode=write: replicas = floor(world /
+    (tp x pp)) writers (`cot2align cache-teacher`, every replicas-th batch each): one whole HF teacher
+    per GPU when tp = pp = 1, else megatron-core shards (runtime.teacher_backend=megatron, for a
+    teacher no GPU holds alone); (b) is the students-only world (teacher replicas 0, dp = world,
+    teacher.cache.mode=read). Raises ConfigError naming the key when the config cannot run this way.
     """
     mode = cfg.teacher.cache.mode
     require(mode in ("read", "auto"), "teacher.cache.mode",
@@ -258,23 +266,29 @@ def prepare_cache_first(cfg: Config, world_size: int | None = None) -> tuple[Pre
             f"got {mode!r}")
     if world_size:
         cfg = cfg.merged({"cluster": {"nodes": 1, "gpus_per_node": world_size}})
-    t = cfg.teacher.parallel
-    require(t.tp == 1 and t.pp == 1, "teacher.parallel.tp" if t.tp != 1 else "teacher.parallel.pp",
-            f"--cache-first writes the cache with one whole HF teacher per GPU (cot2align cache-teacher), so "
-            f"teacher.parallel.tp and teacher.parallel.pp must be 1 (got tp={t.tp}, pp={t.pp}); for a teacher "
-            "sharded over GPUs use teacher.cache.mode=auto on the served layout instead")
-    world = cfg.cluster.world_size
+    t, world = cfg.teacher.parallel, cfg.cluster.world_size
+    size = t.tp * t.pp
+    require(size == 1 or cfg.runtime.teacher_backend == "megatron", "runtime.teacher_backend",
+            f"is {cfg.runtime.teacher_backend!r}: a teacher sharded tp {t.tp} x pp {t.pp} is run by megatron-core; "
+            "set runtime.teacher_backend=megatron (or tp = pp = 1: one whole HF teacher per GPU)")
+    require(world >= size, "teacher.parallel.tp" if t.tp > 1 else "teacher.parallel.pp",
+            f"--cache-first runs whole teacher replicas of tp {t.tp} x pp {t.pp} = {size} GPUs, but the job has "
+            f"{world} (cluster.nodes x cluster.gpus_per_node)")
     specs = _model_specs(cfg)
     wl = workload_for(cfg)
-    if not isinstance(specs, str) and cfg.launch.plan:  # one whole teacher must fit a GPU
-        tm = teacher_memory(specs[0], cfg.cluster, wl, 1, 1, 1)
-        require(tm.fits, "cluster.gpu_memory_gib",
-                f"--cache-first puts one whole teacher on each GPU: it needs {tm.describe()} > "
-                f"{cfg.cluster.usable_gib:.2f} GiB usable; use teacher.cache.mode=auto on a sharded served layout")
+    if not isinstance(specs, str):
+        teacher = specs[0]
+        writers = Topology(t.merged({"replicas": world // size}), cfg.student.parallel.merged({"dp": 0}), world, 0)
+        writers.check_teacher_model(teacher.num_layers, teacher.num_heads, teacher.num_kv_heads)
+        if cfg.launch.plan:  # one replica's shard must fit a GPU
+            tm = teacher_memory(teacher, cfg.cluster, wl, t.tp, t.pp, 1)
+            require(tm.fits, "cluster.gpu_memory_gib",
+                    f"--cache-first puts a tp {t.tp} x pp {t.pp} teacher shard on each GPU: it needs {tm.describe()} "
+                    f"> {cfg.cluster.usable_gib:.2f} GiB usable; raise teacher.parallel.tp or pp")
     run_dir = cfg.run_dir.resolve()
     write = cfg.merged({
-        "teacher": {"parallel": {"tp": 1, "pp": 1, "replicas": world}, "cache": {"mode": "write"}},
-        "student": {"parallel": {"dp": 1}},  # unused: the cache job has no students
+        "teacher": {"parallel": {"replicas": world // size}, "cache": {"mode": "write"}},
+        "student": {"parallel": {"dp": 0}},  # the cache job has no students
         "launch": {"slurm": {"job_name": f"{cfg.launch.slurm.job_name or cfg.run.name}-cache-teacher"}},
     })
     write.validate()

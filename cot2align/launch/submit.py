@@ -16,8 +16,9 @@ runs `cot2align.recipes.served.run_rank`; on preemption or time-out submitit cal
 and requeues the job, which resumes from `<run_dir>/checkpoints/latest`.
 
 With `--cache-first` (config with teacher.cache.mode=read or auto) the launcher runs two jobs on the
-same GPUs: (a) `cot2align cache-teacher` with one whole teacher per GPU (teacher.parallel.tp = pp =
-1; replicas = GPUs), its run directory `<run_dir>/cache-teacher/`; then (b) the distillation as a
+same GPUs: (a) `cot2align cache-teacher` on the teacher layout (replicas = GPUs / (tp x pp): one
+whole HF teacher per GPU, or megatron-core shards), its run directory `<run_dir>/cache-teacher/`;
+then (b) the distillation as a
 world of students only (teacher replicas 0, student.parallel.dp = GPUs, teacher.cache.mode=read). On
 Slurm (b) is submitted with `--dependency=afterok:<job a>`; on this machine (b) starts when (a) ends.
 
@@ -116,9 +117,9 @@ def _task_config(config: dict[str, Any]) -> Config:
 
 
 class CacheTask:
-    """One task of the cache-teacher job = one cache writer (`cot2align cache-teacher` with this task's
-    RANK / WORLD_SIZE: every WORLD_SIZE-th batch); requeued on time-out, it continues where its
-    journal ends."""
+    """One task of the cache-teacher job = one rank of `cot2align cache-teacher` (this task's RANK /
+    WORLD_SIZE: a whole HF teacher writing every WORLD_SIZE-th batch, or one megatron-core shard of
+    a teacher replica); requeued on time-out, it continues where the journals end."""
 
     def __init__(self, config: dict[str, Any]) -> None:
         self.config = config

@@ -8,7 +8,9 @@ sources, and the `cot2align cache-teacher` stage.
 `teacher.cache.batch_size`), writing the final layer plus `loss.ot.teacher_layers` and both formats
 when the data has CoT pairs, so one cache serves every loss of a sweep. Under a torchrun-style
 launch (RANK / WORLD_SIZE in the environment) each process writes every WORLD_SIZE-th batch as its
-own writer and the last one to finish writes the manifest: no process group is needed.
+own writer and the last one to finish writes the manifest: no process group is needed. With
+runtime.teacher_backend=megatron the processes are one torch.distributed world of megatron-core
+teacher replicas (teacher.parallel.tp x pp ranks each) that split the batches by replica.
 
 `auto` over an incomplete cache switches mid-run in both runtimes (`student.cached.SwitchingTeacher`):
 the teacher runs the first epoch only (`writing_teacher`: in this process; `served_then_cached`: the
@@ -19,21 +21,42 @@ from __future__ import annotations
 
 import os
 import time
+from datetime import timedelta
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
 
 from cot2align.config import Config
+from cot2align.configbase import require
 from cot2align.data.dataset import Sample, collate
 from cot2align.data.sampler import GlobalBatchSampler
+from cot2align.distributed.topology import StudentParallelConfig, TeacherParallelConfig, Topology
+from cot2align.distributed.transport import blame, check_in
+from cot2align.distributed.world import init_world
 from cot2align.logging import log
 from cot2align.losses import DistillLoss
-from cot2align.models import frozen, load_model, load_tokenizer, num_layers, resolve_layers, response_view
+from cot2align.models import (
+    DTYPES,
+    frozen,
+    load_model,
+    load_tokenizer,
+    num_layers,
+    resolve_layers,
+    response_view,
+)
 from cot2align.recipes.build import needs
 from cot2align.recipes.inputs import ensure_inputs, input_paths
 from cot2align.recipes.prepare import Paths, read_samples
-from cot2align.student.cached import CachedTeacher, LocalSealer, RemoteSealer, SwitchingTeacher, write_views
+from cot2align.student.cached import (
+    CachedTeacher,
+    LocalSealer,
+    RemoteSealer,
+    SwitchingTeacher,
+    write_states,
+    write_views,
+)
 from cot2align.student.teacher_io import TeacherIO
 from cot2align.teacher.cache import (
     CacheError,
@@ -47,6 +70,8 @@ from cot2align.teacher.cache import (
     required_entries,
     stored_key,
 )
+from cot2align.teacher.megatron_model import MegatronTeacher
+from cot2align.teacher.serve import MegatronHiddenStates
 from cot2align.train import TeacherSource
 
 TOKENIZATION_KEYS = ("use_cot", "pairing", "max_length", "max_prompt_length", "on_overlength", "add_eos",
@@ -158,7 +183,13 @@ def _wait_for(marker: Path, launch_id: str, timeout_s: float, rank: int) -> None
 
 
 def cache_teacher(cfg: Config) -> Path:
-    """`cot2align cache-teacher`: write (or complete) the cache of this config; returns its folder."""
+    """`cot2align cache-teacher`: write (or complete) the cache of this config; returns its folder.
+
+    runtime.teacher_backend=hf: every process (RANK of WORLD_SIZE, no process group) runs one whole
+    HF teacher over every WORLD_SIZE-th batch. megatron: the processes form a torch.distributed
+    world of WORLD_SIZE / (tp x pp) teacher replicas sharded as teacher.parallel.tp x pp (a teacher
+    too big for one GPU), each replica forwarding every replicas-th batch (`_write_sharded`).
+    """
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     ready = cache_dir(cfg).parent / f".{cache_dir(cfg).name}.inputs-ready"
     launch_id = ":".join(os.environ.get(k, "") for k in ("MASTER_ADDR", "MASTER_PORT", "SLURM_JOB_ID"))
@@ -172,47 +203,133 @@ def cache_teacher(cfg: Config) -> Path:
         _wait_for(ready, launch_id, cfg.runtime.startup_timeout_s, rank)
     if rank and not p.teacher_model.is_dir():
         raise FileNotFoundError(f"cache-teacher rank {rank}: {p.teacher_model} does not exist (rank 0 makes it)")
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu")
     s_tok, t_tok = load_tokenizer(p.student_tokenizer), load_tokenizer(p.teacher_tokenizer)
     samples = read_samples(p.train, cfg.data, s_tok, t_tok)
-    model = frozen(load_model(p.teacher_model, cfg.teacher.dtype).to(device))  # type: ignore[arg-type]
-    final = num_layers(model)
     fmts = ["main", "aux"] if any(s.paired for s in samples) else ["main"]
-    layers = sweep_layers(cfg, final)
+    required = required_entries([s.paired for s in samples], fmts)
+    # batches of similar lengths (little padding); each writer's share comes from ALL of them, never
+    # from what is missing when it starts: writers start at different times and must split the same list
+    order = sorted(range(len(samples)), key=lambda i: len(samples[i].seqs["teacher"]["main"].ids))
+    bs = cfg.teacher.cache.batch_size or cfg.train.micro_batch_size
+    batches = [order[k : k + bs] for k in range(0, len(order), bs)]
+    pad_ids = {"student": s_tok.pad_token_id, "teacher": t_tok.pad_token_id}
+    if cfg.runtime.teacher_backend == "megatron":
+        return _write_sharded(cfg, p, samples, batches, fmts, required, pad_ids)
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu")
+    model = frozen(load_model(p.teacher_model, cfg.teacher.dtype).to(device))  # type: ignore[arg-type]
+    layers = sweep_layers(cfg, num_layers(model))
     key = cache_key(cfg.merged({"runtime": {"teacher_backend": "hf"}}), p, layers, fmts,
                     int(model.config.hidden_size))
     root = cache_dir(cfg)
-    required = required_entries([s.paired for s in samples], fmts)
     if is_complete(root):
         open_reader(cfg, key)  # refuses another key
         log.info("cache-teacher: %s is complete already", root)
         return root
     writer = CacheWriter(root, key, f"r{rank}", cfg.teacher.cache.shard_mb << 20)
-    # each writer's share comes from ALL samples (length-sorted, so batches pad little), never from what
-    # is missing when it starts: writers start at different times and must split the same list
-    order = sorted(range(len(samples)), key=lambda i: len(samples[i].seqs["teacher"]["main"].ids))
-    bs = cfg.teacher.cache.batch_size or cfg.train.micro_batch_size
     todo = {i for i, _ in missing(root, key, required)}  # a resumed write skips what it has
-    mine = [order[k : k + bs] for k in range(0, len(order), bs)][rank::world]
-    batches = [b for b in ([i for i in batch if i in todo] for batch in mine) if b]
+    mine = [b for b in ([i for i in batch if i in todo] for batch in batches[rank::world]) if b]
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.dtype == "bfloat16")
     t0, positions = time.perf_counter(), 0
-    for n, idx in enumerate(batches):
-        batch = collate([samples[i] for i in idx], {"student": s_tok.pad_token_id, "teacher": t_tok.pad_token_id})
+    for n, idx in enumerate(mine):
+        batch = collate([samples[i] for i in idx], pad_ids)
         views = {}
         with torch.no_grad(), autocast:
             for fmt in [f for f in fmts if f in batch.seqs["teacher"]]:
                 views[fmt] = response_view(model, batch.seqs["teacher"][fmt].to(device), layers)
                 positions += int(views[fmt].mask.sum())
-        write_views(writer, batch, {f: v for f, v in views.items()}, layers)
+        write_views(writer, batch, views, layers)
         if n % 50 == 0:
-            log.info("cache-teacher rank %d: batch %d of %d", rank, n + 1, len(batches))
+            log.info("cache-teacher rank %d: batch %d of %d", rank, n + 1, len(mine))
     writer.close()
-    seconds = time.perf_counter() - t0
-    log.info("cache-teacher rank %d: %d positions in %.1f s (%.0f positions/s), %.1f MiB written", rank, positions,
-             seconds, positions / max(seconds, 1e-9), writer.bytes_written / 2**20)
+    _log_written(rank, positions, time.perf_counter() - t0, writer.bytes_written)
     if finalize(root, key, required):
         log.info("cache-teacher: %s complete", root)
     elif world == 1:
         raise CacheError(f"teacher cache {root} is incomplete after cache-teacher wrote every sample")
+    return root
+
+
+def _log_written(rank: int, positions: int, seconds: float, written: int) -> None:
+    log.info("cache-teacher rank %d: %d positions in %.1f s (%.0f positions/s), %.1f MiB written", rank, positions,
+             seconds, positions / max(seconds, 1e-9), written / 2**20)
+
+
+def _write_sharded(cfg: Config, p: Paths, samples: list[Sample], batches: list[list[int]], fmts: list[str],
+                   required: set[tuple[int, str]], pad_ids: dict[str, int]) -> Path:
+    """cache-teacher with the megatron teacher: replicas = floor(world / (tp x pp)) shards of it (the
+    ranks left over idle); the ranks of a replica forward every replicas-th batch together, and tp
+    rank 0 of each pipeline stage writes the layers its stage holds (as it would serve them). Rank 0
+    seals the cache once every writer has closed. A resumed job skips what the folder holds (rank
+    0's reading, for all)."""
+    unset = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    require(not unset, "runtime.teacher_backend",
+            f"is megatron: cache-teacher then runs tp x pp ranks per teacher replica as one torch.distributed job, "
+            f"but {', '.join(unset)} is not set; start it with torchrun --nproc-per-node N or "
+            "launcher/submit.py --cache-first")
+    t, rank, world = cfg.teacher.parallel, int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    size = t.tp * t.pp
+    require(world >= size, "teacher.parallel.tp",
+            f"cache-teacher runs whole teacher replicas of tp x pp = {t.tp} x {t.pp} = {size} ranks: the job has "
+            f"{world} (cluster.nodes x cluster.gpus_per_node)")
+    used = world // size * size
+    if rank >= used:  # the GPUs left over by whole replicas (e.g. 64 GPUs, replicas of 10)
+        log.info("cache-teacher rank %d: idle (%d replicas of %d ranks use ranks 0-%d)", rank, used // size, size,
+                 used - 1)
+        return cache_dir(cfg)
+    os.environ["WORLD_SIZE"] = str(used)
+    init_world(cfg.runtime, cfg.train.threads)
+    topo = Topology(TeacherParallelConfig(t.tp, t.pp, used // size), StudentParallelConfig(dp=0))
+    try:
+        topo.create_groups(timeout=timedelta(seconds=cfg.runtime.startup_timeout_s))
+        return _write_replica_share(cfg, p, topo, samples, batches, fmts, required, pad_ids)
+    except Exception as e:  # a collective failed: name the rank that died, if one did
+        check_in(rank, f"{type(e).__name__}: {str(e).splitlines()[0][:400] if str(e) else ''}")
+        reported = blame(e, topo.teacher_ranks(), rank, lambda r: "cache-teacher rank {} (replica {}, pp {}, tp {})"
+                         .format(r, *topo.teacher_coord(r)))
+        if reported is e:
+            raise
+        raise reported from e
+    finally:
+        dist.destroy_process_group()
+
+
+def _write_replica_share(cfg: Config, p: Paths, topo: Topology, samples: list[Sample], batches: list[list[int]],
+                         fmts: list[str], required: set[tuple[int, str]], pad_ids: dict[str, int]) -> Path:
+    """This rank's part of `_write_sharded` in a world of teacher ranks only (`topo`)."""
+    rank = topo.rank
+    teacher = MegatronTeacher(p.teacher_model, topo.teacher_pg_collection(), dtype=DTYPES[cfg.teacher.dtype])
+    replica = topo.teacher_coord().replica
+    states = MegatronHiddenStates(teacher, sends=topo.teacher_coord().tp_rank == 0)
+    layers = sweep_layers(cfg, states.num_layers)
+    key = cache_key(cfg, p, layers, fmts, int(teacher.hf_config.hidden_size))
+    root = cache_dir(cfg)
+    if is_complete(root):
+        open_reader(cfg, key)  # refuses another key
+        log.info("cache-teacher: %s is complete already", root)
+        return root
+    todo: list[Any] = [{i for i, _ in missing(root, key, required)} if rank == 0 else None]
+    dist.broadcast_object_list(todo)  # every rank of a replica must walk the same batches
+    mine = [b for b in ([i for i in batch if i in todo[0]] for batch in batches[replica::topo.replicas]) if b]
+    sends = [x for x in layers if topo.sender_rank(replica, x, states.num_layers) == rank]
+    writer = CacheWriter(root, key, f"r{rank}", cfg.teacher.cache.shard_mb << 20) if sends else None
+    t0, positions = time.perf_counter(), 0
+    for n, idx in enumerate(mine):
+        batch = collate([samples[i] for i in idx], pad_ids)
+        for fmt in [f for f in fmts if f in batch.seqs["teacher"]]:
+            seq = batch.seqs["teacher"][fmt]
+            hidden = states.hidden(seq, layers)
+            positions += int(seq.resp_mask.sum())
+            if writer is not None:
+                write_states(writer, idx, fmt, sends, hidden, seq.resp_mask)
+        if n % 50 == 0:
+            log.info("cache-teacher rank %d (replica %d): batch %d of %d", rank, replica, n + 1, len(mine))
+    if writer is not None:
+        writer.close()
+        _log_written(rank, positions, time.perf_counter() - t0, writer.bytes_written)
+    dist.barrier()  # every writer has journaled its shards
+    if rank == 0:
+        if not finalize(root, key, required):
+            raise CacheError(f"teacher cache {root} is incomplete after cache-teacher wrote every sample")
+        log.info("cache-teacher: %s complete", root)
+    dist.barrier()
     return root

@@ -65,6 +65,9 @@ from cot2align.train import TrainJob, TrainResult, train
 def check_served(cfg: Config) -> None:
     """Cross-section checks of a served run (before anything heavy starts)."""
     tp = cfg.teacher.parallel
+    require(cfg.student.parallel.dp != 0, "student.parallel.dp",
+            "is 0 (no student rank): only the cache-teacher job runs without students; a distillation needs "
+            ">= 1, or -1 (every rank the teachers do not use)")
     require(tp.replicas >= 1 or cfg.teacher.cache.mode in ("read", "auto"), "teacher.parallel.replicas",
             "must be >= 1 in runtime.mode=served (0 only with teacher.cache.mode=read: students read the cache)")
     require(tp.replicas == 0 or cfg.teacher.cache.mode != "read", "teacher.cache.mode",

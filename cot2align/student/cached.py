@@ -50,15 +50,21 @@ def split_rows(packed: Tensor, lengths: Sequence[int]) -> list[Tensor]:
     return list(torch.split(packed, [int(n) for n in lengths], dim=1))
 
 
+def write_states(writer: CacheWriter, indices: Sequence[int], fmt: str, layers: list[int],
+                 hidden: dict[int, Tensor], mask: Tensor) -> None:
+    """Store one format's teacher states of a micro-batch, one record per sample: hidden[layer]
+    [B, N, d] at response positions (left-aligned), mask [B, N] bool; samples `indices` [B]."""
+    packed = pack(hidden, mask, layers, torch.float32)  # [n_layers, S, d]
+    lengths = mask.sum(dim=1).tolist()
+    for sample, part, n in zip(indices, split_rows(packed, lengths), lengths, strict=True):
+        if n:
+            writer.add(int(sample), fmt, layers, part)
+
+
 def write_views(writer: CacheWriter, batch: Batch, views: dict[str, ResponseView], layers: list[int]) -> None:
     """Store the teacher views of a micro-batch, one record per (sample, format)."""
     for fmt, view in views.items():
-        mask = view.mask
-        packed = pack(view.hidden, mask, layers, torch.float32)  # [n_layers, S, d]
-        lengths = mask.sum(dim=1).tolist()
-        for sample, part, n in zip(batch.indices, split_rows(packed, lengths), lengths, strict=True):
-            if n:
-                writer.add(int(sample), fmt, layers, part)
+        write_states(writer, batch.indices, fmt, layers, view.hidden, view.mask)
 
 
 class CachedTeacher:

@@ -77,6 +77,16 @@ def test_colocated_world_has_only_students() -> None:
         t.replica_of(0)
 
 
+def test_a_world_of_teacher_ranks_only() -> None:
+    """student.parallel.dp = 0: the sharded cache-teacher job (two tp-2 replicas, no student group)."""
+    t = topo(tp=2, pp=1, replicas=2, dp=0, world=4, rank=3)
+    assert t.student_ranks == [] and [t.role(r) for r in range(4)] == ["teacher"] * 4
+    assert t.teacher_coord() == (1, 0, 1)
+    groups = t.group_ranks()
+    assert groups["student"] == [] and groups["student_self"] == []
+    assert groups["tp"] == [[0, 1], [2, 3]] and groups["teacher"] == [[0, 1, 2, 3]]
+
+
 @pytest.mark.parametrize(
     ("kwargs", "pattern"),
     [
@@ -94,7 +104,7 @@ def test_colocated_world_has_only_students() -> None:
             dict(tp=2, pp=1, replicas=0, dp=-1, world=4),
             r"teacher\.parallel\.replicas: is 0 .* got tp=2, pp=1",
         ),
-        (dict(tp=1, pp=1, replicas=1, dp=0, world=1), r"student\.parallel\.dp: must be >= 1 or -1"),
+        (dict(tp=1, pp=1, replicas=1, dp=-2, world=1), r"student\.parallel\.dp: must be >= 0 or -1 \(auto\), got -2"),
     ],
 )
 def test_size_errors_name_keys_and_numbers(kwargs: dict[str, int], pattern: str) -> None:

@@ -125,9 +125,32 @@ def test_cache_first_on_slurm_submits_the_distillation_after_the_cache_job(tmp_p
     assert "teacher.parallel.replicas 0 (no teacher rank), student.parallel.dp 4" in (run_dir / "plan.md").read_text()
 
 
+def test_cache_first_with_a_sharded_teacher_writes_with_megatron_replicas(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch,
+                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """A teacher sharded tp 2 on 4 GPUs: the cache job is 2 megatron-core replicas of tp 2 and no
+    student rank (each replica forwards every 2nd batch); the distillation is still 4 students."""
+    calls = _fake_slurm(tmp_path, monkeypatch)
+    args = ["--config", str(PAPER), "--nodes", "1", "--gpus-per-node", "4", "--cache-first", "--name", "tp2",
+            "teacher.cache.mode=auto", "teacher.parallel.tp=2", "runtime.teacher_backend=megatron"]
+    assert launch.main(args) == 0, capsys.readouterr().err
+    assert len(calls.read_text().splitlines()) == 2
+    run_dir = tmp_path / "runs" / "tp2"
+    with (run_dir / "cache-teacher" / "logs" / "101_submitted.pkl").open("rb") as f:
+        written = Config().merged(pickle.load(f).function.config)
+    t = written.teacher.parallel
+    assert (t.tp, t.pp, t.replicas, written.student.parallel.dp) == (2, 1, 2, 0)
+    assert written.runtime.teacher_backend == "megatron" and written.teacher.cache.mode == "write"
+    assert "2 megatron-core teacher replica(s) of tp 2 x pp 1, each forwarding every 2-th batch" in (
+        run_dir / "cache-teacher" / "plan.md").read_text()
+    assert load_config(run_dir / "config.yaml").student.parallel.dp == 4
+
+
 @pytest.mark.parametrize("overrides, key", [
     (["teacher.cache.mode=off"], "teacher.cache.mode"),
-    (["teacher.cache.mode=auto", "teacher.parallel.tp=2", "runtime.teacher_backend=megatron"], "teacher.parallel.tp"),
+    (["teacher.cache.mode=auto", "teacher.parallel.tp=2", "runtime.teacher_backend=hf"], "runtime.teacher_backend"),
+    (["teacher.cache.mode=auto", "teacher.parallel.tp=3", "runtime.teacher_backend=megatron"], "teacher.parallel.tp"),
+    (["teacher.cache.mode=auto", "teacher.parallel.tp=8", "runtime.teacher_backend=megatron"], "teacher.parallel.tp"),
     (["teacher.cache.mode=auto", "cluster.gpu_memory_gib=4"], "cluster.gpu_memory_gib"),
 ])
 def test_cache_first_refuses_what_cannot_work_naming_the_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

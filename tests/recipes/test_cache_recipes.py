@@ -4,7 +4,9 @@ then students only, and a key mismatch refused before training."""
 
 from __future__ import annotations
 
+import os
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,7 @@ from torch import nn
 from cot2align.config import Config
 from cot2align.configbase import changed_keys
 from cot2align.data.sampler import GlobalBatchSampler
-from cot2align.distributed.spawn import spawn_world
+from cot2align.distributed.spawn import WorldError, spawn_world
 from cot2align.models import load_tokenizer
 from cot2align.recipes import colocated
 from cot2align.recipes.cache import cache_teacher, served_then_cached, teacher_dtype
@@ -25,9 +27,9 @@ from cot2align.recipes.pipeline import distill
 from cot2align.recipes.prepare import read_samples
 from cot2align.recipes.served import launch_local, run_rank, without_teacher_ranks
 from cot2align.student.teacher_io import TeacherIO
-from cot2align.teacher.cache import MANIFEST, CacheError, CacheKey
+from cot2align.teacher.cache import MANIFEST, CacheError, CacheKey, CacheReader, required_entries, stored_key
 from cot2align.teacher.colocated import ColocatedTeacher
-from cot2align.teacher.serve import ServeStats
+from cot2align.teacher.serve import MegatronHiddenStates, ServeStats
 
 
 def _cfg(tiny_task: dict[str, Path], teacher_dir: Path, out: Path, name: str, *, mode: str = "colocated",
@@ -250,6 +252,72 @@ def test_cache_teacher_then_students_only(tiny_task: dict[str, Path], teacher_di
         {"data": {"max_length": 100}})
     with pytest.raises(CacheError, match="key tokenization"):
         distill(other)
+
+
+def _sharded_writer_cfg(cfg: Config, tp: int, pp: int, world: int) -> Config:
+    return cfg.merged({"runtime": {"teacher_backend": "megatron"}, "student": {"parallel": {"dp": 0}},
+                       "teacher": {"parallel": {"tp": tp, "pp": pp, "replicas": max(world // (tp * pp), 1)}}})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tp, pp, world", [(2, 1, 3), (1, 2, 4)], ids=["tp2-and-an-idle-rank", "pp2-x2-replicas"])
+def test_sharded_cache_teacher_writes_what_the_hf_one_writes(tiny_task: dict[str, Path], teacher_dir: Path,
+                                                            tmp_path: Path, tp: int, pp: int, world: int) -> None:
+    """cache-teacher with megatron-core shards (a torch.distributed world: tp 2 on 3 ranks, the third
+    idle; or pp 2 x 2 replicas splitting the batches) writes the same key and, for every (sample,
+    format) and layer, the same fp32 states as one HF teacher (up to the rounding of other
+    kernels); a rerun finds it complete."""
+    hf_root = cache_teacher(_cfg(tiny_task, teacher_dir, tmp_path, "hf", cache="write", dtype="float32"))
+    cfg = _sharded_writer_cfg(_cfg(tiny_task, teacher_dir, tmp_path, "mg", cache="write", dtype="float32"),
+                              tp, pp, world).merged({"teacher": {"cache": {"dir": str(tmp_path / "mg-cache")}}})
+    roots = spawn_world(cache_teacher, cfg, world, essential=list(range(world)), grace_s=30, timeout_s=300)
+    mg_root = Path(roots[0])
+    assert roots == [mg_root] * world and (mg_root / MANIFEST).is_file()
+    key = stored_key(hf_root)
+    assert key is not None and stored_key(mg_root) == key
+    writers = {f.name for f in mg_root.glob("part-*.jsonl")}
+    senders = {f"part-r{r}.jsonl" for r in range(world // (tp * pp) * tp * pp) if r % tp == 0}  # tp rank 0s
+    assert writers == senders
+    hf, mg = CacheReader(hf_root, key), CacheReader(mg_root, key)
+    entries = sorted(required_entries([s.paired for s in read_samples(
+        Path(cfg.data.train_file), cfg.data, load_tokenizer(tiny_task["tok_student"]),
+        load_tokenizer(tiny_task["tok_teacher"]))], list(key.formats)))
+    assert len(entries) > 20
+    for sample, fmt in entries:
+        torch.testing.assert_close(mg.read(sample, fmt, key.layers), hf.read(sample, fmt, key.layers),
+                                   rtol=1e-4, atol=1e-5, msg=f"{fmt} states of sample {sample}")
+    assert spawn_world(cache_teacher, cfg, world, essential=list(range(world)), grace_s=30, timeout_s=120) == roots
+
+
+def _rank_1_dies_in_its_second_forward(cfg: Config) -> Path:
+    """cache_teacher, where rank 1 exits (code 17) in its second teacher forward."""
+    if os.environ["RANK"] == "1":
+        live, calls = MegatronHiddenStates.hidden, [0]
+
+        def dying(self: MegatronHiddenStates, seq: Any, layers: list[int]) -> dict[int, torch.Tensor]:
+            calls[0] += 1
+            if calls[0] == 2:
+                os._exit(17)
+            return live(self, seq, layers)
+
+        MegatronHiddenStates.hidden = dying  # type: ignore[method-assign]
+    return cache_teacher(cfg)
+
+
+@pytest.mark.slow
+def test_sharded_cache_teacher_names_a_rank_that_dies(tiny_task: dict[str, Path], teacher_dir: Path,
+                                                      tmp_path: Path) -> None:
+    """tp rank 1 of the replica dies mid-write: rank 0 fails fast (its tensor-parallel collective
+    breaks) with an error naming the dead rank; no seal."""
+    cfg = _sharded_writer_cfg(_cfg(tiny_task, teacher_dir, tmp_path, "dies", cache="write", dtype="float32"), 2, 1, 2)
+    t0 = time.monotonic()
+    with pytest.raises(WorldError) as info:
+        spawn_world(_rank_1_dies_in_its_second_forward, cfg, 2, essential=[0, 1], grace_s=60, timeout_s=240)
+    assert time.monotonic() - t0 < 150
+    failures = info.value.failures
+    assert "exited with code 17" in failures[1]
+    assert "cache-teacher rank 1 (replica 0, pp 0, tp 1) died" in failures[0], failures[0]
+    assert not (tmp_path / "teacher-cache" / MANIFEST).exists()
 
 
 @pytest.mark.slow

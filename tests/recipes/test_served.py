@@ -137,6 +137,8 @@ def test_served_config_is_checked(tiny_task: dict[str, Path], teacher_dir: Path,
         _cfg(tiny_task, teacher_dir, tmp_path, mode="served", overrides=["runtime.zero_stage=3", "loss.base=dskd"])
     with pytest.raises(ConfigError, match=r"runtime\.zero3_persist_below"):
         _cfg(tiny_task, teacher_dir, tmp_path, mode="served", overrides=["runtime.zero3_persist_below=-1"])
+    with pytest.raises(ConfigError, match=r"student\.parallel\.dp: is 0 \(no student rank\)"):
+        check_served(cfg.with_overrides(["teacher.parallel.tp=1", "student.parallel.dp=0"]))
     megatron = cfg.with_overrides(["runtime.teacher_backend=megatron", "teacher.parallel.replicas=2"])
     check_served(megatron)
     assert local_world_size(megatron) == 2 * 2 + 2
