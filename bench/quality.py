@@ -251,6 +251,22 @@ def _grid(title: str, columns: list[str], lines: list[list[str]]) -> str:
                       *("| " + " | ".join(x) + " |" for x in lines)])
 
 
+def seeds_table(records: list[dict[str, Any]]) -> str:
+    """Every run's test EM: std prompt sampled / greedy, CoT prompt greedy; * = stopped early."""
+    seeds = sorted({int(r["seed"]) for r in records})
+    by = {(r["row"], int(r["seed"])): r for r in records}
+
+    def cell(r: dict[str, Any] | None) -> str:
+        if r is None:
+            return "-"
+        return (f"{r['exact_match']:.1f} / {r['greedy_em']:.1f} / {r['cot_em']:.1f}"
+                + (" *" if r.get("early_stopped") else ""))
+
+    return _grid("Per seed: test EM, std prompt sampled / greedy, CoT prompt greedy (* = stopped early)",
+                 ["method", *(f"seed {k}" for k in seeds)],
+                 [[row, *(cell(by.get((row, k))) for k in seeds)] for row, _ in _rows_of(records)])
+
+
 def by_steps_table(records: list[dict[str, Any]]) -> str:
     """Test EM (std prompt, sampled) by the number of reasoning steps of the problem, mean +- std over seeds."""
     counts = sorted({k for r in records for k in r.get("by_steps", {})}, key=int)
@@ -295,7 +311,7 @@ def grads_table(grads: dict[str, dict[str, dict[str, float]]]) -> str:
 def report(records: list[dict[str, Any]], teacher: dict[str, float] | None,
            grads: dict[str, dict[str, dict[str, float]]]) -> str:
     """The sweep's markdown: the table and the evidence sections (docs/results.md quotes them)."""
-    return "\n\n".join([table(records, teacher), by_steps_table(records), entropy_table(records),
+    return "\n\n".join([table(records, teacher), seeds_table(records), by_steps_table(records), entropy_table(records),
                          curves_table(records), grads_table(grads)])
 
 

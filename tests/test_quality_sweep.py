@@ -156,6 +156,10 @@ def test_report_sections_average_over_seeds() -> None:
         return [c.strip() for c in next(x for x in md.splitlines() if x.startswith(f"| {row} |")).split("|")[1:-1]]
 
     assert cells(quality.by_steps_table(records), "dskd") == ["dskd", "2", "15.0 ± 7.1", "2.0 ± 1.4"]
+    for r, em in zip(records, [5.0, 7.0, 9.0], strict=True):
+        r.update(exact_match=em, greedy_em=em + 1, cot_em=em + 2, early_stopped=r["seed"] == 2)
+    assert cells(quality.seeds_table(records), "dskd") == ["dskd", "5.0 / 6.0 / 7.0", "7.0 / 8.0 / 9.0 *"]
+    assert cells(quality.seeds_table(records), "cot2align (dskd)") == ["cot2align (dskd)", "9.0 / 10.0 / 11.0", "-"]
     assert cells(quality.curves_table(records), "dskd") == ["dskd", "2", "6.0", "6.0"]
     assert cells(quality.entropy_table(records), "cot2align (dskd)") == ["cot2align (dskd)", "1", "0.900", "0.500"]
     assert "| dskd |" not in quality.entropy_table(records)  # no OT, no entropy line
