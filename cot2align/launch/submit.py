@@ -294,7 +294,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--prepare", action="store_true",
                     help="write the run directory, print its path and submit nothing (slurm/cot2align.sbatch)")
     ap.add_argument("--cache-first", action="store_true",
-                    help="two jobs on the same GPUs: cot2align cache-teacher (one teacher per GPU), then the "
+                    help="two jobs on the same GPUs: cot2align cache-teacher (teacher replicas of tp x pp GPUs), then the "
                          "distillation with every GPU a student reading the cache (teacher replicas 0); on "
                          "Slurm the second waits for the first (afterok); needs teacher.cache.mode=read or auto")
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-4 cluster.gpu_memory_gib=141")
