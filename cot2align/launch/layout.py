@@ -194,7 +194,7 @@ class Prepared:
         if self.job == "cache-teacher":
             cache = self.cfg.teacher.cache
             where = f"into {cache.dir or '<run.work_dir>/teacher-cache'} ({cache.dtype})"
-            if self.cfg.runtime.teacher_backend == "megatron":
+            if t.tp * t.pp > 1:
                 idle = self.world_size - t.replicas * t.tp * t.pp
                 how = (f"{self.world_size} ranks run `cot2align cache-teacher` as {t.replicas} megatron-core teacher "
                        f"replica(s) of tp {t.tp} x pp {t.pp}, each forwarding every {t.replicas}-th batch"

@@ -8,9 +8,9 @@ sources, and the `cot2align cache-teacher` stage.
 `teacher.cache.batch_size`), writing the final layer plus `loss.ot.teacher_layers` and both formats
 when the data has CoT pairs, so one cache serves every loss of a sweep. Under a torchrun-style
 launch (RANK / WORLD_SIZE in the environment) each process writes every WORLD_SIZE-th batch as its
-own writer and the last one to finish writes the manifest: no process group is needed. With
-runtime.teacher_backend=megatron the processes are one torch.distributed world of megatron-core
-teacher replicas (teacher.parallel.tp x pp ranks each) that split the batches by replica.
+own writer and the last one to finish writes the manifest: no process group is needed. For a
+teacher sharded tp x pp > 1 (runtime.teacher_backend=megatron) the processes are one
+torch.distributed world of megatron-core teacher replicas that split the batches by replica.
 
 `auto` over an incomplete cache switches mid-run in both runtimes (`student.cached.SwitchingTeacher`):
 the teacher runs the first epoch only (`writing_teacher`: in this process; `served_then_cached`: the
@@ -185,10 +185,11 @@ def _wait_for(marker: Path, launch_id: str, timeout_s: float, rank: int) -> None
 def cache_teacher(cfg: Config) -> Path:
     """`cot2align cache-teacher`: write (or complete) the cache of this config; returns its folder.
 
-    runtime.teacher_backend=hf: every process (RANK of WORLD_SIZE, no process group) runs one whole
-    HF teacher over every WORLD_SIZE-th batch. megatron: the processes form a torch.distributed
-    world of WORLD_SIZE / (tp x pp) teacher replicas sharded as teacher.parallel.tp x pp (a teacher
-    too big for one GPU), each replica forwarding every replicas-th batch (`_write_sharded`).
+    teacher.parallel.tp = pp = 1: every process (RANK of WORLD_SIZE, no process group) runs one whole
+    HF teacher over every WORLD_SIZE-th batch. tp x pp > 1 (runtime.teacher_backend=megatron): the
+    processes form a torch.distributed world of WORLD_SIZE / (tp x pp) megatron-core teacher
+    replicas (a teacher too big for one GPU), each forwarding every replicas-th batch
+    (`_write_sharded`).
     """
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     ready = cache_dir(cfg).parent / f".{cache_dir(cfg).name}.inputs-ready"
@@ -213,7 +214,11 @@ def cache_teacher(cfg: Config) -> Path:
     bs = cfg.teacher.cache.batch_size or cfg.train.micro_batch_size
     batches = [order[k : k + bs] for k in range(0, len(order), bs)]
     pad_ids = {"student": s_tok.pad_token_id, "teacher": t_tok.pad_token_id}
-    if cfg.runtime.teacher_backend == "megatron":
+    t = cfg.teacher.parallel
+    if t.tp * t.pp > 1:
+        require(cfg.runtime.teacher_backend == "megatron", "runtime.teacher_backend",
+                f"is {cfg.runtime.teacher_backend!r}: cache-teacher runs a teacher sharded tp {t.tp} x pp {t.pp} "
+                "with megatron-core; set runtime.teacher_backend=megatron")
         return _write_sharded(cfg, p, samples, batches, fmts, required, pad_ids)
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu")
     model = frozen(load_model(p.teacher_model, cfg.teacher.dtype).to(device))  # type: ignore[arg-type]
@@ -262,9 +267,9 @@ def _write_sharded(cfg: Config, p: Paths, samples: list[Sample], batches: list[l
     seals the cache once every writer has closed. A resumed job skips what the folder holds (rank
     0's reading, for all)."""
     unset = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
-    require(not unset, "runtime.teacher_backend",
-            f"is megatron: cache-teacher then runs tp x pp ranks per teacher replica as one torch.distributed job, "
-            f"but {', '.join(unset)} is not set; start it with torchrun --nproc-per-node N or "
+    require(not unset, "teacher.parallel.tp",
+            "is more than one rank per teacher (tp x pp > 1): cache-teacher then runs as one torch.distributed "
+            f"job, but {', '.join(unset)} is not set; start it with torchrun --nproc-per-node N or "
             "launcher/submit.py --cache-first")
     t, rank, world = cfg.teacher.parallel, int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     size = t.tp * t.pp
