@@ -9,8 +9,8 @@ sources, and the `cot2align cache-teacher` stage.
 when the data has CoT pairs, so one cache serves every loss of a sweep. Under a torchrun-style
 launch (RANK / WORLD_SIZE in the environment) each process writes every WORLD_SIZE-th batch as its
 own writer and the last one to finish writes the manifest: no process group is needed. For a
-teacher sharded tp x pp > 1 (runtime.teacher_backend=megatron) the processes are one
-torch.distributed world of megatron-core teacher replicas that split the batches by replica.
+teacher sharded tp x pp > 1 under a torch.distributed launch (runtime.teacher_backend=megatron)
+the processes are one world of megatron-core teacher replicas that split the batches by replica.
 
 `auto` over an incomplete cache switches mid-run in both runtimes (`student.cached.SwitchingTeacher`):
 the teacher runs the first epoch only (`writing_teacher`: in this process; `served_then_cached`: the
@@ -185,11 +185,11 @@ def _wait_for(marker: Path, launch_id: str, timeout_s: float, rank: int) -> None
 def cache_teacher(cfg: Config) -> Path:
     """`cot2align cache-teacher`: write (or complete) the cache of this config; returns its folder.
 
-    teacher.parallel.tp = pp = 1: every process (RANK of WORLD_SIZE, no process group) runs one whole
-    HF teacher over every WORLD_SIZE-th batch. tp x pp > 1 (runtime.teacher_backend=megatron): the
-    processes form a torch.distributed world of WORLD_SIZE / (tp x pp) megatron-core teacher
-    replicas (a teacher too big for one GPU), each forwarding every replicas-th batch
-    (`_write_sharded`).
+    Every process (RANK of WORLD_SIZE, no process group; one process without them) runs one whole
+    HF teacher over every WORLD_SIZE-th batch; but a teacher sharded tp x pp > 1 under a
+    torch.distributed launch (MASTER_ADDR / MASTER_PORT set: torchrun, `launcher/submit.py
+    --cache-first`) is run as WORLD_SIZE / (tp x pp) megatron-core replicas, each forwarding every
+    replicas-th batch (`_write_sharded`; runtime.teacher_backend=megatron).
     """
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     ready = cache_dir(cfg).parent / f".{cache_dir(cfg).name}.inputs-ready"
@@ -215,7 +215,7 @@ def cache_teacher(cfg: Config) -> Path:
     batches = [order[k : k + bs] for k in range(0, len(order), bs)]
     pad_ids = {"student": s_tok.pad_token_id, "teacher": t_tok.pad_token_id}
     t = cfg.teacher.parallel
-    if t.tp * t.pp > 1:
+    if t.tp * t.pp > 1 and {"MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE"} <= set(os.environ):
         require(cfg.runtime.teacher_backend == "megatron", "runtime.teacher_backend",
                 f"is {cfg.runtime.teacher_backend!r}: cache-teacher runs a teacher sharded tp {t.tp} x pp {t.pp} "
                 "with megatron-core; set runtime.teacher_backend=megatron")
@@ -266,11 +266,6 @@ def _write_sharded(cfg: Config, p: Paths, samples: list[Sample], batches: list[l
     rank 0 of each pipeline stage writes the layers its stage holds (as it would serve them). Rank 0
     seals the cache once every writer has closed. A resumed job skips what the folder holds (rank
     0's reading, for all)."""
-    unset = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
-    require(not unset, "teacher.parallel.tp",
-            "is more than one rank per teacher (tp x pp > 1): cache-teacher then runs as one torch.distributed "
-            f"job, but {', '.join(unset)} is not set; start it with torchrun --nproc-per-node N or "
-            "launcher/submit.py --cache-first")
     t, rank, world = cfg.teacher.parallel, int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     size = t.tp * t.pp
     require(world >= size, "teacher.parallel.tp",
