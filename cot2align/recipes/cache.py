@@ -226,13 +226,11 @@ def cache_teacher(cfg: Config) -> Path:
     key = cache_key(cfg.merged({"runtime": {"teacher_backend": "hf"}}), p, layers, fmts,
                     int(model.config.hidden_size))
     root = cache_dir(cfg)
-    if is_complete(root):
-        open_reader(cfg, key)  # refuses another key
-        log.info("cache-teacher: %s is complete already", root)
+    if _complete(cfg, key):
         return root
     writer = CacheWriter(root, key, f"r{rank}", cfg.teacher.cache.shard_mb << 20)
     todo = {i for i, _ in missing(root, key, required)}  # a resumed write skips what it has
-    mine = [b for b in ([i for i in batch if i in todo] for batch in batches[rank::world]) if b]
+    mine = _share(batches, todo, rank, world)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.dtype == "bfloat16")
     t0, positions = time.perf_counter(), 0
     for n, idx in enumerate(mine):
@@ -252,6 +250,20 @@ def cache_teacher(cfg: Config) -> Path:
     elif world == 1:
         raise CacheError(f"teacher cache {root} is incomplete after cache-teacher wrote every sample")
     return root
+
+
+def _complete(cfg: Config, key: CacheKey) -> bool:
+    """Whether the cache folder is complete already (a folder with another key is refused)."""
+    if not is_complete(cache_dir(cfg)):
+        return False
+    open_reader(cfg, key)
+    log.info("cache-teacher: %s is complete already", cache_dir(cfg))
+    return True
+
+
+def _share(batches: list[list[int]], todo: set[int], k: int, n: int) -> list[list[int]]:
+    """Writer k of n: every n-th batch from the k-th, keeping the samples still to write."""
+    return [b for b in ([i for i in batch if i in todo] for batch in batches[k::n]) if b]
 
 
 def _log_written(rank: int, positions: int, seconds: float, written: int) -> None:
@@ -303,13 +315,11 @@ def _write_replica_share(cfg: Config, p: Paths, topo: Topology, samples: list[Sa
     layers = sweep_layers(cfg, states.num_layers)
     key = cache_key(cfg, p, layers, fmts, int(teacher.hf_config.hidden_size))
     root = cache_dir(cfg)
-    if is_complete(root):
-        open_reader(cfg, key)  # refuses another key
-        log.info("cache-teacher: %s is complete already", root)
+    if _complete(cfg, key):
         return root
     todo: list[Any] = [{i for i, _ in missing(root, key, required)} if rank == 0 else None]
     dist.broadcast_object_list(todo)  # every rank of a replica must walk the same batches
-    mine = [b for b in ([i for i in batch if i in todo[0]] for batch in batches[replica::topo.replicas]) if b]
+    mine = _share(batches, todo[0], replica, topo.replicas)
     sends = [x for x in layers if topo.sender_rank(replica, x, states.num_layers) == rank]
     writer = CacheWriter(root, key, f"r{rank}", cfg.teacher.cache.shard_mb << 20) if sends else None
     t0, positions = time.perf_counter(), 0
