@@ -162,6 +162,13 @@ class Topology:
         self._check_rank(r)
         return "teacher" if r < self.num_teacher_ranks else "student"
 
+    def name_rank(self, rank: int) -> str:
+        """"teacher rank 1 (replica 0, pp 0, tp 1)" / "student rank 3 (dp 1)": a rank as logs and errors name it."""
+        if self.role(rank) == "teacher":
+            c = self.teacher_coord(rank)
+            return f"teacher rank {rank} (replica {c.replica}, pp {c.pp_rank}, tp {c.tp_rank})"
+        return f"student rank {rank} (dp {self.student_index(rank)})"
+
     def teacher_rank(self, replica: int, pp_rank: int, tp_rank: int) -> int:
         """Global rank of the teacher at (replica, pipeline stage, tensor-parallel rank)."""
         if not (0 <= replica < self.replicas and 0 <= pp_rank < self.pp and 0 <= tp_rank < self.tp):

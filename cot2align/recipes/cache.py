@@ -296,8 +296,7 @@ def _write_sharded(cfg: Config, p: Paths, samples: list[Sample], batches: list[l
         return _write_replica_share(cfg, p, topo, samples, batches, fmts, required, pad_ids)
     except Exception as e:  # a collective failed: name the rank that died, if one did
         check_in(rank, f"{type(e).__name__}: {str(e).splitlines()[0][:400] if str(e) else ''}")
-        reported = blame(e, topo.teacher_ranks(), rank, lambda r: "cache-teacher rank {} (replica {}, pp {}, tp {})"
-                         .format(r, *topo.teacher_coord(r)))
+        reported = blame(e, topo.teacher_ranks(), rank, topo.name_rank)
         if reported is e:
             raise
         raise reported from e

@@ -93,14 +93,6 @@ def local_world_size(cfg: Config) -> int:
     return tp.tp * tp.pp * tp.replicas + max(cfg.student.parallel.dp, 1)
 
 
-def describe_rank(topo: Topology, rank: int) -> str:
-    """"teacher rank 1 (replica 0, pp 0, tp 1)" / "student rank 3 (dp 1)"."""
-    if topo.role(rank) == "teacher":
-        c = topo.teacher_coord(rank)
-        return f"teacher rank {rank} (replica {c.replica}, pp {c.pp_rank}, tp {c.tp_rank})"
-    return f"student rank {rank} (dp {topo.student_index(rank)})"
-
-
 # --------------------------------------------------------------------------- one rank
 def run_rank(cfg: Config) -> Any:
     """Entry point of every process of the world (RANK, WORLD_SIZE, MASTER_ADDR/PORT from the
@@ -129,7 +121,7 @@ def run_world(cfg: Config, run_dir: Path | None = None) -> Any:
     topo = Topology(cfg.teacher.parallel, cfg.student.parallel)
     topo.create_groups(timeout=timedelta(seconds=cfg.runtime.startup_timeout_s))
     device = device_of(dist.get_backend())
-    transport = Transport(describe=lambda r: describe_rank(topo, r), device=device,
+    transport = Transport(describe=topo.name_rank, device=device,
                           send_timeout_s=cfg.runtime.startup_timeout_s,
                           peers_of=lambda r: (topo.teacher_ranks(topo.teacher_coord(r).replica)
                                               if topo.role(r) == "teacher" else [r]))

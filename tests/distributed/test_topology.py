@@ -41,6 +41,8 @@ def test_odd_layout_two_tp2_replicas_three_students() -> None:
     # pp = 1: every layer is sent by tp-rank 0 of the replica.
     assert [t.sender_rank(r, layer, 4) for r in (0, 1) for layer in (0, 2, -1)] == [0, 0, 0, 2, 2, 2]
     assert "teacher replica 1: ranks 2-3" in t.describe()
+    assert t.name_rank(3) == "teacher rank 3 (replica 1, pp 0, tp 1)"
+    assert t.name_rank(6) == "student rank 6 (dp 2)"
 
 
 def test_pipeline_layout_and_layer_owner() -> None:

@@ -316,7 +316,7 @@ def test_sharded_cache_teacher_names_a_rank_that_dies(tiny_task: dict[str, Path]
     assert time.monotonic() - t0 < 150
     failures = info.value.failures
     assert "exited with code 17" in failures[1]
-    assert "cache-teacher rank 1 (replica 0, pp 0, tp 1) died" in failures[0], failures[0]
+    assert "teacher rank 1 (replica 0, pp 0, tp 1) died" in failures[0], failures[0]
     assert not (tmp_path / "teacher-cache" / MANIFEST).exists()
 
 
