@@ -66,10 +66,18 @@ BLAME_WAIT_S = 10.0
 """How long a rank whose collective failed waits for its peers to check in before calling them dead."""
 
 
+FAILURES_KEY = "cot2align/failures"
+
+
+def _say(store: Any, rank: int, reason: str) -> None:
+    store.set(f"{CHECK_IN_KEY}{rank}", reason[:500])
+    store.add(FAILURES_KEY, 1)
+
+
 def check_in(rank: int, reason: str) -> None:
     """Record in the world's rendezvous store that `rank` fails knowingly, and why (best effort)."""
     try:
-        dist.distributed_c10d._get_default_store().set(f"{CHECK_IN_KEY}{rank}", reason[:500])
+        _say(dist.distributed_c10d._get_default_store(), rank, reason)
     except Exception:  # no world, or the store (on global rank 0's node) is gone
         pass
 
@@ -85,23 +93,31 @@ def check_out(rank: int) -> None:
         pass
 
 
-def hold_store(world_size: int, dead: Sequence[int], wait_s: float) -> list[int]:
-    """On a failing global rank 0, which hosts the rendezvous store: keep it (and so every check-in
-    that names a culprit) up until every rank but the known `dead` has checked out, at most `wait_s`.
+def hold_store(world_size: int, dead: Sequence[int], wait_s: float, until_a_failure: bool = False,
+               poll_s: float = 0.2) -> list[int]:
+    """On global rank 0, which hosts the rendezvous store: keep it (and so every check-in that names
+    a culprit) up until every rank but the known `dead` has checked out, at most `wait_s`; with
+    `until_a_failure`, without limit while no rank has checked in as failing, then `wait_s` more.
 
     Without this, a peer still deciding whom to blame (`silent_peers`) would find the store gone
-    and blame rank 0. Returns the ranks that never checked out.
+    and blame rank 0, or, when rank 0 is not in its group, every peer. Rank 0 holds it when it fails,
+    and (`until_a_failure`) when its own part ends while other ranks work on: a teacher rank whose
+    replica served its last step. A rank that dies without a word while no other has failed is the
+    launcher's to reap (srun --kill-on-bad-exit, `spawn_world`'s grace). Returns the ranks that
+    never checked out.
     """
     waiting = [r for r in range(1, world_size) if r not in dead]
     try:
         store = dist.distributed_c10d._get_default_store()
-        deadline = time.monotonic() + wait_s
-        while waiting and time.monotonic() < deadline:
-            waiting = [r for r in waiting if not store.check([f"{EXIT_KEY}{r}"])]
-            time.sleep(0.1)
+        keys = [f"{EXIT_KEY}{r}" for r in waiting]
+        deadline = float("inf") if until_a_failure else time.monotonic() + wait_s
+        while keys and not store.check(keys) and time.monotonic() < deadline:
+            if deadline == float("inf") and store.add(FAILURES_KEY, 0) > 0:
+                deadline = time.monotonic() + wait_s
+            time.sleep(poll_s)
+        return [r for r in waiting if not store.check([f"{EXIT_KEY}{r}"])]
     except Exception:
-        pass
-    return waiting
+        return waiting
 
 
 def silent_peers(group: Sequence[int], rank: int, reason: str,
@@ -116,7 +132,7 @@ def silent_peers(group: Sequence[int], rank: int, reason: str,
     peers = [r for r in group if r != rank]
     try:
         store = dist.distributed_c10d._get_default_store()
-        store.set(f"{CHECK_IN_KEY}{rank}", reason[:500])
+        _say(store, rank, reason)
         deadline = time.monotonic() + wait_s
         while True:
             silent = [r for r in peers if not store.check([f"{CHECK_IN_KEY}{r}"])]

@@ -37,6 +37,7 @@ from cot2align.distributed.spawn import spawn_world
 from cot2align.distributed.topology import Topology
 from cot2align.distributed.transport import BLAME_WAIT_S, Transport, blame, check_in, check_out, hold_store
 from cot2align.distributed.world import device_of, init_world, wire_dtype
+from cot2align.logging import log
 from cot2align.lora import base_model
 from cot2align.models import DTYPES, load_model, load_tokenizer
 from cot2align.preemption import stop_request
@@ -58,7 +59,7 @@ from cot2align.student.served import ServedTeacher
 from cot2align.student.teacher_io import load_teacher_io
 from cot2align.teacher.cache import CacheWriter, is_complete
 from cot2align.teacher.megatron_model import MegatronTeacher
-from cot2align.teacher.serve import CacheTap, HFHiddenStates, HiddenStates, MegatronHiddenStates, serve
+from cot2align.teacher.serve import CacheTap, HFHiddenStates, HiddenStates, MegatronHiddenStates, ServeStats, serve
 from cot2align.train import TrainJob, TrainResult, train
 
 
@@ -103,7 +104,13 @@ def run_rank(cfg: Config) -> Any:
         if rank == 0:
             ensure_inputs(cfg)  # data, tokenizers, teacher, rationales: once, before the ranks read them
         dist.barrier()
-        return run_world(cfg)
+        result = run_world(cfg)
+        if rank == 0:  # the store lives in this process: up for as long as the other ranks may need it
+            if isinstance(result, ServeStats):
+                log.info("teacher rank 0: served its last step; keeping the rendezvous store up until the students "
+                         "finish")
+            hold_store(dist.get_world_size(), [], cfg.runtime.timeout_s + BLAME_WAIT_S, until_a_failure=True)
+        return result
     except Exception as e:  # peers of a failed collective learn that this rank is alive and why it fails
         check_in(rank, f"{type(e).__name__}: {str(e).splitlines()[0][:400] if str(e) else ''}")
         if rank == 0:  # the peers still blaming read the store, which lives in this process

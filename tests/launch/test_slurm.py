@@ -434,6 +434,36 @@ def test_an_unresolvable_rendezvous_address_fails_at_once_naming_it(monkeypatch:
         run_rank(Config())
 
 
+def test_rank_0_holds_the_store_until_the_others_check_out(tmp_path: Path) -> None:
+    """hold_store(until_a_failure): no limit while no rank failed (here: until ranks 1 and 2 check out
+    0.5 s later); once a rank checked in as failing, `wait_s` more at most, returning who never checked out."""
+    import threading
+
+    import torch.distributed as dist
+
+    from cot2align.distributed.transport import check_in, hold_store
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        store = dist.distributed_c10d._get_default_store()
+
+        def later(*keys: str) -> None:
+            time.sleep(0.5)
+            for k in keys:
+                store.set(k, "")
+
+        threading.Thread(target=later, args=("cot2align/exit/1", "cot2align/exit/2")).start()
+        t0 = time.monotonic()
+        assert hold_store(3, [], wait_s=0.0, until_a_failure=True) == []
+        assert time.monotonic() - t0 >= 0.5
+        check_in(4, "PeerDied: rank 5 died")
+        t0 = time.monotonic()
+        assert hold_store(6, [5], wait_s=0.3, until_a_failure=True) == [3, 4]  # 1 and 2 checked out
+        assert 0.3 <= time.monotonic() - t0 < 5
+    finally:
+        dist.destroy_process_group()
+
+
 def test_a_failed_collective_blames_the_peer_that_never_checked_in(tmp_path: Path) -> None:
     import torch.distributed as dist
 

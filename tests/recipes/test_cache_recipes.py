@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,39 @@ def _cfg(tiny_task: dict[str, Path], teacher_dir: Path, out: Path, name: str, *,
 
 def _losses(res: Any, key: str = "loss") -> torch.Tensor:
     return torch.tensor([h[key] for h in res.history], dtype=torch.float64)
+
+
+def _student_3_dies_after_the_teacher_is_done(cfg: Config) -> Any:
+    """`run_rank`, where rank 3 (student dp 2) dies a second after the teacher rank sealed the cache
+    (teacher.cache.mode=auto: it then returns while the students train on)."""
+    if os.environ["RANK"] == "3":
+        def die() -> None:
+            while not (Path(cfg.teacher.cache.dir) / MANIFEST).is_file():
+                time.sleep(0.05)
+            time.sleep(1.0)
+            os._exit(9)
+
+        threading.Thread(target=die, daemon=True).start()
+    return run_rank(cfg)
+
+
+@pytest.mark.slow
+def test_a_student_dying_after_the_teacher_is_done_is_named_alone(tiny_task: dict[str, Path], teacher_dir: Path,
+                                                                   tmp_path: Path) -> None:
+    """1 teacher rank + 3 students under teacher.cache.mode=auto: the teacher serves the first epoch and
+    is done; a student dies in a later epoch. Its peers name it, and only it: the rendezvous store their
+    blame reads lives in global rank 0, the teacher, which keeps it up while the students train (had
+    it exited, each survivor would find the store gone and call both of its peers dead)."""
+    cfg = _cfg(tiny_task, teacher_dir, tmp_path, "dies", mode="served", cache="auto", dp=3,
+               train={"max_steps": 0, "epochs": 8})
+    with pytest.raises(WorldError) as info:
+        spawn_world(_student_3_dies_after_the_teacher_is_done, cfg, 4, essential=[1, 2, 3], grace_s=60,
+                    timeout_s=300)
+    failures = info.value.failures
+    assert (tmp_path / "teacher-cache" / MANIFEST).is_file()
+    assert "exited with code 9" in failures[3], failures
+    for survivor in (1, 2):  # without the store: "student rank 2 (dp 1), student rank 3 (dp 2) died or hangs"
+        assert failures[survivor].startswith("PeerDied: student rank 3 (dp 2) died or hangs"), failures
 
 
 @pytest.mark.slow
