@@ -34,7 +34,9 @@ reserved = cluster.reserved_gib (CUDA context, NCCL buffers, allocator fragmenta
 Student memory (one DP rank, mixed-precision AdamW, no activation recomputation)
 -------------------------------------------------------------------------------
 Psi = P_student + P_proj,  P_proj = projectors * (h_s * h_t + h_t)     (trainable)
-weights = B * Psi / (dp if stage 3)          gradients = B * Psi / (dp if stage >= 2)
+      with LoRA adapters of rank r_a: Psi = P_lora + P_proj, P_lora = L_s * sum r_a (in + out) over the
+      target linears of a layer; the frozen P_student then counts in the weights only
+weights = B * (Psi + frozen) / (dp if stage 3)          gradients = B * Psi / (dp if stage >= 2)
 optimizer = (4 master (not for fp32) + 8 Adam m, v) * Psi / (dp if stage >= 1)
            (bf16: 2 + 2 + 12 = 16 bytes/param, the ZeRO paper's accounting)
 teacher head = B * V_t * h_t     (frozen copy for logit KD; if workload.student_holds_teacher_head)
@@ -61,6 +63,7 @@ teacher stage time per micro-batch:
 student time per micro-batch:
    C_s = L_s * P_layer_s + V_s * h_s + P_proj      (matmul parameters incl. its LM head)
    t_compute = (6 * C_s * T_s + head_flops * V_t * h_t * T_t) / F
+              (LoRA: (4 C_s + 2 Psi) * T_s: frozen weights need no weight gradient)
    t_dp = (dp > 1) * v * Psi * B * (dp-1)/dp / bw_dp / grad_accum   (v = 2, or 3 for ZeRO-3;
           bw_dp = intra-node if all students share one node, else inter-node; not overlapped)
    rho_s = 1 / (t_compute + t_dp)
@@ -79,7 +82,7 @@ import dataclasses
 import json
 import math
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -201,6 +204,11 @@ class WorkloadSpec(ConfigBase):
     """Training examples (the cache's disk estimate; 0 = unknown: per example and per 100k only)."""
     cache_dtype: Literal["bfloat16", "float32", "int8"] = "bfloat16"
     """Storage dtype of the teacher-state cache (teacher.cache.dtype)."""
+    student_lora_rank: int = 0
+    """Rank of the student's LoRA adapters (student_lora.r when student_lora.enabled); 0 = every
+    student weight trains. With adapters the base weights are frozen: weights memory only."""
+    student_lora_targets: list[str] = field(default_factory=list)
+    """Module names that get adapters (student_lora.target_modules); see `LORA_SHAPES`."""
 
     @property
     def dtype_bytes(self) -> int:
@@ -223,6 +231,11 @@ class WorkloadSpec(ConfigBase):
             "served_layers",
         ):
             require(getattr(self, k) >= 1, f"{p}{k}", f"must be >= 1, got {getattr(self, k)}")
+        require(self.student_lora_rank >= 0, f"{p}student_lora_rank", f"must be >= 0, got {self.student_lora_rank}")
+        unknown = sorted(set(self.student_lora_targets) - set(LORA_SHAPES))
+        require(not self.student_lora_rank or not unknown, f"{p}student_lora_targets",
+                f"the planner knows the shapes of {sorted(LORA_SHAPES)}, not {unknown} (student_lora.target_modules); "
+                "plan without them or set launch.plan=false")
         for k in ("prefetch", "projectors", "ot_pairs", "zero_bucket_elements", "examples"):
             require(getattr(self, k) >= 0, f"{p}{k}", f"must be >= 0, got {getattr(self, k)}")
         require(
@@ -322,13 +335,41 @@ def projector_params(s: ModelSpec, t: ModelSpec, wl: WorkloadSpec) -> int:
     return wl.projectors * (s.hidden_size * t.hidden_size + t.hidden_size)
 
 
+LORA_SHAPES: dict[str, Callable[[ModelSpec], list[tuple[int, int]]]] = {
+    "q_proj": lambda m: [(m.hidden_size, m.q_dim)],
+    "k_proj": lambda m: [(m.hidden_size, m.kv_dim)],
+    "v_proj": lambda m: [(m.hidden_size, m.kv_dim)],
+    "o_proj": lambda m: [(m.q_dim, m.hidden_size)],
+    "gate_proj": lambda m: [(m.hidden_size, m.ffn_size)],
+    "up_proj": lambda m: [(m.hidden_size, m.ffn_size)],
+    "down_proj": lambda m: [(m.ffn_size, m.hidden_size)],
+    "c_attn": lambda m: [(m.hidden_size, m.q_dim + 2 * m.kv_dim)],
+    "c_proj": lambda m: [(m.q_dim, m.hidden_size), (m.ffn_size, m.hidden_size)],  # GPT-2: attention and MLP
+    "c_fc": lambda m: [(m.hidden_size, m.ffn_size)],
+}
+"""Module name -> the (in, out) sizes of the linear layers of that name in one transformer layer
+(Llama / Qwen / Mistral names, GPT-2 names)."""
+
+
+def lora_params(s: ModelSpec, rank: int, targets: Sequence[str]) -> int:
+    """P_lora = L_s * sum over target linears of r * (in + out): A is r x in, B is out x r."""
+    return s.num_layers * sum(rank * (i + o) for name in set(targets) for i, o in LORA_SHAPES[name](s))
+
+
+def student_trainable_params(s: ModelSpec, t: ModelSpec, wl: WorkloadSpec) -> int:
+    """Psi: every student weight, or its LoRA adapters (workload.student_lora_rank), plus the projectors."""
+    own = lora_params(s, wl.student_lora_rank, wl.student_lora_targets) if wl.student_lora_rank else s.total_params
+    return own + projector_params(s, t, wl)
+
+
 def student_memory(
     s: ModelSpec, t: ModelSpec, cluster: ClusterSpec, wl: WorkloadSpec, dp: int
 ) -> MemoryBreakdown:
     """Memory of one student DP rank under its ZeRO stage (see the module docstring)."""
     B, r, z = wl.dtype_bytes, wl.rows, wl.student_zero_stage
     T_s, T_t = r * wl.student_seq_len, r * wl.teacher_seq_len
-    psi = s.total_params + projector_params(s, t, wl)
+    psi = student_trainable_params(s, t, wl)
+    frozen = s.total_params if wl.student_lora_rank else 0
     master = 0 if B == 4 else 4
     m_f = 4 if s.gated_mlp else 2
     act = T_s * s.num_layers * (4 * s.hidden_size + 2 * s.q_dim + 2 * s.kv_dim + m_f * s.ffn_size)
@@ -340,7 +381,7 @@ def student_memory(
         head = t.vocab_size * t.hidden_size * B
         logits += T_t * t.vocab_size * (B + 4)
     comps = {
-        "weights": B * psi / (dp if z == 3 else 1) / GIB,
+        "weights": B * (psi + frozen) / (dp if z == 3 else 1) / GIB,
         "gradients": B * psi / (dp if z >= 2 else 1) / GIB,
         "optimizer": (master + 8) * psi / (dp if z >= 1 else 1) / GIB,
         "teacher head": head / GIB,
@@ -357,7 +398,8 @@ def student_memory(
         "zero buffers": (2 * min(wl.zero_bucket_elements, psi) * B if dp > 1 else 0) / GIB,
         "reserved": cluster.reserved_gib,
     }
-    return MemoryBreakdown("student", comps, cluster.gpu_memory_gib, cluster.usable_gib, f"ZeRO-{z}, dp {dp}")
+    return MemoryBreakdown("student", comps, cluster.gpu_memory_gib, cluster.usable_gib,
+                           f"ZeRO-{z}, dp {dp}" + (f", LoRA r={wl.student_lora_rank}" if wl.student_lora_rank else ""))
 
 
 def pipeline_crosses_nodes(tp: int, pp: int, replicas: int, gpus_per_node: int) -> bool:
@@ -413,14 +455,15 @@ def timing(
     t_wire = wl.served_layers * act_bytes / inter
     proj = projector_params(s, t, wl)
     c_s = s.num_layers * s.layer_params + s.vocab_size * s.hidden_size + proj
-    flops_s: float = 6 * c_s * T_s
+    psi = student_trainable_params(s, t, wl)
+    # 2 forward + 2 input-gradient FLOPs per matmul parameter, + 2 weight-gradient for trainable ones
+    flops_s: float = (4 * c_s + 2 * (psi if wl.student_lora_rank else c_s)) * T_s
     if wl.student_holds_teacher_head:
         flops_s += wl.teacher_head_flops_per_param * t.vocab_size * t.hidden_size * T_t
     g = cluster.gpus_per_node
     first_student = replicas * tp * pp
     bw_dp = intra if first_student // g == (cluster.world_size - 1) // g else inter
     v = 3 if wl.student_zero_stage == 3 else 2
-    psi = s.total_params + proj
     t_dp = v * psi * B * (dp - 1) / dp / bw_dp / wl.grad_accum if dp > 1 else 0.0
     return Timing(t_comp, t_tp, t_pp, t_wire, flops_s / F, t_dp)
 

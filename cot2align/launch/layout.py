@@ -46,6 +46,8 @@ def workload_for(cfg: Config) -> WorkloadSpec:
         ot_pairs=(3 if loss.ot.cross_pairs else 1) if ot else 0,
         examples=_count_examples(Path(cfg.data.train_file)) if cfg.data.train_file else 0,
         cache_dtype=cfg.teacher.cache.dtype,
+        student_lora_rank=cfg.student_lora.r if cfg.student_lora.enabled else 0,
+        student_lora_targets=list(cfg.student_lora.target_modules) if cfg.student_lora.enabled else [],
     )
     return wl.merged(cfg.launch.workload, "launch.workload")
 

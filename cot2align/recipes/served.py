@@ -59,7 +59,14 @@ from cot2align.student.served import ServedTeacher
 from cot2align.student.teacher_io import load_teacher_io
 from cot2align.teacher.cache import CacheWriter, is_complete
 from cot2align.teacher.megatron_model import MegatronTeacher
-from cot2align.teacher.serve import CacheTap, HFHiddenStates, HiddenStates, MegatronHiddenStates, ServeStats, serve
+from cot2align.teacher.serve import (
+    CacheTap,
+    HFHiddenStates,
+    HiddenStates,
+    MegatronHiddenStates,
+    ServeStats,
+    serve,
+)
 from cot2align.train import TrainJob, TrainResult, train
 
 

@@ -5,8 +5,12 @@ from __future__ import annotations
 import math
 
 import pytest
+from transformers import AutoConfig, AutoModelForCausalLM
 
+from cot2align.config import Config
 from cot2align.configbase import ConfigError
+from cot2align.launch.layout import workload_for
+from cot2align.lora import LoraConfig, apply_lora
 from cot2align.modelspec import ModelSpec, load_model_spec, model_spec_from_hf_config
 from cot2align.plan import (
     ClusterSpec,
@@ -14,11 +18,13 @@ from cot2align.plan import (
     WorkloadSpec,
     cached_layout,
     evaluate,
+    lora_params,
     main,
     pipeline_crosses_nodes,
     plan,
     plan_from_files,
     student_memory,
+    timing,
 )
 
 GIB = 2**30
@@ -470,3 +476,58 @@ def test_cached_layout_by_hand(plan70b: Plan, capsys: pytest.CaptureFixture[str]
     assert main(["--teacher", "llama-3-70b", "--student", "llama-3.2-1b", "cluster.nodes=8"]) == 0
     out = capsys.readouterr().out
     assert "## Cached run (teacher.cache.mode=read): every GPU a student" in out and "| dp 64, no teacher ranks |" in out
+
+
+# ----------------------------------------------------------------------------- LoRA students
+
+LORA_MODELS = {
+    "llama": ({"model_type": "llama", "num_hidden_layers": 2, "hidden_size": 48, "num_attention_heads": 4,
+               "num_key_value_heads": 2, "intermediate_size": 80, "vocab_size": 64},
+              ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
+    "gpt2": ({"model_type": "gpt2", "n_layer": 2, "n_embd": 48, "n_head": 4, "n_inner": 80, "vocab_size": 64,
+              "n_positions": 32}, ["c_attn", "c_proj", "c_fc"]),
+}
+
+
+@pytest.mark.parametrize("arch", sorted(LORA_MODELS))
+def test_lora_parameters_match_peft(arch: str) -> None:
+    """The planner's adapter count equals what peft trains on the same model (each target alone, all)."""
+    hf, targets = LORA_MODELS[arch]
+    spec = model_spec_from_hf_config(hf)
+    for chosen in [[t] for t in targets] + [targets]:
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**hf))
+        lora = apply_lora(model, LoraConfig(enabled=True, r=4, target_modules=chosen), "student_lora")
+        trainable = sum(p.numel() for p in lora.parameters() if p.requires_grad)
+        assert lora_params(spec, 4, chosen) == trainable, chosen
+
+
+def test_lora_student_memory_and_flops() -> None:
+    """A LoRA student: weights hold the frozen base too; gradients, optimizer, ZeRO buckets, DP traffic
+    and weight-gradient FLOPs only the adapters (and projectors)."""
+    s, t = load_model_spec("tinyllama-1.1b"), load_model_spec("mistral-7b")
+    full = WorkloadSpec(projectors=0)
+    lora = WorkloadSpec(projectors=0, student_lora_rank=16, student_lora_targets=["q_proj", "v_proj"])
+    a = lora_params(s, 16, ["q_proj", "v_proj"])
+    assert a == s.num_layers * 16 * ((s.hidden_size + s.q_dim) + (s.hidden_size + s.kv_dim))
+    m = student_memory(s, t, ClusterSpec(), lora, dp=4).components
+    assert m["weights"] * GIB == pytest.approx(2 * (s.total_params + a))
+    assert m["gradients"] * GIB == pytest.approx(2 * a / 4)  # ZeRO-2
+    assert m["optimizer"] * GIB == pytest.approx(12 * a / 4)
+    assert m["zero buffers"] * GIB == pytest.approx(2 * 2 * a)
+    cluster = ClusterSpec(nodes=1, gpus_per_node=8)
+    f, l_ = timing(t, s, cluster, full, 1, 1, 1, 7), timing(t, s, cluster, lora, 1, 1, 1, 7)
+    assert l_.student_dp_comm == pytest.approx(f.student_dp_comm * a / s.total_params)
+    c_s = s.num_layers * s.layer_params + s.vocab_size * s.hidden_size
+    head = full.teacher_head_flops_per_param * t.vocab_size * t.hidden_size * full.rows * full.teacher_seq_len
+    tokens = full.rows * full.student_seq_len
+    assert (f.student_compute - l_.student_compute) * cluster.flops_per_gpu == pytest.approx((2 * c_s - 2 * a) * tokens)
+    assert f.student_compute * cluster.flops_per_gpu == pytest.approx(6 * c_s * tokens + head)
+
+
+def test_lora_student_workload_from_config() -> None:
+    cfg = Config().merged({"student_lora": {"enabled": True, "r": 4, "target_modules": ["c_attn"]}})
+    wl = workload_for(cfg)
+    assert (wl.student_lora_rank, wl.student_lora_targets) == (4, ["c_attn"])
+    assert workload_for(Config()).student_lora_rank == 0
+    with pytest.raises(ConfigError, match=r"workload\.student_lora_targets.*\['wq'\]"):
+        WorkloadSpec(student_lora_rank=4, student_lora_targets=["wq"]).validate("workload")
