@@ -312,7 +312,7 @@ def report(records: list[dict[str, Any]], teacher: dict[str, float] | None,
            grads: dict[str, dict[str, dict[str, float]]]) -> str:
     """The sweep's markdown: the table and the evidence sections (docs/results.md quotes them)."""
     return "\n\n".join([table(records, teacher), seeds_table(records), by_steps_table(records), entropy_table(records),
-                         curves_table(records), grads_table(grads)])
+                         curves_table(records)] + ([grads_table(grads)] if grads else []))
 
 
 def _doc_block(path: Path, name: str) -> tuple[str, re.Match[str] | None]:

@@ -166,6 +166,10 @@ def test_report_sections_average_over_seeds() -> None:
     grads = {"dskd": {"initial": {"ce": 2.0, "kd": 4.0, "cos/kd": -0.1}, "best": {"ce": 0.5, "kd": 0.25, "cos/kd": 0.7}}}
     md = quality.grads_table(grads)
     assert "| dskd | initial | 2 | 4 | - | -0.1 | - |" in md and "| dskd | best | 0.5 | 0.25 | - | 0.7 | - |" in md
+    for r in records:
+        r.update(held_out_em=1.0, dev_em=2.0, steps=400, wall_s=60.0)
+    assert "Gradient norm" in quality.report(records, None, grads)
+    assert "Gradient norm" not in quality.report(records, None, {})  # no run to measure: no empty table
 
 
 def test_doc_tables_go_between_the_markers_of_their_sweep(tmp_path: Path) -> None:
