@@ -13,4 +13,4 @@ fi
 python scripts/prepare_test_assets.py
 ruff check cot2align launcher tests bench scripts
 mypy cot2align launcher
-python -m pytest -q
+python -m pytest -q --durations=15

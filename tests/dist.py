@@ -18,6 +18,7 @@ from typing import Any
 
 import torch.distributed as dist
 
+from cot2align.distributed.failures import start_heartbeat, stop_heartbeat
 from cot2align.distributed.spawn import spawn_world
 
 
@@ -25,11 +26,13 @@ def _rank(call: tuple[Callable[..., Any], tuple[Any, ...], str, float]) -> Any:
     fn, args, backend, timeout_s = call
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s))
+    start_heartbeat(rank)
     try:
         result = fn(rank, world, *args)
         dist.barrier()  # nobody tears down the store (hosted by rank 0) while others still use it
         return result
     finally:
+        stop_heartbeat()
         dist.destroy_process_group()
 
 

@@ -36,6 +36,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from cot2align.distributed.failures import BLAME_WAIT_S, DesyncError, PeerDied, PeerError, silent_peers
+
 MAGIC = 0xC07A11
 HEADER_SIZE = 32
 MAX_LAYERS = HEADER_SIZE - 12
@@ -45,132 +47,8 @@ WIRE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # message kinds
 REQUEST, DATA, END, ERROR, STOP, DONE = 1, 2, 3, 4, 5, 6
 KIND_NAMES = {REQUEST: "request", DATA: "data", END: "end", ERROR: "error", STOP: "stop", DONE: "done"}
-
-
-class PeerError(RuntimeError):
-    """A peer sent nothing before the deadline, closed its connection, or reported a failure."""
-
-
-class PeerDied(PeerError):
-    """Peers of a failed collective did not answer afterwards: they died (or hang); `ranks` names them."""
-
-    def __init__(self, ranks: list[int], message: str) -> None:
-        self.ranks = ranks
-        super().__init__(message)
-
-
 DIED_PREFIX = "died:"
 """An ERROR message that starts with `died:<rank>,<rank>:` blames those ranks, not its sender."""
-CHECK_IN_KEY = "cot2align/after_failure/"
-BLAME_WAIT_S = 10.0
-"""How long a rank whose collective failed waits for its peers to check in before calling them dead."""
-
-
-FAILURES_KEY = "cot2align/failures"
-
-
-def _say(store: Any, rank: int, reason: str) -> None:
-    store.set(f"{CHECK_IN_KEY}{rank}", reason[:500])
-    store.add(FAILURES_KEY, 1)
-
-
-def check_in(rank: int, reason: str) -> None:
-    """Record in the world's rendezvous store that `rank` fails knowingly, and why (best effort)."""
-    try:
-        _say(dist.distributed_c10d._get_default_store(), rank, reason)
-    except Exception:  # no world, or the store (on global rank 0's node) is gone
-        pass
-
-
-EXIT_KEY = "cot2align/exit/"
-
-
-def check_out(rank: int) -> None:
-    """Record in the rendezvous store that `rank` is done (it no longer reads the store; best effort)."""
-    try:
-        dist.distributed_c10d._get_default_store().set(f"{EXIT_KEY}{rank}", "")
-    except Exception:
-        pass
-
-
-def hold_store(world_size: int, dead: Sequence[int], wait_s: float, until_a_failure: bool = False,
-               poll_s: float = 0.2) -> list[int]:
-    """On global rank 0, which hosts the rendezvous store: keep it (and so every check-in that names
-    a culprit) up until every rank but the known `dead` has checked out, at most `wait_s`; with
-    `until_a_failure`, without limit while no rank has checked in as failing, then `wait_s` more.
-
-    Without this, a peer still deciding whom to blame (`silent_peers`) would find the store gone
-    and blame rank 0, or, when rank 0 is not in its group, every peer. Rank 0 holds it when it fails,
-    and (`until_a_failure`) when its own part ends while other ranks work on: a teacher rank whose
-    replica served its last step. A rank that dies without a word while no other has failed is the
-    launcher's to reap (srun --kill-on-bad-exit, `spawn_world`'s grace). Returns the ranks that
-    never checked out.
-    """
-    waiting = [r for r in range(1, world_size) if r not in dead]
-    try:
-        store = dist.distributed_c10d._get_default_store()
-        keys = [f"{EXIT_KEY}{r}" for r in waiting]
-        deadline = float("inf") if until_a_failure else time.monotonic() + wait_s
-        while keys and not store.check(keys) and time.monotonic() < deadline:
-            if deadline == float("inf") and store.add(FAILURES_KEY, 0) > 0:
-                deadline = time.monotonic() + wait_s
-            time.sleep(poll_s)
-        return [r for r in waiting if not store.check([f"{EXIT_KEY}{r}"])]
-    except Exception:
-        return waiting
-
-
-def silent_peers(group: Sequence[int], rank: int, reason: str,
-                 wait_s: float = BLAME_WAIT_S) -> tuple[list[int], dict[int, str]]:
-    """After a collective over `group` failed on `rank`: (the peers that never checked in within
-    `wait_s`, what the others said).
-
-    Every rank that fails checks in through the world's rendezvous store with its reason (this
-    function, and `check_in` on every rank that raises): a peer that never does died or hangs.
-    When the store itself is gone (it lives on global rank 0's node), rank 0 is the silent one.
-    """
-    peers = [r for r in group if r != rank]
-    try:
-        store = dist.distributed_c10d._get_default_store()
-        _say(store, rank, reason)
-        deadline = time.monotonic() + wait_s
-        while True:
-            silent = [r for r in peers if not store.check([f"{CHECK_IN_KEY}{r}"])]
-            if not silent or time.monotonic() > deadline:
-                said = {r: store.get(f"{CHECK_IN_KEY}{r}").decode(errors="replace") for r in peers if r not in silent}
-                return silent, said
-            time.sleep(0.1)
-    except Exception:  # the store (on rank 0) is unreachable: rank 0 is among the dead
-        return ([0] if 0 in peers else peers), {}
-
-
-def blame(error: Exception, group: Sequence[int], rank: int, describe: Callable[[int], str],
-          wait_s: float = BLAME_WAIT_S) -> Exception:
-    """`error` of a collective over `group`, naming the peer at fault: `PeerDied` when peers died,
-    a PeerError quoting a peer that failed first and named its own culprit, else `error` itself.
-
-    Errors that already name their peer (PeerError, DesyncError) and errors other than the
-    collective's own (not RuntimeError) are returned unchanged.
-    """
-    if not isinstance(error, RuntimeError) or isinstance(error, (PeerError, DesyncError)) or len(group) < 2:
-        return error
-    first = str(error).splitlines()[0][:300] if str(error) else type(error).__name__
-    dead, said = silent_peers(group, rank, f"{type(error).__name__}: {first}", wait_s)
-    if dead:
-        names = ", ".join(describe(r) for r in dead)
-        verdict = PeerDied(dead, f"{names} died or hangs: no word from it within {wait_s:.0f} s after a collective "
-                                 f"of {describe(rank)} with it failed ({type(error).__name__}: {first}); see its log")
-        check_in(rank, f"PeerDied: {verdict}")
-        return verdict
-    named = {r: why for r, why in said.items() if why.startswith(("PeerError", "PeerDied", "DesyncError"))}
-    if named:
-        return PeerError(f"a collective of {describe(rank)} failed ({type(error).__name__}: {first}) because "
-                         + "; ".join(f"{describe(r)} failed first: {why}" for r, why in sorted(named.items())))
-    return error
-
-
-class DesyncError(RuntimeError):
-    """A message does not match what the receiver expected (other step, samples or lengths)."""
 
 
 def checksum(values: Sequence[int] | Tensor) -> int:
@@ -427,11 +305,13 @@ class Transport:
     def _unreachable(self, peer: int, error: Exception) -> PeerError:
         """A closed connection while talking to `peer`: name who died. gloo fails every pending operation
         of a process when any of its connections closes, so the culprit is found among `peer` and the
-        ranks that compute with it (`peers_of`): those that never check in (see `silent_peers`)."""
+        ranks that compute with it (`peers_of`): those that never check in and whose heartbeat stopped
+        (see `silent_peers`)."""
         first = str(error).splitlines()[0][:300]
         me = dist.get_rank() if dist.is_initialized() else -1
         group = [me, *(r for r in self.peers_of(peer) if r != me)]
-        dead, said = silent_peers(group, me, f"PeerError: the connection to {self.describe(peer)} closed", self.blame_wait_s)
+        dead, _, said = silent_peers(group, me, f"PeerError: the connection to {self.describe(peer)} closed",
+                                     self.blame_wait_s)
         if dead:
             return PeerDied(dead, f"{', '.join(self.describe(r) for r in dead)} died or hangs: no word from it within "
                                   f"{self.blame_wait_s:.0f} s after {self.describe(me)} lost its connection ({first}); "

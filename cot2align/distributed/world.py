@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from cot2align.distributed.config import RuntimeConfig
+from cot2align.distributed.failures import start_heartbeat, stop_heartbeat
 
 
 def backend_of(cfg: RuntimeConfig) -> str:
@@ -73,7 +74,8 @@ def rank_threads(local_world: int, environ: Mapping[str, str] | None = None,
 
 def init_world(cfg: RuntimeConfig, threads: int = 0) -> torch.device:
     """Initialise torch.distributed from RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT; returns the
-    rank's device. threads: torch threads of a CPU rank (0 = what its task was given, `rank_threads`)."""
+    rank's device, and starts the rank's heartbeat (see `failures`). threads: torch threads of a CPU rank
+    (0 = what its task was given, `rank_threads`). `close_world` leaves it."""
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     check_master_addr(os.environ.get("MASTER_ADDR", ""))
     backend = backend_of(cfg)
@@ -82,4 +84,11 @@ def init_world(cfg: RuntimeConfig, threads: int = 0) -> torch.device:
     elif not threads:
         torch.set_num_threads(rank_threads(int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))))
     dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(seconds=cfg.startup_timeout_s))
+    start_heartbeat(rank)
     return device_of(backend)
+
+
+def close_world() -> None:
+    """Leave the world `init_world` joined: stop the heartbeat, destroy the default process group."""
+    stop_heartbeat()
+    dist.destroy_process_group()

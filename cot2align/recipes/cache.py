@@ -32,9 +32,9 @@ from cot2align.config import Config
 from cot2align.configbase import require
 from cot2align.data.dataset import Sample, collate
 from cot2align.data.sampler import GlobalBatchSampler
+from cot2align.distributed.failures import blame, check_in
 from cot2align.distributed.topology import StudentParallelConfig, TeacherParallelConfig, Topology
-from cot2align.distributed.transport import blame, check_in
-from cot2align.distributed.world import init_world
+from cot2align.distributed.world import close_world, init_world
 from cot2align.logging import log
 from cot2align.losses import DistillLoss
 from cot2align.models import (
@@ -301,7 +301,7 @@ def _write_sharded(cfg: Config, p: Paths, samples: list[Sample], batches: list[l
             raise
         raise reported from e
     finally:
-        dist.destroy_process_group()
+        close_world()
 
 
 def _write_replica_share(cfg: Config, p: Paths, topo: Topology, samples: list[Sample], batches: list[list[int]],

@@ -32,11 +32,12 @@ from cot2align.config import Config
 from cot2align.configbase import require
 from cot2align.data.dataset import Sample
 from cot2align.data.sampler import GlobalBatchSampler
+from cot2align.distributed.failures import BLAME_WAIT_S, blame, check_in, check_out, hold_store
 from cot2align.distributed.parallel import DataParallel
 from cot2align.distributed.spawn import spawn_world
 from cot2align.distributed.topology import Topology
-from cot2align.distributed.transport import BLAME_WAIT_S, Transport, blame, check_in, check_out, hold_store
-from cot2align.distributed.world import device_of, init_world, wire_dtype
+from cot2align.distributed.transport import Transport
+from cot2align.distributed.world import close_world, device_of, init_world, wire_dtype
 from cot2align.logging import log
 from cot2align.lora import base_model
 from cot2align.models import DTYPES, load_model, load_tokenizer
@@ -126,7 +127,7 @@ def run_rank(cfg: Config) -> Any:
         raise
     finally:
         check_out(rank)
-        dist.destroy_process_group()
+        close_world()
 
 
 def run_world(cfg: Config, run_dir: Path | None = None) -> Any:

@@ -18,6 +18,7 @@ import torch
 from cot2align.data.dataset import Batch
 from cot2align.data.sampler import GlobalBatchSampler
 from cot2align.data.views import ResponseView
+from cot2align.distributed.failures import DesyncError
 from cot2align.distributed.transport import (
     DATA,
     DONE,
@@ -25,7 +26,6 @@ from cot2align.distributed.transport import (
     FORMATS,
     STOP,
     DataHeader,
-    DesyncError,
     Request,
     Transport,
     checksum,

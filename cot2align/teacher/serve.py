@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from cot2align.data.dataset import Sample, SeqBatch, collate
 from cot2align.data.sampler import GlobalBatchSampler
+from cot2align.distributed.failures import DesyncError, blame
 from cot2align.distributed.topology import Topology
 from cot2align.distributed.transport import (
     DATA,
@@ -44,12 +45,10 @@ from cot2align.distributed.transport import (
     FORMATS,
     STOP,
     DataHeader,
-    DesyncError,
     PendingHeader,
     Request,
     Transport,
     any_rank,
-    blame,
     checksum,
     pack,
 )

@@ -28,7 +28,8 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from cot2align.config import Config
 from cot2align.configbase import ConfigError
-from cot2align.distributed.transport import DATA, DataHeader, DesyncError, Request, checksum, pack, unpack
+from cot2align.distributed.failures import DesyncError
+from cot2align.distributed.transport import DATA, DataHeader, Request, checksum, pack, unpack
 from cot2align.train import TrainResult
 
 STEPS = 5
