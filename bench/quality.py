@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import scipy.stats
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
@@ -298,21 +299,59 @@ def curves_table(records: list[dict[str, Any]]) -> str:
                  "that step ('-': every seed had stopped early)", ["method", "seeds", *map(str, steps)], lines)
 
 
+REFERENCE_ROW = "cot2align (dskd)"
+
+
+def paired_table(records: list[dict[str, Any]], reference: str = REFERENCE_ROW) -> str:
+    """`reference` minus every other row, seed by seed (a seed fixes the initialisation and the data
+    order of both): the differences of test EM (std prompt, sampled), their mean +- std, and a paired
+    t-test (two-sided p), sampled and greedy. Rows sharing fewer than 2 seeds with it are left out
+    ("": none left)."""
+    by = {(r["row"], int(r["seed"])): r for r in records}
+    lines = []
+    for row, rs in _rows_of(records):
+        seeds = sorted(int(r["seed"]) for r in rs if (reference, int(r["seed"])) in by)
+        if row == reference or len(seeds) < 2:
+            continue
+        cells = [row, str(len(seeds))]
+        for key in ("exact_match", "greedy_em"):
+            diffs = [float(by[(reference, k)][key]) - float(by[(row, k)][key]) for k in seeds]
+            if key == "exact_match":
+                cells.append(", ".join(f"{d:+.1f}" for d in diffs))
+            cells += [_mean_std(diffs), *_paired_t(diffs)]
+        lines.append(cells)
+    if not lines:
+        return ""
+    return _grid(f"Paired by seed: {reference} minus each row, test EM (std prompt); t and two-sided p of a paired "
+                 "t-test", ["method", "seeds", "differences (sampled)", "mean ± std", "t", "p", "greedy: mean ± std",
+                            "t", "p"], lines)
+
+
+def _paired_t(diffs: list[float]) -> list[str]:
+    """[t, two-sided p] of the paired t-test of `diffs` against 0, formatted."""
+    sd = statistics.stdev(diffs)
+    if sd == 0:
+        return ["-", "-"]
+    t = statistics.mean(diffs) / (sd / len(diffs) ** 0.5)
+    return [f"{t:.1f}", f"{2 * scipy.stats.t.sf(abs(t), len(diffs) - 1):.3f}"]
+
+
 def grads_table(grads: dict[str, dict[str, dict[str, float]]]) -> str:
-    """`term_grad_norms` of each row's first seed, at the initial and at the best student."""
+    """`term_grad_norms` of each row's lowest seed, at the initial and at the best student."""
     cols = ["ce", "kd", "ot", "cos/kd", "cos/ot"]
     lines = [[row, when, *(f"{g[c]:.3g}" if c in g else "-" for c in cols)]
              for row in ROWS if row in grads for when, g in grads[row].items()]
     return _grid("Gradient norm of each weighted loss term ((1 - lambda) CE, lambda KD, lambda w OT) w.r.t. the "
                  "student's weights, mean over the first 8 global batches; cos = cosine with the CE gradient",
-                 ["method (first seed)", "student", "CE", "KD", "OT", "cos(KD, CE)", "cos(OT, CE)"], lines)
+                 ["method (lowest seed)", "student", "CE", "KD", "OT", "cos(KD, CE)", "cos(OT, CE)"], lines)
 
 
 def report(records: list[dict[str, Any]], teacher: dict[str, float] | None,
            grads: dict[str, dict[str, dict[str, float]]]) -> str:
     """The sweep's markdown: the table and the evidence sections (docs/results.md quotes them)."""
-    return "\n\n".join([table(records, teacher), seeds_table(records), by_steps_table(records), entropy_table(records),
-                         curves_table(records)] + ([grads_table(grads)] if grads else []))
+    sections = [table(records, teacher), seeds_table(records), paired_table(records), by_steps_table(records),
+                entropy_table(records), curves_table(records), grads_table(grads) if grads else ""]
+    return "\n\n".join(s for s in sections if s)
 
 
 def _doc_block(path: Path, name: str) -> tuple[str, re.Match[str] | None]:
@@ -459,9 +498,12 @@ def main(argv: list[str] | None = None) -> int:
             write_summary()
             print(f"{row} seed {seed}: EM {rec['exact_match']:.1f} greedy {rec['greedy_em']:.1f} "
                   f"CoT prompt {rec['cot_em']:.1f} after {res.steps} steps ({rec['wall_s']:.0f} s)", flush=True)
-    for row in args.rows:  # evidence of what each term adds: the first seed of every row that has a run
-        cfg = run_config(base, pinned, row, seeds[0])
-        if row in grads or ROWS[row]["loss"]["name"] == "multilevel_ot" or not (cfg.run_dir / "best").is_dir():
+    for row in args.rows:  # evidence of what each term adds: the lowest seed of every row that has a run
+        ran = [int(r["seed"]) for r in records if r["row"] == row]
+        if row in grads or ROWS[row]["loss"]["name"] == "multilevel_ot" or not ran:
+            continue
+        cfg = run_config(base, pinned, row, min(ran))
+        if not (cfg.run_dir / "best").is_dir():
             continue
         grads[row] = {"initial": term_grad_norms(cfg, None), "best": term_grad_norms(cfg, cfg.run_dir / "best")}
         grads_path.write_text(json.dumps(grads, indent=2))

@@ -7,6 +7,7 @@ import statistics
 from pathlib import Path
 
 import pytest
+import scipy.stats
 
 from cot2align.configbase import REPO_ROOT
 
@@ -170,6 +171,24 @@ def test_report_sections_average_over_seeds() -> None:
         r.update(held_out_em=1.0, dev_em=2.0, steps=400, wall_s=60.0)
     assert "Gradient norm" in quality.report(records, None, grads)
     assert "Gradient norm" not in quality.report(records, None, {})  # no run to measure: no empty table
+
+
+def test_paired_table_is_a_paired_t_test_seed_by_seed() -> None:
+    ref, other = [17.0, 12.0, 23.0, 9.0], [16.0, 8.0, 15.0, 10.0]
+    records = [{"row": row, "seed": s, "exact_match": em, "greedy_em": em + s}
+               for row, ems in (("cot2align (dskd)", ref), ("dskd", other)) for s, em in enumerate(ems, 1)]
+    records.append({"row": "sft", "seed": 1, "exact_match": 3.0, "greedy_em": 3.0})  # one seed: no test
+    records.append({"row": "dskd", "seed": 9, "exact_match": 50.0, "greedy_em": 50.0})  # no partner: left out
+    md = quality.paired_table(records)
+    cells = [c.strip() for c in next(x for x in md.splitlines() if x.startswith("| dskd |")).split("|")[1:-1]]
+    diffs = [a - b for a, b in zip(ref, other, strict=True)]
+    expected = scipy.stats.ttest_rel(ref, other)
+    assert cells[:4] == ["dskd", "4", "+1.0, +4.0, +8.0, -1.0",
+                         f"{statistics.mean(diffs):.1f} ± {statistics.stdev(diffs):.1f}"]
+    assert cells[4:6] == [f"{expected.statistic:.1f}", f"{expected.pvalue:.3f}"]
+    assert cells[6:] == cells[3:4] + cells[4:6]  # greedy = sampled + seed: the same differences
+    assert "| sft |" not in md
+    assert quality.paired_table([r for r in records if r["row"] != "dskd"]) == ""
 
 
 def test_doc_tables_go_between_the_markers_of_their_sweep(tmp_path: Path) -> None:
