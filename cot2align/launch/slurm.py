@@ -23,6 +23,9 @@ from cot2align.configbase import REPO_ROOT, ConfigBase, ConfigError, require
 from cot2align.plan import ClusterSpec
 
 _TIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
+SIGNAL_MARGIN_S = 60
+"""A job's least time before its SIGUSR2: the ranks install their handler within it (before, the
+signal's default action kills the task)."""
 
 
 def slurm_minutes(value: str) -> int:
@@ -95,6 +98,10 @@ class SlurmConfig(ConfigBase):
         require(minutes >= 1, f"{prefix}.time", f"must be at least one minute, got {self.time!r}")
         require(self.cpus_per_task >= 1, f"{prefix}.cpus_per_task", f"must be >= 1, got {self.cpus_per_task}")
         require(self.signal_delay_s >= 0, f"{prefix}.signal_delay_s", f"must be >= 0, got {self.signal_delay_s}")
+        require(self.signal_delay_s + SIGNAL_MARGIN_S <= minutes * 60, f"{prefix}.signal_delay_s",
+                f"{self.signal_delay_s} s before the time limit {self.time!r} ({minutes * 60} s) leaves the job under "
+                f"{SIGNAL_MARGIN_S} s before SIGUSR2: it could arrive before the ranks handle it (the task would die "
+                f"instead of checkpointing); give a longer {prefix}.time or a shorter delay")
         require(self.max_requeues >= 0, f"{prefix}.max_requeues", f"must be >= 0, got {self.max_requeues}")
 
     @property

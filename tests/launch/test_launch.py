@@ -98,6 +98,15 @@ def test_unquoted_yaml_time_is_an_error(tmp_path: Path) -> None:
         load_config(None, ["launch.slurm.time=tomorrow"])
 
 
+def test_the_time_limit_leaves_the_job_a_minute_before_its_signal() -> None:
+    with pytest.raises(ConfigError, match=r"launch\.slurm\.signal_delay_s: 120 s before the time limit '0:02:00' \(120 s\)"
+                                          r".*longer launch\.slurm\.time"):
+        load_config(None, ["launch.slurm.time='0:02:00'"])
+    assert load_config(None, ["launch.slurm.time='0:03:00'"]).launch.slurm.minutes == 3  # 60 s before the signal
+    two = load_config(None, ["launch.slurm.time='0:02:00'", "launch.slurm.signal_delay_s=60"])
+    assert two.launch.slurm.signal_delay_s == 60
+
+
 @pytest.mark.parametrize("path", PRESETS, ids=lambda p: str(p.relative_to(REPO_ROOT)))
 def test_every_preset_loads(path: Path) -> None:
     cfg = load_config(path)
