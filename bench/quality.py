@@ -212,12 +212,17 @@ def wanted(row: str, seed: int, first_seed: int) -> bool:
     return row not in ONE_SEED or seed == first_seed
 
 
+def _num(x: float, digits: int) -> str:
+    text = f"{x:.{digits}f}"
+    return text[1:] if text.startswith("-") and float(text) == 0 else text  # no "-0.0"
+
+
 def _mean_std(values: list[float], digits: int = 1) -> str:
     if not values:
         return "-"
     if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+        return _num(values[0], digits)
+    return f"{_num(statistics.mean(values), digits)} ± {statistics.stdev(values):.{digits}f}"
 
 
 COLUMNS: dict[str, str] = {

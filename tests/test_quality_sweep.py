@@ -188,6 +188,7 @@ def test_paired_table_is_a_paired_t_test_seed_by_seed() -> None:
     assert cells[4:6] == [f"{expected.statistic:.1f}", f"{expected.pvalue:.3f}"]
     assert cells[6:] == cells[3:4] + cells[4:6]  # greedy = sampled + seed: the same differences
     assert "| sft |" not in md
+    assert quality._mean_std([-0.04, 0.0]) == "0.0 ± 0.0"
     assert quality.paired_table([r for r in records if r["row"] != "dskd"]) == ""
 
 
