@@ -4,8 +4,9 @@ When a rank dies, every peer that talks to it sees an error, and so do peers blo
 peers. To name the one at fault, each rank that fails knowingly checks in with its reason
 (`check_in`, `silent_peers`), and each rank counts a heartbeat from a thread of its own
 (`start_heartbeat`). A rank whose collective failed waits for its peers' check-ins, then names
-the silent peers whose heartbeat stopped (they died), else a peer that failed first and named
-its own culprit, else the silent peers whose heartbeat goes on (they are stuck). A silent peer
+the silent peers whose heartbeat stopped (they died), else the peers that failed by themselves
+(a missing file, out of memory) or named their own culprit, else the silent peers whose
+heartbeat goes on (they are stuck). A silent peer
 that is alive is usually busy elsewhere (evaluating while the others wait for it) or blocked on
 the very rank that is deciding; it is not blamed while a dead one is found.
 
@@ -18,7 +19,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch.distributed as dist
 
@@ -51,9 +52,34 @@ HEARTBEAT_S = 1.0
 _heartbeat_stop: threading.Event | None = None
 
 
-def _say(store: Any, rank: int, reason: str) -> None:
-    store.set(f"{CHECK_IN_KEY}{rank}", reason[:500])
+class CheckIn(NamedTuple):
+    """What a failing rank said: its error, and what kind it is: "own" (it failed by itself: the
+    cause), "names" (it names the peer at fault) or "symptom" (a collective failed, cause unknown)."""
+
+    reason: str
+    kind: str
+
+
+def is_collective_failure(error: BaseException) -> bool:
+    """Whether `error` is how a collective or point-to-point operation failed (a closed connection,
+    a timeout: a symptom of a peer's failure), not a failure of this rank itself."""
+    return type(error) is RuntimeError or isinstance(error, dist.DistError)
+
+
+def _reason(error: BaseException) -> str:
+    return f"{type(error).__name__}: {str(error).splitlines()[0][:400] if str(error) else ''}"
+
+
+def _say(store: Any, rank: int, error: BaseException) -> None:
+    kind = ("names" if isinstance(error, (PeerError, DesyncError)) else
+            "symptom" if is_collective_failure(error) else "own")
+    store.set(f"{CHECK_IN_KEY}{rank}", f"{kind}:{_reason(error)}")
     store.add(FAILURES_KEY, 1)
+
+
+def _heard(store: Any, rank: int) -> CheckIn:
+    kind, _, reason = store.get(f"{CHECK_IN_KEY}{rank}").decode(errors="replace").partition(":")
+    return CheckIn(reason, kind)
 
 
 def _beats(store: Any, rank: int) -> int:
@@ -90,10 +116,10 @@ def stop_heartbeat() -> None:
         _heartbeat_stop.set()
 
 
-def check_in(rank: int, reason: str) -> None:
-    """Record in the world's rendezvous store that `rank` fails knowingly, and why (best effort)."""
+def check_in(rank: int, error: BaseException) -> None:
+    """Record in the world's rendezvous store that `rank` fails knowingly, with `error` (best effort)."""
     try:
-        _say(dist.distributed_c10d._get_default_store(), rank, reason)
+        _say(dist.distributed_c10d._get_default_store(), rank, error)
     except Exception:  # no world, or the store (on global rank 0's node) is gone
         pass
 
@@ -133,11 +159,11 @@ def hold_store(world_size: int, dead: Sequence[int], wait_s: float, until_a_fail
         return waiting
 
 
-def silent_peers(group: Sequence[int], rank: int, reason: str, wait_s: float = BLAME_WAIT_S
-                 ) -> tuple[list[int], list[int], dict[int, str]]:
-    """After a collective over `group` failed on `rank`: (the peers that never checked in within
-    `wait_s` and whose heartbeat stopped, those that never checked in but are alive, what the others
-    said). Checks `rank` in with `reason` first.
+def silent_peers(group: Sequence[int], rank: int, error: BaseException, wait_s: float = BLAME_WAIT_S
+                  ) -> tuple[list[int], list[int], dict[int, CheckIn]]:
+    """After a collective over `group` failed on `rank` with `error`: (the peers that never checked
+    in within `wait_s` and whose heartbeat stopped, those that never checked in but are alive, what
+    the others said). Checks `rank` in first.
 
     Liveness is judged over at least 2.5 heartbeat periods. When the store itself is gone (it lives
     in global rank 0), rank 0 is the dead one, or every peer when rank 0 is not among them.
@@ -145,7 +171,7 @@ def silent_peers(group: Sequence[int], rank: int, reason: str, wait_s: float = B
     peers = [r for r in group if r != rank]
     try:
         store = dist.distributed_c10d._get_default_store()
-        _say(store, rank, reason)
+        _say(store, rank, error)
         started = time.monotonic()
         beats = {r: _beats(store, r) for r in peers}
         while True:
@@ -153,7 +179,7 @@ def silent_peers(group: Sequence[int], rank: int, reason: str, wait_s: float = B
             if not silent or time.monotonic() > started + wait_s:
                 break
             time.sleep(0.1)
-        said = {r: store.get(f"{CHECK_IN_KEY}{r}").decode(errors="replace") for r in peers if r not in silent}
+        said = {r: _heard(store, r) for r in peers if r not in silent}
         if silent:
             time.sleep(max(0.0, started + 2.5 * HEARTBEAT_S - time.monotonic()))
         alive = [r for r in silent if _beats(store, r) > beats[r]]
@@ -165,18 +191,20 @@ def silent_peers(group: Sequence[int], rank: int, reason: str, wait_s: float = B
 def blame(error: Exception, group: Sequence[int], rank: int, describe: Callable[[int], str],
           wait_s: float = BLAME_WAIT_S) -> Exception:
     """`error` of a collective over `group`, naming the peer at fault: `PeerDied` when peers died,
-    a PeerError quoting a peer that failed first and named its own culprit, `PeerDied` naming the
-    peers that are alive but stuck, else `error` itself.
+    a PeerError quoting the peers that failed by themselves, else those naming their own culprit,
+    `PeerDied` naming the peers that are alive but stuck, else `error` itself.
 
-    Errors that already name their peer (PeerError, DesyncError) and errors other than the
-    collective's own (not RuntimeError) are returned unchanged.
+    Any other error (this rank's own failure, or one that names its peer already: PeerError,
+    DesyncError) is checked in, for the peers, and returned unchanged.
     """
-    if not isinstance(error, RuntimeError) or isinstance(error, (PeerError, DesyncError)) or len(group) < 2:
+    if not is_collective_failure(error) or len(group) < 2:
+        check_in(rank, error)
         return error
     first = str(error).splitlines()[0][:300] if str(error) else type(error).__name__
-    dead, stuck, said = silent_peers(group, rank, f"{type(error).__name__}: {first}", wait_s)
+    dead, stuck, said = silent_peers(group, rank, error, wait_s)
     context = f"within {wait_s:.0f} s after a collective of {describe(rank)} with it failed ({type(error).__name__}: {first})"
-    named = {r: why for r, why in said.items() if why.startswith(("PeerError", "PeerDied", "DesyncError"))}
+    kind = "own" if any(heard.kind == "own" for heard in said.values()) else "names"
+    named = {r: heard.reason for r, heard in said.items() if heard.kind == kind}
     if dead:
         verdict: Exception = PeerDied(dead, f"{', '.join(describe(r) for r in dead)} died or hangs: no word "
                                             f"from it {context}; see its log")
@@ -188,5 +216,5 @@ def blame(error: Exception, group: Sequence[int], rank: int, describe: Callable[
                                   f"{context}; see its log")
     else:
         return error
-    check_in(rank, f"PeerDied: {verdict}")
+    check_in(rank, verdict)
     return verdict

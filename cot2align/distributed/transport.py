@@ -310,14 +310,14 @@ class Transport:
         first = str(error).splitlines()[0][:300]
         me = dist.get_rank() if dist.is_initialized() else -1
         group = [me, *(r for r in self.peers_of(peer) if r != me)]
-        dead, _, said = silent_peers(group, me, f"PeerError: the connection to {self.describe(peer)} closed",
+        dead, _, said = silent_peers(group, me, PeerError(f"the connection to {self.describe(peer)} closed"),
                                      self.blame_wait_s)
         if dead:
             return PeerDied(dead, f"{', '.join(self.describe(r) for r in dead)} died or hangs: no word from it within "
                                   f"{self.blame_wait_s:.0f} s after {self.describe(me)} lost its connection ({first}); "
                                   "see its log")
         if peer in said:
-            return PeerError(f"{self.describe(peer)} failed: {said[peer]}")
+            return PeerError(f"{self.describe(peer)} failed: {said[peer].reason}")
         return PeerError(f"{self.describe(peer)} is unreachable (connection closed: the rank probably died): {first}")
 
     def _wait(self, work: Any, peer: int, deadline: float, timeout_message: Callable[[], str]) -> None:

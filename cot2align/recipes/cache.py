@@ -32,7 +32,7 @@ from cot2align.config import Config
 from cot2align.configbase import require
 from cot2align.data.dataset import Sample, collate
 from cot2align.data.sampler import GlobalBatchSampler
-from cot2align.distributed.failures import blame, check_in
+from cot2align.distributed.failures import blame
 from cot2align.distributed.topology import StudentParallelConfig, TeacherParallelConfig, Topology
 from cot2align.distributed.world import close_world, init_world
 from cot2align.logging import log
@@ -294,8 +294,7 @@ def _write_sharded(cfg: Config, p: Paths, samples: list[Sample], batches: list[l
     try:
         topo.create_groups(timeout=timedelta(seconds=cfg.runtime.startup_timeout_s))
         return _write_replica_share(cfg, p, topo, samples, batches, fmts, required, pad_ids)
-    except Exception as e:  # a collective failed: name the rank that died, if one did
-        check_in(rank, f"{type(e).__name__}: {str(e).splitlines()[0][:400] if str(e) else ''}")
+    except Exception as e:  # a failed collective names the rank at fault; other errors are this rank's
         reported = blame(e, topo.teacher_ranks(), rank, topo.name_rank)
         if reported is e:
             raise

@@ -120,7 +120,7 @@ def run_rank(cfg: Config) -> Any:
             hold_store(dist.get_world_size(), [], cfg.runtime.timeout_s + BLAME_WAIT_S, until_a_failure=True)
         return result
     except Exception as e:  # peers of a failed collective learn that this rank is alive and why it fails
-        check_in(rank, f"{type(e).__name__}: {str(e).splitlines()[0][:400] if str(e) else ''}")
+        check_in(rank, e)
         if rank == 0:  # the peers still blaming read the store, which lives in this process
             check_out(rank)
             hold_store(dist.get_world_size(), getattr(e, "ranks", []), cfg.runtime.timeout_s + BLAME_WAIT_S)

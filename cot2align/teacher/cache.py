@@ -211,20 +211,25 @@ def _journal(root: Path) -> list[dict[str, Any]]:
     return out
 
 
-def _check_key(root: Path, key: CacheKey) -> None:
-    """Start the folder with `key`, or check that it was started with the same key."""
+def _check_key(root: Path, key: CacheKey, part: str) -> None:
+    """Start the folder with `key` (writer `part`), or check that it was started with the same key.
+    Concurrent writers may start it together: the first key linked in stays, the others are checked."""
     path = root / KEY_FILE
-    if path.is_file():
-        stored = CacheKey.from_json(json.loads(path.read_text()))
-        why = key.mismatch(stored, subset_ok=False)
-        if why:
-            raise CacheError(f"teacher cache {root} holds other teacher states (key {why}); point "
-                             "teacher.cache.dir elsewhere or delete the folder")
-        return
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(key.to_json(), indent=1))
-    tmp.replace(path)
+    if not path.is_file():
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = root / f"key.{part}.tmp"
+        tmp.write_text(json.dumps(key.to_json(), indent=1))
+        try:
+            os.link(tmp, path)  # create-if-absent, atomically and whole
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink(missing_ok=True)
+    stored = CacheKey.from_json(json.loads(path.read_text()))
+    why = key.mismatch(stored, subset_ok=False)
+    if why:
+        raise CacheError(f"teacher cache {root} holds other teacher states (key {why}); point "
+                         "teacher.cache.dir elsewhere or delete the folder")
 
 
 class CacheWriter:
@@ -239,7 +244,7 @@ class CacheWriter:
         self.key = key
         self.part = part
         self.shard_bytes = shard_bytes
-        _check_key(self.root, key)
+        _check_key(self.root, key, part)
         self._repair()
         self._have: set[tuple[int, str, int]] = {
             (e[0], e[1], layer) for s in _journal(self.root) for e in s["entries"] for layer in e[2]}

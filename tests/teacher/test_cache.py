@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -108,6 +109,38 @@ def test_key_mismatch_is_refused_naming_the_key(tmp_path: Path, field: str, valu
         CacheReader(tmp_path, _key(**{field: value}))
     with pytest.raises(CacheError, match=f"key {field}:"):  # a writer too: no mixing of two teachers
         CacheWriter(tmp_path, _key(**{field: value}), "c")
+
+
+def test_writers_starting_one_folder_together_agree_on_its_key(tmp_path: Path) -> None:
+    """Writers of one job open the folder at the same moment (each tp-rank 0 of a sharded teacher):
+    all start, and a writer with another key among them is refused, whichever key came first."""
+    def start_together(root: Path, keys: list[CacheKey]) -> list[BaseException | None]:
+        gate = threading.Barrier(len(keys))
+        errors: list[BaseException | None] = [None] * len(keys)
+
+        def writer(k: int) -> None:
+            gate.wait()
+            try:
+                CacheWriter(root, keys[k], f"r{k}").close()
+            except Exception as e:
+                errors[k] = e
+
+        threads = [threading.Thread(target=writer, args=(k,)) for k in range(len(keys))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return errors
+
+    for trial in range(30):
+        root = tmp_path / f"same-{trial}"
+        assert start_together(root, [_key()] * 6) == [None] * 6
+        assert CacheKey.from_json(json.loads((root / "key.json").read_text())) == _key()
+        assert not list(root.glob("*.tmp"))
+    for trial in range(5):
+        errors = start_together(tmp_path / f"mixed-{trial}", [_key(), _key(data="d2")])
+        assert sum(e is None for e in errors) == 1, errors
+        assert all(isinstance(e, CacheError) and "holds other teacher states" in str(e) for e in errors if e)
 
 
 def test_corrupt_and_truncated_shards_are_named(tmp_path: Path) -> None:
