@@ -5,10 +5,10 @@ peers. To name the one at fault, each rank that fails knowingly checks in with i
 (`check_in`, `silent_peers`), and each rank counts a heartbeat from a thread of its own
 (`start_heartbeat`). A rank whose collective failed waits for its peers' check-ins, then names
 the silent peers whose heartbeat stopped (they died), else the peers that failed by themselves
-(a missing file, out of memory) or named their own culprit, else the silent peers whose
-heartbeat goes on (they are stuck). A silent peer
-that is alive is usually busy elsewhere (evaluating while the others wait for it) or blocked on
-the very rank that is deciding; it is not blamed while a dead one is found.
+(a missing file, out of memory), else those that named their own culprit, else the silent peers
+whose heartbeat goes on (they are stuck). A silent peer that is alive is usually busy elsewhere
+(evaluating while the others wait for it) or blocked on the very rank that is deciding; it is
+not blamed while a cause is found.
 
 The store lives in global rank 0, which keeps it up while others may still read it (`hold_store`).
 Store traffic: one counter increment per rank per `HEARTBEAT_S`, on a connection of its own.
