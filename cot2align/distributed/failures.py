@@ -19,7 +19,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple, cast
 
 import torch.distributed as dist
 
@@ -52,12 +52,15 @@ HEARTBEAT_S = 1.0
 _heartbeat_stop: threading.Event | None = None
 
 
+Kind = Literal["own", "names", "symptom"]
+
+
 class CheckIn(NamedTuple):
     """What a failing rank said: its error, and what kind it is: "own" (it failed by itself: the
     cause), "names" (it names the peer at fault) or "symptom" (a collective failed, cause unknown)."""
 
     reason: str
-    kind: str
+    kind: Kind
 
 
 def is_collective_failure(error: BaseException) -> bool:
@@ -67,11 +70,13 @@ def is_collective_failure(error: BaseException) -> bool:
 
 
 def _reason(error: BaseException) -> str:
-    return f"{type(error).__name__}: {str(error).splitlines()[0][:400] if str(error) else ''}"
+    """'Type: first line of the message' (the type alone for an empty message)."""
+    text = str(error)
+    return f"{type(error).__name__}: {text.splitlines()[0][:400]}" if text else type(error).__name__
 
 
 def _say(store: Any, rank: int, error: BaseException) -> None:
-    kind = ("names" if isinstance(error, (PeerError, DesyncError)) else
+    kind: Kind = ("names" if isinstance(error, (PeerError, DesyncError)) else
             "symptom" if is_collective_failure(error) else "own")
     store.set(f"{CHECK_IN_KEY}{rank}", f"{kind}:{_reason(error)}")
     store.add(FAILURES_KEY, 1)
@@ -79,7 +84,7 @@ def _say(store: Any, rank: int, error: BaseException) -> None:
 
 def _heard(store: Any, rank: int) -> CheckIn:
     kind, _, reason = store.get(f"{CHECK_IN_KEY}{rank}").decode(errors="replace").partition(":")
-    return CheckIn(reason, kind)
+    return CheckIn(reason, cast(Kind, kind))
 
 
 def _beats(store: Any, rank: int) -> int:
@@ -200,16 +205,15 @@ def blame(error: Exception, group: Sequence[int], rank: int, describe: Callable[
     if not is_collective_failure(error) or len(group) < 2:
         check_in(rank, error)
         return error
-    first = str(error).splitlines()[0][:300] if str(error) else type(error).__name__
     dead, stuck, said = silent_peers(group, rank, error, wait_s)
-    context = f"within {wait_s:.0f} s after a collective of {describe(rank)} with it failed ({type(error).__name__}: {first})"
+    context = f"within {wait_s:.0f} s after a collective of {describe(rank)} with it failed ({_reason(error)})"
     kind = "own" if any(heard.kind == "own" for heard in said.values()) else "names"
     named = {r: heard.reason for r, heard in said.items() if heard.kind == kind}
     if dead:
         verdict: Exception = PeerDied(dead, f"{', '.join(describe(r) for r in dead)} died or hangs: no word "
                                             f"from it {context}; see its log")
     elif named:
-        return PeerError(f"a collective of {describe(rank)} failed ({type(error).__name__}: {first}) because "
+        return PeerError(f"a collective of {describe(rank)} failed ({_reason(error)}) because "
                          + "; ".join(f"{describe(r)} failed first: {why}" for r, why in sorted(named.items())))
     elif stuck:
         verdict = PeerDied(stuck, f"{', '.join(describe(r) for r in stuck)} is stuck: alive, but no word from it "
